@@ -1,0 +1,112 @@
+//! `keel bench`: full training steps (forward, backward, clip, AdamW) on random tokens,
+//! timed as in shared/bench/CONFIGS.md, with MFU against a GEMM peak measured in-process.
+
+use crate::config::ModelConfig;
+use crate::init::{init_hf_normal, rng::Stream};
+use crate::kernels::matmul::measure_peak_flops;
+use crate::model::Model;
+use crate::optim::{clip_grad_norm, AdamW, OptimConfig};
+use serde::Serialize;
+use std::time::Instant;
+
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub preset: String,
+    pub batch: Option<usize>,
+    pub seq: Option<usize>,
+    pub warmup: usize,
+    pub steps: usize,
+    pub seed: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BenchResult {
+    pub preset: String,
+    pub batch: usize,
+    pub seq: usize,
+    pub threads: usize,
+    pub params: usize,
+    pub tokens_per_step: usize,
+    pub tokens_per_s: f64,
+    pub step_s_median: f64,
+    pub step_s_min: f64,
+    pub step_s_max: f64,
+    pub flops_per_token: f64,
+    pub achieved_gflops: f64,
+    pub peak_gflops: f64,
+    pub mfu: f64,
+    pub first_loss: f32,
+    pub last_loss: f32,
+}
+
+/// Default batch per preset, as in CONFIGS.md (tiny 8 × 256, small 4 × 512).
+pub fn default_batch(preset: &str) -> usize {
+    match preset {
+        "small" => 4,
+        _ => 8,
+    }
+}
+
+pub fn run(opts: &BenchOptions, mut progress: impl FnMut(usize, usize)) -> anyhow::Result<BenchResult> {
+    let cfg = ModelConfig::preset(&opts.preset)?;
+    cfg.validate()?;
+    let b = opts.batch.unwrap_or_else(|| default_batch(&opts.preset));
+    let t = opts.seq.unwrap_or(cfg.max_seq_len);
+    if b == 0 || t == 0 {
+        anyhow::bail!("--batch and --seq must be positive");
+    }
+    let mut model = Model::new(&cfg, b, t);
+    init_hf_normal(&mut model, opts.seed, 0.02);
+    let mut opt = AdamW::new(OptimConfig::default(), &model.layout);
+    let s = Stream::new(opts.seed, 0xBE7C);
+    let n = b * t;
+    let total = opts.warmup + opts.steps;
+    let mut times = Vec::with_capacity(opts.steps);
+    let (mut first, mut last) = (f32::NAN, f32::NAN);
+    let mut tokens = vec![0u32; n];
+    let mut targets = vec![0u32; n];
+    for step in 0..total {
+        for i in 0..n {
+            tokens[i] = (s.u64_at((step * 2 * n + i) as u64) % cfg.vocab_size as u64) as u32;
+            targets[i] = (s.u64_at((step * 2 * n + n + i) as u64) % cfg.vocab_size as u64) as u32;
+        }
+        let t0 = Instant::now();
+        model.zero_grad();
+        let loss = model.forward(&tokens, &targets)?;
+        model.backward(1.0)?;
+        clip_grad_norm(&mut model.grads, 1.0);
+        opt.update(&mut model.params, &model.grads, 1e-3);
+        let dt = t0.elapsed().as_secs_f64();
+        if step == 0 {
+            first = loss;
+        }
+        last = loss;
+        if step >= opts.warmup {
+            times.push(dt);
+        }
+        progress(step + 1, total);
+    }
+    let peak = measure_peak_flops(1024, 5);
+    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let med = if times.is_empty() { f64::NAN } else { times[times.len() / 2] };
+    let tps = n as f64 / med;
+    let fpt = cfg.flops_per_token(t);
+    Ok(BenchResult {
+        preset: opts.preset.clone(),
+        batch: b,
+        seq: t,
+        threads: crate::kernels::num_threads(),
+        params: cfg.num_params(),
+        tokens_per_step: n,
+        tokens_per_s: tps,
+        step_s_median: med,
+        step_s_min: times.first().copied().unwrap_or(f64::NAN),
+        step_s_max: times.last().copied().unwrap_or(f64::NAN),
+        flops_per_token: fpt,
+        achieved_gflops: fpt * tps / 1e9,
+        peak_gflops: peak / 1e9,
+        mfu: fpt * tps / peak,
+        first_loss: first,
+        last_loss: last,
+    })
+}

@@ -1,0 +1,347 @@
+//! The LLaMA network (HF `LlamaForCausalLM`): parameters in one buffer, explicit forward and
+//! backward over preallocated activations. The model composes `kernels`; it does no I/O.
+
+mod params;
+
+pub use params::{LayerOffsets, ParamLayout, ParamSpec, Role};
+
+use crate::config::ModelConfig;
+use crate::kernels::attention::{attention_bwd, attention_fwd, AttnShape};
+use crate::kernels::embed::{embed_bwd, embed_fwd};
+use crate::kernels::loss::{cross_entropy_bwd_inplace, cross_entropy_fwd};
+use crate::kernels::matmul::{linear_bwd_input, linear_bwd_weight, linear_fwd};
+use crate::kernels::norm::{rmsnorm_bwd, rmsnorm_fwd};
+use crate::kernels::rope::{rope_bwd, rope_fwd, RopeTables};
+use crate::kernels::swiglu::{swiglu_bwd, swiglu_fwd};
+use crate::kernels::add_inplace;
+
+/// Activations kept from forward for backward, sized for one (B, T). Per-layer tensors are
+/// stacked: layer l's slice of `q` is `q[l*N*C ..][..N*C]`, and so on.
+struct Activations {
+    b: usize,
+    t: usize,
+    tokens: Vec<u32>,  // (N)
+    targets: Vec<u32>, // (N)
+    /// Residual stream, (2L+1) × (N, C): [2l] enters layer l, [2l+1] after its attention,
+    /// [2L] enters the final norm.
+    resid: Vec<f32>,
+    ln1: Vec<f32>,   // L × (N, C)
+    rstd1: Vec<f32>, // L × (N)
+    q: Vec<f32>,     // L × (N, H·D), after RoPE
+    k: Vec<f32>,     // L × (N, KV·D), after RoPE
+    v: Vec<f32>,     // L × (N, KV·D)
+    probs: Vec<f32>, // L × (B, H, T, T)
+    atty: Vec<f32>,  // L × (N, C)
+    ln2: Vec<f32>,   // L × (N, C)
+    rstd2: Vec<f32>, // L × (N)
+    gate: Vec<f32>,  // L × (N, F)
+    up: Vec<f32>,    // L × (N, F)
+    hid: Vec<f32>,   // L × (N, F) silu(gate) ⊙ up
+    lnf: Vec<f32>,   // (N, C)
+    rstdf: Vec<f32>, // (N)
+    /// (N, V): logits after forward, dlogits after backward.
+    logits: Vec<f32>,
+    losses: Vec<f32>, // (N)
+    lse: Vec<f32>,    // (N)
+    // backward scratch, shared by all layers
+    dres: Vec<f32>,    // (N, C)
+    dln: Vec<f32>,     // (N, C)
+    datty: Vec<f32>,   // (N, C)
+    dq: Vec<f32>,      // (N, C)
+    dk: Vec<f32>,      // (N, KV·D)
+    dv: Vec<f32>,      // (N, KV·D)
+    dgate: Vec<f32>,   // (N, F)
+    dup: Vec<f32>,     // (N, F)
+    dhid: Vec<f32>,    // (N, F)
+    scratch: Vec<f32>, // (B, KV, T)
+    /// logits hold dlogits (backward consumed them)
+    logits_consumed: bool,
+    ready_for_backward: bool,
+}
+
+impl Activations {
+    fn new(c: &ModelConfig, b: usize, t: usize) -> Self {
+        let n = b * t;
+        let (l, d, f, v, kv) = (c.num_layers, c.hidden_size, c.intermediate_size, c.vocab_size, c.kv_dim());
+        let z = |len: usize| vec![0f32; len];
+        Activations {
+            b,
+            t,
+            tokens: vec![0; n],
+            targets: vec![0; n],
+            resid: z((2 * l + 1) * n * d),
+            ln1: z(l * n * d),
+            rstd1: z(l * n),
+            q: z(l * n * d),
+            k: z(l * n * kv),
+            v: z(l * n * kv),
+            probs: z(l * b * c.num_heads * t * t),
+            atty: z(l * n * d),
+            ln2: z(l * n * d),
+            rstd2: z(l * n),
+            gate: z(l * n * f),
+            up: z(l * n * f),
+            hid: z(l * n * f),
+            lnf: z(n * d),
+            rstdf: z(n),
+            logits: z(n * v),
+            losses: z(n),
+            lse: z(n),
+            dres: z(n * d),
+            dln: z(n * d),
+            datty: z(n * d),
+            dq: z(n * d),
+            dk: z(n * kv),
+            dv: z(n * kv),
+            dgate: z(n * f),
+            dup: z(n * f),
+            dhid: z(n * f),
+            scratch: z(b * c.num_kv_heads * t),
+            logits_consumed: false,
+            ready_for_backward: false,
+        }
+    }
+}
+
+/// Cheap statistics gathered by every forward pass (telemetry reads them).
+#[derive(Debug, Clone, Default)]
+pub struct ForwardStats {
+    /// Largest attention logit q·k/√D per layer.
+    pub max_attn_logit: Vec<f32>,
+    /// Mean and max log-partition (logsumexp of the output logits) over positions.
+    pub lse_mean: f32,
+    pub lse_max: f32,
+}
+
+/// Errors of a forward call: bad token ids or shapes (the caller's input).
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("token id {id} at position {pos} is out of range for vocab_size {vocab}")]
+    TokenOutOfRange { id: u32, pos: usize, vocab: usize },
+    #[error("batch shape mismatch: got {got} tokens, expected batch {b} × seq {t} = {}", b * t)]
+    Shape { got: usize, b: usize, t: usize },
+    #[error("sequence length {t} exceeds the model's max_seq_len {max}")]
+    TooLong { t: usize, max: usize },
+    #[error("backward() called without a preceding forward() with targets")]
+    NoForward,
+}
+
+/// A LLaMA model with its parameters, gradients and activation buffers.
+pub struct Model {
+    pub cfg: ModelConfig,
+    pub layout: ParamLayout,
+    /// All parameters, contiguous, in `layout` order (f32 master weights).
+    pub params: Vec<f32>,
+    /// Gradients, same layout; backward accumulates into them.
+    pub grads: Vec<f32>,
+    pub stats: ForwardStats,
+    acts: Activations,
+    rope: RopeTables,
+}
+
+impl Model {
+    /// A zero-initialised model with activations for batch `b` × sequence `t`.
+    /// (Use `init::initialize` to fill the weights.)
+    pub fn new(cfg: &ModelConfig, b: usize, t: usize) -> Self {
+        let layout = ParamLayout::new(cfg);
+        let total = layout.total;
+        Model {
+            cfg: cfg.clone(),
+            params: vec![0f32; total],
+            grads: vec![0f32; total],
+            stats: ForwardStats { max_attn_logit: vec![0.0; cfg.num_layers], ..Default::default() },
+            acts: Activations::new(cfg, b, t),
+            rope: RopeTables::new(cfg.max_seq_len.max(t), cfg.head_dim(), cfg.rope_theta),
+            layout,
+        }
+    }
+
+    pub fn batch_shape(&self) -> (usize, usize) {
+        (self.acts.b, self.acts.t)
+    }
+
+    /// Resize the activation buffers for a new (B, T); a no-op when the shape is unchanged.
+    pub fn set_batch_shape(&mut self, b: usize, t: usize) {
+        if (b, t) != (self.acts.b, self.acts.t) {
+            self.acts = Activations::new(&self.cfg, b, t);
+            if t > self.rope.cos.len() / self.rope.half.max(1) {
+                self.rope = RopeTables::new(t, self.cfg.head_dim(), self.cfg.rope_theta);
+            }
+        }
+    }
+
+    /// View of one named parameter.
+    pub fn param(&self, name: &str) -> Option<&[f32]> {
+        self.layout.get(name).map(|s| &self.params[s.offset..s.offset + s.len])
+    }
+
+    pub fn grad(&self, name: &str) -> Option<&[f32]> {
+        self.layout.get(name).map(|s| &self.grads[s.offset..s.offset + s.len])
+    }
+
+    pub fn zero_grad(&mut self) {
+        self.grads.fill(0.0);
+    }
+
+    /// Logits (B·T, V) of the last forward; `None` once backward has overwritten them.
+    pub fn logits(&self) -> Option<&[f32]> {
+        (!self.acts.logits_consumed).then_some(&self.acts.logits[..])
+    }
+
+    fn check_tokens(&self, tokens: &[u32]) -> Result<(), ModelError> {
+        let (b, t) = (self.acts.b, self.acts.t);
+        if tokens.len() != b * t {
+            return Err(ModelError::Shape { got: tokens.len(), b, t });
+        }
+        if t > self.cfg.max_seq_len.max(t) {
+            return Err(ModelError::TooLong { t, max: self.cfg.max_seq_len });
+        }
+        let vocab = self.cfg.vocab_size;
+        if let Some(pos) = tokens.iter().position(|&x| x as usize >= vocab) {
+            return Err(ModelError::TokenOutOfRange { id: tokens[pos], pos, vocab });
+        }
+        Ok(())
+    }
+
+    /// Forward to the logits. tokens (B·T) → logits (B·T, V), readable with `logits()`.
+    pub fn forward_logits(&mut self, tokens: &[u32]) -> Result<(), ModelError> {
+        self.check_tokens(tokens)?;
+        let c = &self.cfg;
+        let a = &mut self.acts;
+        let p = &self.params;
+        let (b, t) = (a.b, a.t);
+        let n = b * t;
+        let (d, f, v, kv) = (c.hidden_size, c.intermediate_size, c.vocab_size, c.kv_dim());
+        let eps = c.rms_norm_eps as f32;
+        let shape = AttnShape { b, t, heads: c.num_heads, kv_heads: c.num_kv_heads, head_dim: c.head_dim() };
+        let lay = &self.layout;
+        let w = |off: usize, len: usize| &p[off..off + len];
+        a.tokens.copy_from_slice(tokens);
+        a.logits_consumed = false;
+        a.ready_for_backward = false;
+
+        embed_fwd(&mut a.resid[..n * d], tokens, w(lay.embed, v * d), d);
+        let pl = b * c.num_heads * t * t;
+        for (l, lo) in lay.layers.iter().enumerate() {
+            let (nd, nkv, nf) = (n * d, n * kv, n * f);
+            let (before, after) = a.resid.split_at_mut((2 * l + 1) * nd);
+            let x = &before[2 * l * nd..];
+            let (xmid, rest) = after.split_at_mut(nd);
+            let xout = &mut rest[..nd];
+            let ln1 = &mut a.ln1[l * nd..][..nd];
+            rmsnorm_fwd(ln1, &mut a.rstd1[l * n..][..n], x, w(lo.ln1, d), d, eps);
+            let (q, k, vv) = (&mut a.q[l * nd..][..nd], &mut a.k[l * nkv..][..nkv], &mut a.v[l * nkv..][..nkv]);
+            linear_fwd(q, ln1, w(lo.q, d * d), n, d, d);
+            linear_fwd(k, ln1, w(lo.k, kv * d), n, d, kv);
+            linear_fwd(vv, ln1, w(lo.v, kv * d), n, d, kv);
+            rope_fwd(q, &self.rope, t, c.num_heads);
+            rope_fwd(k, &self.rope, t, c.num_kv_heads);
+            let atty = &mut a.atty[l * nd..][..nd];
+            self.stats.max_attn_logit[l] = attention_fwd(atty, &mut a.probs[l * pl..][..pl], q, k, vv, shape);
+            linear_fwd(xmid, atty, w(lo.o, d * d), n, d, d);
+            add_inplace(xmid, x);
+            let ln2 = &mut a.ln2[l * nd..][..nd];
+            rmsnorm_fwd(ln2, &mut a.rstd2[l * n..][..n], xmid, w(lo.ln2, d), d, eps);
+            let (g, u, h) = (&mut a.gate[l * nf..][..nf], &mut a.up[l * nf..][..nf], &mut a.hid[l * nf..][..nf]);
+            linear_fwd(g, ln2, w(lo.gate, f * d), n, d, f);
+            linear_fwd(u, ln2, w(lo.up, f * d), n, d, f);
+            swiglu_fwd(h, g, u);
+            linear_fwd(xout, h, w(lo.down, d * f), n, f, d);
+            add_inplace(xout, xmid);
+        }
+        let l2 = 2 * c.num_layers;
+        let xl = &a.resid[l2 * n * d..][..n * d];
+        rmsnorm_fwd(&mut a.lnf, &mut a.rstdf, xl, w(lay.norm, d), d, eps);
+        linear_fwd(&mut a.logits, &a.lnf, w(lay.head, v * d), n, d, v);
+        Ok(())
+    }
+
+    /// Forward with the loss: mean next-token cross-entropy of `targets` (B·T).
+    pub fn forward(&mut self, tokens: &[u32], targets: &[u32]) -> Result<f32, ModelError> {
+        if targets.len() != tokens.len() {
+            return Err(ModelError::Shape { got: targets.len(), b: self.acts.b, t: self.acts.t });
+        }
+        self.check_tokens(targets)?;
+        self.forward_logits(tokens)?;
+        let a = &mut self.acts;
+        a.targets.copy_from_slice(targets);
+        let loss = cross_entropy_fwd(&mut a.losses, &mut a.lse, &a.logits, targets, self.cfg.vocab_size);
+        let n = a.lse.len() as f32;
+        self.stats.lse_mean = a.lse.iter().sum::<f32>() / n;
+        self.stats.lse_max = a.lse.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        a.ready_for_backward = true;
+        Ok(loss as f32)
+    }
+
+    /// Per-position losses (B·T) of the last `forward`.
+    pub fn position_losses(&self) -> &[f32] {
+        &self.acts.losses
+    }
+
+    /// Backward of `grad_scale` × the mean loss of the last `forward`, accumulated into
+    /// `grads` (call `zero_grad` between optimizer steps; use 1/accum for accumulation).
+    pub fn backward(&mut self, grad_scale: f32) -> Result<(), ModelError> {
+        if !self.acts.ready_for_backward {
+            return Err(ModelError::NoForward);
+        }
+        let c = &self.cfg;
+        let a = &mut self.acts;
+        let p = &self.params;
+        let gr = &mut self.grads;
+        let (b, t) = (a.b, a.t);
+        let n = b * t;
+        let (d, f, v, kv) = (c.hidden_size, c.intermediate_size, c.vocab_size, c.kv_dim());
+        let shape = AttnShape { b, t, heads: c.num_heads, kv_heads: c.num_kv_heads, head_dim: c.head_dim() };
+        let lay = &self.layout;
+        let w = |off: usize, len: usize| &p[off..off + len];
+        let (nd, nkv, nf) = (n * d, n * kv, n * f);
+        let pl = b * c.num_heads * t * t;
+
+        a.ready_for_backward = false;
+        a.logits_consumed = true;
+        cross_entropy_bwd_inplace(&mut a.logits, &a.lse, &a.targets, v, grad_scale / n as f32);
+        linear_bwd_input(&mut a.dln, &a.logits, w(lay.head, v * d), n, d, v, false);
+        linear_bwd_weight(&mut gr[lay.head..lay.head + v * d], &a.logits, &a.lnf, n, d, v);
+        a.dres.fill(0.0);
+        let l2 = 2 * c.num_layers;
+        let (gnorm, _) = (lay.norm, ());
+        rmsnorm_bwd(&mut a.dres, &mut gr[gnorm..gnorm + d], &a.dln, &a.resid[l2 * nd..][..nd], w(lay.norm, d), &a.rstdf, d);
+
+        for (l, lo) in lay.layers.iter().enumerate().rev() {
+            let x = &a.resid[2 * l * nd..][..nd];
+            let xmid = &a.resid[(2 * l + 1) * nd..][..nd];
+            let ln1 = &a.ln1[l * nd..][..nd];
+            let ln2 = &a.ln2[l * nd..][..nd];
+            let (g, u, h) = (&a.gate[l * nf..][..nf], &a.up[l * nf..][..nf], &a.hid[l * nf..][..nf]);
+            // MLP: dres = d(layer output); the residual passes it straight to xmid.
+            linear_bwd_input(&mut a.dhid, &a.dres, w(lo.down, d * f), n, f, d, false);
+            linear_bwd_weight(&mut gr[lo.down..lo.down + d * f], &a.dres, h, n, f, d);
+            swiglu_bwd(&mut a.dgate, &mut a.dup, &a.dhid, g, u);
+            linear_bwd_input(&mut a.dln, &a.dgate, w(lo.gate, f * d), n, d, f, false);
+            linear_bwd_input(&mut a.dln, &a.dup, w(lo.up, f * d), n, d, f, true);
+            linear_bwd_weight(&mut gr[lo.gate..lo.gate + f * d], &a.dgate, ln2, n, d, f);
+            linear_bwd_weight(&mut gr[lo.up..lo.up + f * d], &a.dup, ln2, n, d, f);
+            rmsnorm_bwd(&mut a.dres, &mut gr[lo.ln2..lo.ln2 + d], &a.dln, xmid, w(lo.ln2, d), &a.rstd2[l * n..][..n], d);
+            // Attention: dres = d(xmid); the residual passes it to x.
+            let atty = &a.atty[l * nd..][..nd];
+            linear_bwd_input(&mut a.datty, &a.dres, w(lo.o, d * d), n, d, d, false);
+            linear_bwd_weight(&mut gr[lo.o..lo.o + d * d], &a.dres, atty, n, d, d);
+            let (q, k, vv) = (&a.q[l * nd..][..nd], &a.k[l * nkv..][..nkv], &a.v[l * nkv..][..nkv]);
+            attention_bwd(
+                &mut a.dq, &mut a.dk, &mut a.dv, &mut a.scratch,
+                &a.datty, q, k, vv, &a.probs[l * pl..][..pl], shape,
+            );
+            rope_bwd(&mut a.dq, &self.rope, t, c.num_heads);
+            rope_bwd(&mut a.dk, &self.rope, t, c.num_kv_heads);
+            linear_bwd_input(&mut a.dln, &a.dq, w(lo.q, d * d), n, d, d, false);
+            linear_bwd_input(&mut a.dln, &a.dk, w(lo.k, kv * d), n, d, kv, true);
+            linear_bwd_input(&mut a.dln, &a.dv, w(lo.v, kv * d), n, d, kv, true);
+            linear_bwd_weight(&mut gr[lo.q..lo.q + d * d], &a.dq, ln1, n, d, d);
+            linear_bwd_weight(&mut gr[lo.k..lo.k + kv * d], &a.dk, ln1, n, d, kv);
+            linear_bwd_weight(&mut gr[lo.v..lo.v + kv * d], &a.dv, ln1, n, d, kv);
+            rmsnorm_bwd(&mut a.dres, &mut gr[lo.ln1..lo.ln1 + d], &a.dln, x, w(lo.ln1, d), &a.rstd1[l * n..][..n], d);
+        }
+        embed_bwd(&mut gr[lay.embed..lay.embed + v * d], &a.tokens, &a.dres, d);
+        Ok(())
+    }
+}
