@@ -1,8 +1,14 @@
 //! Causal scaled-dot-product attention with grouped-query heads (GQA).
 //!
-//! Head h reads key/value head h / (H / KV). Probabilities are kept for the backward pass.
+//! Head h reads key/value head h / (H / KV). Each (batch, head) is one task; inside it the
+//! products are single-threaded GEMMs on strided head views (no copies), and the causal
+//! mask is applied to the (T, T) score matrix. Probabilities are kept for the backward pass.
 
-use super::{axpy, dot, SendPtr};
+use super::matmul::gemm_ptr;
+use super::{dot, exp_shift_sum, max_of, SendPtr};
+
+/// Row/column block of the causal tiling.
+const BLK: usize = 64;
 use rayon::prelude::*;
 
 /// Sizes of one attention call.
@@ -22,6 +28,10 @@ impl AttnShape {
     fn scale(&self) -> f32 {
         1.0 / (self.head_dim as f32).sqrt()
     }
+    /// Floats of backward scratch: one (T, T) matrix per (batch, kv head) task.
+    pub fn scratch_len(&self) -> usize {
+        self.b * self.kv_heads * self.t * self.t
+    }
 }
 
 /// Forward. q (B·T, H·D), k (B·T, KV·D), v (B·T, KV·D) → y (B·T, H·D),
@@ -38,44 +48,40 @@ pub fn attention_fwd(
     let AttnShape { t, heads, head_dim: d, .. } = s;
     let (qs, kvs) = (heads * d, s.kv_heads * d);
     let scale = s.scale();
-    let yp = SendPtr(y.as_mut_ptr());
     assert!(y.len() >= s.b * t * qs && probs.len() >= s.b * heads * t * t);
+    assert!(q.len() >= s.b * t * qs && k.len() >= s.b * t * kvs && v.len() >= s.b * t * kvs);
+    let yp = SendPtr(y.as_mut_ptr());
     probs[..s.b * heads * t * t]
         .par_chunks_mut(t * t)
         .enumerate()
         .map(|(bh, p)| {
             let (b, h) = (bh / heads, bh % heads);
             let kvh = h / s.group();
+            let qh = q[(b * t) * qs + h * d..].as_ptr();
+            let kh = k[(b * t) * kvs + kvh * d..].as_ptr();
+            let vh = v[(b * t) * kvs + kvh * d..].as_ptr();
             let mut maxlogit = f32::NEG_INFINITY;
-            for ti in 0..t {
-                let qrow = &q[(b * t + ti) * qs + h * d..][..d];
-                let prow = &mut p[ti * t..(ti + 1) * t];
-                let mut mx = f32::NEG_INFINITY;
-                for j in 0..=ti {
-                    let kr = &k[(b * t + j) * kvs + kvh * d..][..d];
-                    let sc = dot(qrow, kr) * scale;
-                    prow[j] = sc;
-                    mx = mx.max(sc);
+            // Row blocks: block [r0, r1) only sees keys [0, r1), so the masked upper
+            // triangle is (almost all) skipped.
+            for r0 in (0..t).step_by(BLK) {
+                let r1 = (r0 + BLK).min(t);
+                // SAFETY: in-bounds views asserted above; p is this task's own chunk.
+                unsafe {
+                    let pr = p.as_mut_ptr().add(r0 * t);
+                    gemm_ptr(r1 - r0, r1, d, pr, t, false, qh.add(r0 * qs), qs, 1, kh, 1, kvs, scale, 1);
                 }
-                maxlogit = maxlogit.max(mx);
-                let mut sum = 0f32;
-                for pj in prow[..=ti].iter_mut() {
-                    *pj = (*pj - mx).exp();
-                    sum += *pj;
+                for ti in r0..r1 {
+                    let row = &mut p[ti * t..(ti + 1) * t];
+                    let mx = max_of(&row[..=ti]);
+                    maxlogit = maxlogit.max(mx);
+                    let inv = 1.0 / exp_shift_sum(&mut row[..=ti], mx);
+                    row[..=ti].iter_mut().for_each(|x| *x *= inv);
+                    row[ti + 1..].fill(0.0);
                 }
-                let inv = 1.0 / sum;
-                for pj in prow[..=ti].iter_mut() {
-                    *pj *= inv;
-                }
-                prow[ti + 1..].fill(0.0);
-                // SAFETY: task (b, h) alone writes head h's slice of rows b·T..b·T+T of y.
-                let yrow = unsafe {
-                    std::slice::from_raw_parts_mut({ yp }.0.add((b * t + ti) * qs + h * d), d)
-                };
-                yrow.fill(0.0);
-                for j in 0..=ti {
-                    let vr = &v[(b * t + j) * kvs + kvh * d..][..d];
-                    axpy(yrow, prow[j], vr);
+                // SAFETY: task (b, h) alone writes head h's columns of rows b·T..b·T+T of y.
+                unsafe {
+                    let yh = { yp }.0.add((b * t + r0) * qs + h * d);
+                    gemm_ptr(r1 - r0, d, r1, yh, qs, false, p.as_ptr().add(r0 * t), t, 1, vh, kvs, 1, 1.0, 1);
                 }
             }
             maxlogit
@@ -84,10 +90,9 @@ pub fn attention_fwd(
 }
 
 /// Backward. dy (B·T, H·D) with q, k, v, probs from forward → dq (B·T, H·D), dk, dv
-/// (B·T, KV·D), all overwritten. `scratch` holds B·KV·T floats.
+/// (B·T, KV·D), all overwritten. `scratch` holds `s.scratch_len()` floats.
 ///
-/// dv_j = Σ_t p_tj dy_t;  dp_tj = dy_t·v_j;  ds_tj = p_tj (dp_tj − Σ_j p_tj dp_tj);
-/// dq_t = Σ_j ds_tj k_j /√D;  dk_j = Σ_t ds_tj q_t /√D.
+/// dV = Pᵀ dY;  dP = dY Vᵀ;  dS = P ⊙ (dP − rowsum(P ⊙ dP)) / √D;  dQ = dS K;  dK = dSᵀ Q.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_bwd(
     dq: &mut [f32],
@@ -104,43 +109,60 @@ pub fn attention_bwd(
     let AttnShape { t, heads, kv_heads, head_dim: d, .. } = s;
     let (qs, kvs, g) = (heads * d, kv_heads * d, s.group());
     let scale = s.scale();
-    let (dqp, dkp, dvp) = (SendPtr(dq.as_mut_ptr()), SendPtr(dk.as_mut_ptr()), SendPtr(dv.as_mut_ptr()));
     assert!(dq.len() >= s.b * t * qs && dk.len() >= s.b * t * kvs && dv.len() >= s.b * t * kvs);
-    scratch[..s.b * kv_heads * t]
-        .par_chunks_mut(t)
+    assert!(dy.len() >= s.b * t * qs && q.len() >= s.b * t * qs);
+    assert!(k.len() >= s.b * t * kvs && v.len() >= s.b * t * kvs);
+    assert!(probs.len() >= s.b * heads * t * t && scratch.len() >= s.scratch_len());
+    let (dqp, dkp, dvp) = (SendPtr(dq.as_mut_ptr()), SendPtr(dk.as_mut_ptr()), SendPtr(dv.as_mut_ptr()));
+    scratch[..s.scratch_len()]
+        .par_chunks_mut(t * t)
         .enumerate()
         .for_each(|(bk, ds)| {
             let (b, kvh) = (bk / kv_heads, bk % kv_heads);
-            // SAFETY: task (b, kvh) alone touches kv head kvh of batch b in dk/dv and the
-            // query heads of its group in dq.
-            let row = |p: SendPtr, stride: usize, ti: usize, head: usize| unsafe {
-                std::slice::from_raw_parts_mut({ p }.0.add((b * t + ti) * stride + head * d), d)
-            };
-            for ti in 0..t {
-                row(dkp, kvs, ti, kvh).fill(0.0);
-                row(dvp, kvs, ti, kvh).fill(0.0);
-            }
-            for h in kvh * g..(kvh + 1) * g {
+            let kh = k[(b * t) * kvs + kvh * d..].as_ptr();
+            let vh = v[(b * t) * kvs + kvh * d..].as_ptr();
+            // SAFETY (all products below): views are in bounds (asserted); task (b, kvh) alone
+            // writes kv head kvh of batch b in dk/dv and the query heads of its group in dq.
+            let dkh = unsafe { { dkp }.0.add((b * t) * kvs + kvh * d) };
+            let dvh = unsafe { { dvp }.0.add((b * t) * kvs + kvh * d) };
+            for (i, h) in (kvh * g..(kvh + 1) * g).enumerate() {
                 let p = &probs[(b * heads + h) * t * t..][..t * t];
-                for ti in 0..t {
-                    let prow = &p[ti * t..ti * t + ti + 1];
-                    let dyr = &dy[(b * t + ti) * qs + h * d..][..d];
-                    let mut sum = 0f32;
-                    for j in 0..=ti {
-                        let vr = &v[(b * t + j) * kvs + kvh * d..][..d];
-                        let dp = dot(dyr, vr);
-                        ds[j] = dp;
-                        sum += prow[j] * dp;
-                        axpy(row(dvp, kvs, j, kvh), prow[j], dyr);
+                let dyh = dy[(b * t) * qs + h * d..].as_ptr();
+                let qh = q[(b * t) * qs + h * d..].as_ptr();
+                let first = i == 0;
+                for r0 in (0..t).step_by(BLK) {
+                    let r1 = (r0 + BLK).min(t);
+                    // dP[r0..r1, ..r1] = dY_h[r0..r1] · V[..r1]ᵀ
+                    unsafe {
+                        let dsr = ds.as_mut_ptr().add(r0 * t);
+                        gemm_ptr(r1 - r0, r1, d, dsr, t, false, dyh.add(r0 * qs), qs, 1, vh, 1, kvs, 1.0, 1);
                     }
-                    let dqr = row(dqp, qs, ti, h);
-                    dqr.fill(0.0);
-                    let qr = &q[(b * t + ti) * qs + h * d..][..d];
-                    for j in 0..=ti {
-                        let dsj = prow[j] * (ds[j] - sum) * scale;
-                        let kr = &k[(b * t + j) * kvs + kvh * d..][..d];
-                        axpy(dqr, dsj, kr);
-                        axpy(row(dkp, kvs, j, kvh), dsj, qr);
+                    for ti in r0..r1 {
+                        let pr = &p[ti * t..ti * t + ti + 1];
+                        let dr = &mut ds[ti * t..(ti + 1) * t];
+                        let sum = dot(pr, &dr[..=ti]);
+                        for (x, &pj) in dr[..=ti].iter_mut().zip(pr) {
+                            *x = pj * (*x - sum) * scale;
+                        }
+                        dr[ti + 1..r1].fill(0.0);
+                    }
+                    // dQ_h[r0..r1] = dS[r0..r1, ..r1] · K[..r1]
+                    unsafe {
+                        let dqh = { dqp }.0.add((b * t + r0) * qs + h * d);
+                        gemm_ptr(r1 - r0, d, r1, dqh, qs, false, ds.as_ptr().add(r0 * t), t, 1, kh, kvs, 1, 1.0, 1);
+                    }
+                }
+                // Key blocks [c0, c1) receive from query rows [c0, T) only.
+                for c0 in (0..t).step_by(BLK) {
+                    let c1 = (c0 + BLK).min(t);
+                    let (m, kk) = (c1 - c0, t - c0);
+                    unsafe {
+                        // dV[c0..c1] [+]= P[c0.., c0..c1]ᵀ · dY_h[c0..]
+                        let pt = p.as_ptr().add(c0 * t + c0);
+                        gemm_ptr(m, d, kk, dvh.add(c0 * kvs), kvs, !first, pt, 1, t, dyh.add(c0 * qs), qs, 1, 1.0, 1);
+                        // dK[c0..c1] [+]= dS[c0.., c0..c1]ᵀ · Q_h[c0..]
+                        let st = ds.as_ptr().add(c0 * t + c0);
+                        gemm_ptr(m, d, kk, dkh.add(c0 * kvs), kvs, !first, st, 1, t, qh.add(c0 * qs), qs, 1, 1.0, 1);
                     }
                 }
             }
@@ -186,7 +208,16 @@ mod tests {
 
     #[test]
     fn backward_matches_finite_differences() {
-        let s = shape();
+        grad_check(shape());
+    }
+
+    #[test]
+    fn backward_matches_finite_differences_across_blocks() {
+        // T spans three causal blocks, with a ragged last one.
+        grad_check(AttnShape { b: 1, t: 2 * BLK + 3, heads: 2, kv_heads: 1, head_dim: 4 });
+    }
+
+    fn grad_check(s: AttnShape) {
         let nq = s.b * s.t * s.heads * s.head_dim;
         let nk = s.b * s.t * s.kv_heads * s.head_dim;
         let q: Vec<f32> = rand_vec(nq, 4).iter().map(|x| 2.0 * x).collect();
@@ -195,7 +226,7 @@ mod tests {
         let g = rand_vec(nq, 7);
         let (_, p) = run(&q, &k, &v, s);
         let (mut dq, mut dk, mut dv) = (vec![0f32; nq], vec![9f32; nk], vec![9f32; nk]);
-        let mut scratch = vec![0f32; s.b * s.kv_heads * s.t];
+        let mut scratch = vec![0f32; s.scratch_len()];
         attention_bwd(&mut dq, &mut dk, &mut dv, &mut scratch, &g, &q, &k, &v, &p, s);
         let loss = |q: &[f32], k: &[f32], v: &[f32]| -> f64 {
             let (y, _) = run(q, k, v, s);

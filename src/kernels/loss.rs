@@ -17,12 +17,19 @@ pub fn cross_entropy_fwd(
         .zip(lse.par_iter_mut())
         .zip(logits.par_chunks(v).zip(targets.par_iter()))
         .for_each(|((l, z), (row, &tgt))| {
-            let mx = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-            let mut s = 0f32;
-            for &x in row {
-                s += (x - mx).exp();
+            let mx = super::max_of(row);
+            let mut s = [0f32; 8];
+            let ch = row.chunks_exact(8);
+            let mut tail = 0f32;
+            for &x in ch.remainder() {
+                tail += super::fast_exp(x - mx);
             }
-            let lz = mx + s.ln();
+            for c in ch {
+                for i in 0..8 {
+                    s[i] += super::fast_exp(c[i] - mx);
+                }
+            }
+            let lz = mx + (s.iter().sum::<f32>() + tail).ln();
             *z = lz;
             *l = lz - row[tgt as usize];
         });
@@ -37,7 +44,7 @@ pub fn cross_entropy_bwd_inplace(logits: &mut [f32], lse: &[f32], targets: &[u32
         .zip(lse.par_iter().zip(targets.par_iter()))
         .for_each(|(row, (&z, &tgt))| {
             for x in row.iter_mut() {
-                *x = (*x - z).exp() * scale;
+                *x = super::fast_exp(*x - z) * scale;
             }
             row[tgt as usize] -= scale;
         });

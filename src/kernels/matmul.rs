@@ -63,6 +63,54 @@ fn gemm_strided(
     }
 }
 
+/// Strided product on raw pointers, for kernels that address sub-matrices of larger buffers
+/// (attention heads): dst (m, n; row stride dst_rs) = [dst +] scale · lhs (m, k) · rhs (k, n).
+/// `threads` = 1 runs on the calling thread (inside an already-parallel loop).
+///
+/// # Safety
+/// Every addressed element must be in bounds of its allocation, and dst must not overlap lhs
+/// or rhs or be written concurrently by another task.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_ptr(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: *const f32,
+    lhs_rs: usize,
+    lhs_cs: usize,
+    rhs: *const f32,
+    rhs_rs: usize,
+    rhs_cs: usize,
+    scale: f32,
+    threads: usize,
+) {
+    let par = if threads <= 1 { Parallelism::None } else { Parallelism::Rayon(threads) };
+    gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        lhs,
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        1.0,
+        scale,
+        false,
+        false,
+        false,
+        par,
+    );
+}
+
 /// Forward: out (M, N) = x (M, K) · wᵀ, with w (N, K).
 pub fn linear_fwd(out: &mut [f32], x: &[f32], w: &[f32], m: usize, k: usize, n: usize) {
     gemm_strided(m, n, k, out, false, x, k, 1, w, 1, k);

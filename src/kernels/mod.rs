@@ -121,3 +121,79 @@ pub(crate) mod testutil {
         assert!(worst.is_finite(), "{name}: non-finite gradient check");
     }
 }
+
+/// exp(x) in f32 to ~2 ulp (Cephes-style range reduction and polynomial), branch-free so
+/// loops over it vectorise; libm's expf does not. Inputs below −87 flush to 0.
+#[inline(always)]
+pub fn fast_exp(x: f32) -> f32 {
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
+    let r = n.mul_add(-0.693_359_4, x);
+    let r = n.mul_add(2.121_944_4e-4, r);
+    let mut p = 1.987_569_1e-4f32;
+    p = p.mul_add(r, 1.398_199_9e-3);
+    p = p.mul_add(r, 8.333_452e-3);
+    p = p.mul_add(r, 4.166_579_6e-2);
+    p = p.mul_add(r, 1.666_666_5e-1);
+    p = p.mul_add(r, 0.5);
+    let e = p.mul_add(r * r, r) + 1.0;
+    let bits = ((n as i32 + 127) << 23) as u32;
+    e * f32::from_bits(bits)
+}
+
+/// x ← exp(x − shift) over a slice; returns the sum (eight partial sums, vectorised).
+#[inline]
+pub fn exp_shift_sum(x: &mut [f32], shift: f32) -> f32 {
+    let mut acc = [0f32; 8];
+    let mut ch = x.chunks_exact_mut(8);
+    for c in &mut ch {
+        for i in 0..8 {
+            c[i] = fast_exp(c[i] - shift);
+            acc[i] += c[i];
+        }
+    }
+    let mut s = 0f32;
+    for v in ch.into_remainder() {
+        *v = fast_exp(*v - shift);
+        s += *v;
+    }
+    acc.iter().sum::<f32>() + s
+}
+
+/// Largest element (−∞ for an empty slice), vectorised.
+#[inline]
+pub fn max_of(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 8];
+    let ch = x.chunks_exact(8);
+    let rem = ch.remainder();
+    for c in ch {
+        for i in 0..8 {
+            acc[i] = acc[i].max(c[i]);
+        }
+    }
+    rem.iter().chain(acc.iter()).fold(f32::NEG_INFINITY, |a, &b| a.max(b))
+}
+
+#[cfg(test)]
+mod exp_tests {
+    use super::*;
+
+    #[test]
+    fn fast_exp_is_accurate() {
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let e = fast_exp(x) as f64;
+            let r = (x as f64).exp();
+            worst = worst.max((e - r).abs() / r);
+            x += 0.0137;
+        }
+        assert!(worst < 5e-7, "fast_exp rel err {worst:e}");
+        assert!(fast_exp(-200.0) < 1e-37);
+        let mut v = vec![0.0f32, 1.0, 2.0, -3.0, 0.5, 0.1, 0.2, 0.3, 0.4, 7.0];
+        let s = exp_shift_sum(&mut v, 1.0);
+        let r: f32 = [0.0f32, 1.0, 2.0, -3.0, 0.5, 0.1, 0.2, 0.3, 0.4, 7.0].iter().map(|x| (x - 1.0).exp()).sum();
+        assert!((s - r).abs() / r < 1e-6);
+        assert_eq!(max_of(&[1.0, 5.0, -2.0, 3.0, 0.0, 0.0, 0.0, 0.0, 4.9]), 5.0);
+    }
+}

@@ -53,7 +53,7 @@ struct Activations {
     dgate: Vec<f32>,   // (N, F)
     dup: Vec<f32>,     // (N, F)
     dhid: Vec<f32>,    // (N, F)
-    scratch: Vec<f32>, // (B, KV, T)
+    scratch: Vec<f32>, // (B, KV, T, T)
     /// logits hold dlogits (backward consumed them)
     logits_consumed: bool,
     ready_for_backward: bool,
@@ -96,7 +96,7 @@ impl Activations {
             dgate: z(n * f),
             dup: z(n * f),
             dhid: z(n * f),
-            scratch: z(b * c.num_kv_heads * t),
+            scratch: z(b * c.num_kv_heads * t * t),
             logits_consumed: false,
             ready_for_backward: false,
         }
