@@ -2,8 +2,10 @@
 //! that name the offending field and how to fix it.
 
 mod model;
+mod run;
 
 pub use model::ModelConfig;
+pub use run::{apply_set, RunConfig};
 
 use std::fmt;
 

@@ -28,3 +28,26 @@ pub fn init_hf_normal(model: &mut Model, seed: u64, std: f64) {
         }
     }
 }
+
+/// Schemes this build implements (more arrive with role-aware initialisation).
+pub const SCHEMES: &[&str] = &["normal"];
+
+/// Refuse an unknown scheme name with the list of known ones.
+pub fn check_scheme(name: &str) -> Result<(), crate::config::ConfigError> {
+    if SCHEMES.contains(&name) {
+        Ok(())
+    } else {
+        Err(crate::config::ConfigError::new(
+            "init.scheme",
+            format!("unknown scheme '{name}'"),
+            format!("use one of: {}", SCHEMES.join(", ")),
+        ))
+    }
+}
+
+/// Initialise a model as the run config says.
+pub fn initialize(model: &mut Model, scheme: &str, seed: u64, std: f64) -> Result<(), crate::config::ConfigError> {
+    check_scheme(scheme)?;
+    init_hf_normal(model, seed, std);
+    Ok(())
+}

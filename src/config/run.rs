@@ -1,0 +1,389 @@
+//! Run configuration: the TOML file of `keel train` (sections as in DESIGN.md), `--set`
+//! overrides, validation, and the resolved `config.toml` a run directory keeps.
+
+use super::{ConfigError, ModelConfig};
+use crate::optim::{OptimConfig, Schedule};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// `[model]`: a preset plus optional overrides of any shape field.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSection {
+    pub preset: Option<String>,
+    /// An HF config.json to take the shape from (instead of a preset).
+    pub hf_config: Option<String>,
+    pub vocab_size: Option<usize>,
+    pub hidden_size: Option<usize>,
+    pub num_layers: Option<usize>,
+    pub num_heads: Option<usize>,
+    pub num_kv_heads: Option<usize>,
+    pub intermediate_size: Option<usize>,
+    pub rope_theta: Option<f64>,
+    pub rms_norm_eps: Option<f64>,
+    pub tie_embeddings: Option<bool>,
+    pub max_seq_len: Option<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InitSection {
+    pub scheme: String,
+    pub seed: u64,
+    pub std: f64,
+}
+
+impl Default for InitSection {
+    fn default() -> Self {
+        InitSection { scheme: "normal".into(), seed: 0, std: 0.02 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataSection {
+    /// Text file or folder, JSONL, Parquet, or token shard; empty = the built-in corpus.
+    pub path: String,
+    /// auto | text | jsonl | parquet | shard
+    pub format: String,
+    /// A tokenizer.json to use; empty = train a byte-level BPE of the model's vocab size.
+    pub tokenizer: String,
+    /// Fraction of the token stream (its end) held out for validation.
+    pub val_fraction: f64,
+    /// Size of the built-in corpus in bytes (when `path` is empty).
+    pub builtin_bytes: usize,
+}
+
+impl Default for DataSection {
+    fn default() -> Self {
+        DataSection {
+            path: String::new(),
+            format: "auto".into(),
+            tokenizer: String::new(),
+            val_fraction: 0.05,
+            builtin_bytes: 2_000_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSection {
+    pub steps: u64,
+    pub batch_size: usize,
+    /// 0 = the model's max_seq_len
+    pub seq_len: usize,
+    pub grad_accum: usize,
+    pub seed: u64,
+    /// 0 = one per core
+    pub threads: usize,
+    /// Print a progress line every N steps when not on a terminal (0 = never).
+    pub log_every: u64,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        TrainSection { steps: 300, batch_size: 8, seq_len: 0, grad_accum: 1, seed: 0, threads: 0, log_every: 50 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointSection {
+    /// Save every N steps (0 = only at the end).
+    pub every: u64,
+    /// Keep the newest K checkpoints (at least 1).
+    pub keep: usize,
+}
+
+impl Default for CheckpointSection {
+    fn default() -> Self {
+        CheckpointSection { every: 100, keep: 3 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalSection {
+    /// Validation loss every N steps (0 = only at the end).
+    pub every: u64,
+    /// Batches per validation pass.
+    pub batches: usize,
+}
+
+impl Default for EvalSection {
+    fn default() -> Self {
+        EvalSection { every: 50, batches: 4 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetrySection {
+    /// Per-layer statistics every N steps (0 = off).
+    pub every: u64,
+}
+
+impl Default for TelemetrySection {
+    fn default() -> Self {
+        TelemetrySection { every: 10 }
+    }
+}
+
+/// Everything `keel train` needs. Serialises to the resolved `config.toml`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    pub model: ModelSection,
+    pub init: InitSection,
+    pub data: DataSection,
+    pub train: TrainSection,
+    pub optim: OptimConfig,
+    pub schedule: Schedule,
+    pub checkpoint: CheckpointSection,
+    pub eval: EvalSection,
+    pub telemetry: TelemetrySection,
+}
+
+/// Parse a `--set section.key=value` value: TOML syntax if it parses (numbers, bools,
+/// arrays, quoted strings), else a bare string.
+fn parse_value(raw: &str) -> toml::Value {
+    let doc = format!("v = {raw}");
+    match doc.parse::<toml::Table>() {
+        Ok(mut t) => t.remove("v").unwrap_or(toml::Value::String(raw.to_string())),
+        Err(_) => toml::Value::String(raw.to_string()),
+    }
+}
+
+/// Apply `section.key=value` to a TOML table.
+pub fn apply_set(table: &mut toml::Table, assignment: &str) -> Result<(), ConfigError> {
+    let (key, raw) = assignment.split_once('=').ok_or_else(|| {
+        ConfigError::new("--set", format!("'{assignment}' is not key=value"), "write e.g. --set optim.lr=3e-4")
+    })?;
+    let parts: Vec<&str> = key.trim().split('.').collect();
+    if parts.len() != 2 || parts.iter().any(|p| p.is_empty()) {
+        return Err(ConfigError::new(
+            "--set",
+            format!("key '{key}' must be section.key"),
+            "write e.g. --set train.steps=500",
+        ));
+    }
+    let sec = table
+        .entry(parts[0].to_string())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let sec = sec.as_table_mut().ok_or_else(|| {
+        ConfigError::new(parts[0], "is not a section", "use section.key with a section name from DESIGN.md")
+    })?;
+    sec.insert(parts[1].to_string(), parse_value(raw.trim()));
+    Ok(())
+}
+
+/// `section.key` of the TOML line holding byte `pos` of `doc`.
+fn key_at(doc: &str, pos: usize) -> Option<String> {
+    let mut section = String::new();
+    let mut start = 0;
+    for line in doc.split_inclusive('\n') {
+        let t = line.trim();
+        if t.starts_with('[') {
+            section = t.trim_matches(|c| c == '[' || c == ']').to_string();
+        }
+        if pos < start + line.len() {
+            let key = t.split('=').next()?.trim().trim_matches('"');
+            return Some(if section.is_empty() { key.to_string() } else { format!("{section}.{key}") });
+        }
+        start += line.len();
+    }
+    None
+}
+
+impl RunConfig {
+    /// Build from an optional TOML file plus `--set` overrides (applied in order).
+    pub fn load(file: Option<&Path>, sets: &[String]) -> Result<Self, ConfigError> {
+        let (mut table, name) = match file {
+            Some(p) => {
+                let name = p.display().to_string();
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| ConfigError::new(&name, format!("cannot read: {e}"), "check the path"))?;
+                let t = text.parse::<toml::Table>().map_err(|e| {
+                    ConfigError::new("(syntax)", format!("not valid TOML: {}", e.message()), "fix the TOML syntax")
+                        .in_file(&name)
+                })?;
+                (t, name)
+            }
+            None => (toml::Table::new(), "(command line)".to_string()),
+        };
+        for s in sets {
+            apply_set(&mut table, s)?;
+        }
+        Self::from_table(table).map_err(|e| e.in_file(&name))
+    }
+
+    pub fn from_table(table: toml::Table) -> Result<Self, ConfigError> {
+        // Round-trip through text so a type error carries a span that names its key.
+        let doc = table.to_string();
+        let cfg: RunConfig = toml::from_str(&doc).map_err(|e| {
+            let msg = e.message().to_string();
+            let field = e
+                .span()
+                .and_then(|sp| key_at(&doc, sp.start))
+                .or_else(|| msg.split('`').nth(1).map(str::to_string))
+                .unwrap_or_else(|| "(config)".to_string());
+            ConfigError::new(&field, msg, "see the [section] keys in README.md / DESIGN.md")
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The model shape: preset or HF config, then field overrides.
+    pub fn model_config(&self) -> Result<ModelConfig, ConfigError> {
+        let m = &self.model;
+        let mut c = match (&m.preset, &m.hf_config) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::new(
+                    "model.hf_config",
+                    "both model.preset and model.hf_config are set",
+                    "keep one of them",
+                ))
+            }
+            (Some(p), None) => ModelConfig::preset(p)?,
+            (None, Some(h)) => ModelConfig::from_hf_json(Path::new(h))?,
+            (None, None) => ModelConfig::preset("tiny")?,
+        };
+        macro_rules! over {
+            ($($f:ident),*) => { $( if let Some(v) = m.$f { c.$f = v; } )* };
+        }
+        over!(vocab_size, hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size);
+        over!(rope_theta, rms_norm_eps, tie_embeddings, max_seq_len);
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Sequence length used for training (train.seq_len, or the model's max).
+    pub fn seq_len(&self, mc: &ModelConfig) -> usize {
+        if self.train.seq_len == 0 {
+            mc.max_seq_len
+        } else {
+            self.train.seq_len
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mc = self.model_config()?;
+        let t = self.seq_len(&mc);
+        if t > mc.max_seq_len {
+            return Err(ConfigError::new(
+                "train.seq_len",
+                format!("{t} exceeds model.max_seq_len {}", mc.max_seq_len),
+                "lower train.seq_len or raise model.max_seq_len",
+            ));
+        }
+        let tr = &self.train;
+        if tr.batch_size == 0 || tr.grad_accum == 0 {
+            return Err(ConfigError::new(
+                "train.batch_size",
+                "batch_size and grad_accum must be positive",
+                "set them to 1 or more",
+            ));
+        }
+        // Refuse activation buffers that cannot fit before allocating them.
+        let n = tr.batch_size as f64 * t as f64;
+        let act = n * (mc.hidden_size * 12 + mc.intermediate_size * 3) as f64 * mc.num_layers as f64
+            + tr.batch_size as f64 * (mc.num_heads * t * t * mc.num_layers) as f64
+            + n * mc.vocab_size as f64;
+        let bytes = 4.0 * (act + 4.0 * mc.num_params() as f64);
+        if bytes > 256e9 {
+            return Err(ConfigError::new(
+                "model",
+                format!("training needs ~{:.0} GB of memory", bytes / 1e9),
+                "use a smaller model, batch_size or seq_len",
+            ));
+        }
+        let o = &self.optim;
+        if !(o.lr.is_finite() && o.lr > 0.0) {
+            return Err(ConfigError::new("optim.lr", format!("must be > 0, got {}", o.lr), "use e.g. 1e-3"));
+        }
+        if !(0.0..1.0).contains(&o.beta1) || !(0.0..1.0).contains(&o.beta2) {
+            return Err(ConfigError::new("optim.beta1", "betas must be in [0, 1)", "use 0.9 and 0.95"));
+        }
+        if !(o.eps > 0.0) || !(o.weight_decay >= 0.0) || !(o.grad_clip >= 0.0) {
+            return Err(ConfigError::new(
+                "optim",
+                "eps must be > 0, weight_decay and grad_clip ≥ 0",
+                "use eps 1e-8, weight_decay 0.1, grad_clip 1.0",
+            ));
+        }
+        let s = &self.schedule;
+        if !(0.0..=1.0).contains(&s.min_lr_ratio) || !(0.0..=1.0).contains(&s.decay_fraction) {
+            return Err(ConfigError::new(
+                "schedule.min_lr_ratio",
+                "min_lr_ratio and decay_fraction must be in [0, 1]",
+                "use e.g. 0.1 and 0.2",
+            ));
+        }
+        if !(0.0..0.9).contains(&self.data.val_fraction) {
+            return Err(ConfigError::new(
+                "data.val_fraction",
+                format!("must be in [0, 0.9), got {}", self.data.val_fraction),
+                "use e.g. 0.05",
+            ));
+        }
+        if !["auto", "text", "jsonl", "parquet", "shard"].contains(&self.data.format.as_str()) {
+            return Err(ConfigError::new(
+                "data.format",
+                format!("unknown format '{}'", self.data.format),
+                "use auto, text, jsonl, parquet or shard",
+            ));
+        }
+        if self.checkpoint.keep == 0 {
+            return Err(ConfigError::new("checkpoint.keep", "must be at least 1", "set checkpoint.keep = 3"));
+        }
+        crate::init::check_scheme(&self.init.scheme)?;
+        Ok(())
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("RunConfig serialises")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_overrides_and_round_trips() {
+        let c = RunConfig::load(
+            None,
+            &["model.preset=micro".into(), "optim.lr=3e-4".into(), "train.steps=7".into()],
+        )
+        .unwrap();
+        assert_eq!(c.model.preset.as_deref(), Some("micro"));
+        assert_eq!(c.optim.lr, 3e-4);
+        assert_eq!(c.train.steps, 7);
+        let back: RunConfig = toml::from_str(&c.to_toml()).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = RunConfig::load(None, &["optim.learning_rate=1".into()]).unwrap_err();
+        assert_eq!(e.field, "optim.learning_rate", "{e}");
+        let e = RunConfig::load(None, &["train.steps=\"x\"".into()]).unwrap_err();
+        assert_eq!(e.field, "train.steps", "{e}");
+    }
+
+    #[test]
+    fn bad_shapes_are_refused_with_field() {
+        let e = RunConfig::load(None, &["model.preset=micro".into(), "model.num_heads=3".into()]).unwrap_err();
+        assert_eq!(e.field, "model.num_heads");
+        let e = RunConfig::load(None, &["model.preset=micro".into(), "model.num_kv_heads=3".into()]).unwrap_err();
+        assert_eq!(e.field, "model.num_kv_heads");
+        let e = RunConfig::load(None, &["model.preset=micro".into(), "model.vocab_size=1000000000000".into()])
+            .unwrap_err();
+        assert_eq!(e.field, "model.vocab_size");
+        let e = RunConfig::load(None, &["model.preset=micro".into(), "model.hidden_size=0".into()]).unwrap_err();
+        assert_eq!(e.field, "model.hidden_size");
+        let e = RunConfig::load(None, &["model.preset=nope".into()]).unwrap_err();
+        assert_eq!(e.field, "model.preset");
+    }
+}

@@ -1,0 +1,215 @@
+//! Reading text sources as a stream of pieces: plain text files or folders, JSONL (`text`
+//! field), Parquet (`text` column). A piece marks whether it ends a document, so the
+//! tokenizer can put the end-of-text separator between documents only.
+
+use anyhow::{anyhow, bail, Context, Result};
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+
+/// One chunk of text; `end_of_doc` is true on a document's last chunk.
+pub struct Piece {
+    pub text: String,
+    pub end_of_doc: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Text,
+    Jsonl,
+    Parquet,
+    Shard,
+}
+
+/// Format from the config value, or from the file extension when "auto".
+pub fn detect_format(path: &Path, configured: &str) -> Result<Format> {
+    Ok(match configured {
+        "text" => Format::Text,
+        "jsonl" => Format::Jsonl,
+        "parquet" => Format::Parquet,
+        "shard" => Format::Shard,
+        _ => {
+            if path.is_dir() {
+                Format::Text
+            } else {
+                match path.extension().and_then(|e| e.to_str()).unwrap_or("") {
+                    "jsonl" | "ndjson" => Format::Jsonl,
+                    "parquet" => Format::Parquet,
+                    "bin" | "u16" | "u32" => Format::Shard,
+                    _ => Format::Text,
+                }
+            }
+        }
+    })
+}
+
+/// Files of a text folder, recursively, sorted (hidden files skipped).
+fn text_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let rd = std::fs::read_dir(&d).with_context(|| format!("{}: cannot list folder", d.display()))?;
+        for e in rd {
+            let p = e?.path();
+            if p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.')) {
+                continue;
+            }
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+const CHUNK: usize = 1 << 16;
+
+/// Stream a text file as pieces of about 64 KiB cut at line ends. Refuses binary files.
+fn text_file(path: &Path, f: &mut dyn FnMut(Piece) -> Result<()>) -> Result<()> {
+    let name = path.display();
+    let mut r = BufReader::with_capacity(1 << 20, File::open(path).with_context(|| format!("{name}: cannot open"))?);
+    let mut buf = String::new();
+    let mut line = Vec::new();
+    let mut first = true;
+    loop {
+        line.clear();
+        let n = r.read_until(b'\n', &mut line).with_context(|| format!("{name}: read error"))?;
+        if n == 0 {
+            break;
+        }
+        if first && (line.contains(&0) || std::str::from_utf8(&line).is_err()) {
+            bail!("{name}: looks like a binary file, not UTF-8 text; fix: give a text file, or set data.format = \"shard\" for token files");
+        }
+        first = false;
+        let s = std::str::from_utf8(&line).map_err(|e| {
+            anyhow!("{name}: invalid UTF-8 ({e}); fix: convert the file to UTF-8")
+        })?;
+        if s.contains('\0') {
+            bail!("{name}: contains NUL bytes, so it is not text; fix: give a text file or set data.format = \"shard\"");
+        }
+        buf.push_str(s);
+        if buf.len() >= CHUNK {
+            f(Piece { text: std::mem::take(&mut buf), end_of_doc: false })?;
+        }
+    }
+    f(Piece { text: buf, end_of_doc: true })
+}
+
+fn jsonl_file(path: &Path, f: &mut dyn FnMut(Piece) -> Result<()>) -> Result<()> {
+    let name = path.display();
+    let r = BufReader::new(File::open(path).with_context(|| format!("{name}: cannot open"))?);
+    for (i, line) in r.lines().enumerate() {
+        let line = line.with_context(|| format!("{name}: line {}: not UTF-8 text", i + 1))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(&line)
+            .with_context(|| format!("{name}: line {}: not valid JSON; fix: one JSON object per line", i + 1))?;
+        let text = v.get("text").and_then(|t| t.as_str()).ok_or_else(|| {
+            anyhow!("{name}: line {}: no string field \"text\"; fix: each line needs {{\"text\": \"...\"}}", i + 1)
+        })?;
+        f(Piece { text: text.to_string(), end_of_doc: true })?;
+    }
+    Ok(())
+}
+
+fn parquet_file(path: &Path, f: &mut dyn FnMut(Piece) -> Result<()>) -> Result<()> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    use parquet::record::Field;
+    let name = path.display();
+    let file = File::open(path).with_context(|| format!("{name}: cannot open"))?;
+    let reader = SerializedFileReader::new(file)
+        .map_err(|e| anyhow!("{name}: not a readable Parquet file ({e})"))?;
+    let schema = reader.metadata().file_metadata().schema_descr();
+    if !schema.columns().iter().any(|c| c.name() == "text") {
+        let cols: Vec<&str> = schema.columns().iter().map(|c| c.name()).collect();
+        bail!("{name}: no column named \"text\" (columns: {}); fix: rename the text column to \"text\"", cols.join(", "));
+    }
+    let rows = reader.get_row_iter(None).map_err(|e| anyhow!("{name}: {e}"))?;
+    for (i, row) in rows.enumerate() {
+        let row = row.map_err(|e| anyhow!("{name}: row {i}: {e}"))?;
+        for (col, field) in row.get_column_iter() {
+            if col == "text" {
+                match field {
+                    Field::Str(s) => f(Piece { text: s.clone(), end_of_doc: true })?,
+                    Field::Null => {}
+                    other => bail!("{name}: row {i}: column \"text\" holds {other:?}, not a string"),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Call `f` on every piece of the source at `path`, in a fixed order.
+pub fn for_each_piece(path: &Path, format: Format, f: &mut dyn FnMut(Piece) -> Result<()>) -> Result<()> {
+    let files = if path.is_dir() {
+        let v = text_files(path)?;
+        if v.is_empty() {
+            bail!("{}: folder has no files; fix: point data.path at text files", path.display());
+        }
+        v
+    } else if path.exists() {
+        vec![path.to_path_buf()]
+    } else {
+        bail!("{}: no such file or folder; fix: check data.path / --data", path.display());
+    };
+    for p in files {
+        match format {
+            Format::Text => text_file(&p, f)?,
+            Format::Jsonl => jsonl_file(&p, f)?,
+            Format::Parquet => parquet_file(&p, f)?,
+            Format::Shard => bail!("{}: a token shard has no text to read", p.display()),
+        }
+    }
+    Ok(())
+}
+
+/// Total bytes and latest modification time of a source (for the token cache key).
+pub fn fingerprint(path: &Path) -> Result<(u64, u64)> {
+    let files = if path.is_dir() { text_files(path)? } else { vec![path.to_path_buf()] };
+    let (mut size, mut mtime) = (0u64, 0u64);
+    for p in files {
+        let m = std::fs::metadata(&p).with_context(|| format!("{}: cannot stat", p.display()))?;
+        size += m.len();
+        let t = m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+        mtime = mtime.max(t.map(|d| d.as_secs()).unwrap_or(0));
+    }
+    Ok((size, mtime))
+}
+
+/// Read up to `limit` bytes of whole files/records (for tokenizer training samples).
+pub fn sample_text(path: &Path, format: Format, limit: usize) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    let mut total = 0usize;
+    let stop = "sample limit reached";
+    let r = for_each_piece(path, format, &mut |p| {
+        total += p.text.len();
+        out.push(p.text);
+        if total >= limit {
+            bail!(stop);
+        }
+        Ok(())
+    });
+    match r {
+        Err(e) if e.to_string() == stop => {}
+        Err(e) => return Err(e),
+        Ok(()) => {}
+    }
+    if total == 0 {
+        bail!("{}: contains no text; fix: give a non-empty data file", path.display());
+    }
+    Ok(out)
+}
+
+/// Read a whole small file as bytes (used by tests and probes of the format).
+pub fn read_prefix(path: &Path, n: usize) -> Result<Vec<u8>> {
+    let mut f = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let mut buf = vec![0u8; n];
+    let k = f.read(&mut buf)?;
+    buf.truncate(k);
+    Ok(buf)
+}
