@@ -47,7 +47,10 @@ pub fn default_batch(preset: &str) -> usize {
     }
 }
 
-pub fn run(opts: &BenchOptions, mut progress: impl FnMut(usize, usize)) -> anyhow::Result<BenchResult> {
+pub fn run(
+    opts: &BenchOptions,
+    mut progress: impl FnMut(usize, usize),
+) -> anyhow::Result<BenchResult> {
     let cfg = ModelConfig::preset(&opts.preset)?;
     cfg.validate()?;
     let b = opts.batch.unwrap_or_else(|| default_batch(&opts.preset));
@@ -88,7 +91,11 @@ pub fn run(opts: &BenchOptions, mut progress: impl FnMut(usize, usize)) -> anyho
     }
     let peak = measure_peak_flops(1024, 5);
     times.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let med = if times.is_empty() { f64::NAN } else { times[times.len() / 2] };
+    let med = if times.is_empty() {
+        f64::NAN
+    } else {
+        times[times.len() / 2]
+    };
     let tps = n as f64 / med;
     let fpt = cfg.flops_per_token(t);
     Ok(BenchResult {

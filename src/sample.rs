@@ -14,11 +14,16 @@ pub struct SampleOptions {
 /// Continue `prompt` (token ids) by up to `max_new_tokens`; stops early at `stop` if given.
 /// Without a KV cache each new token re-runs the (causal) forward over the context; the
 /// context is padded up to a multiple of 32 so buffers are resized rarely.
-pub fn generate(model: &mut Model, prompt: &[u32], opts: &SampleOptions, stop: Option<u32>) -> Result<Vec<u32>> {
+pub fn generate(
+    model: &mut Model,
+    prompt: &[u32],
+    opts: &SampleOptions,
+    stop: Option<u32>,
+) -> Result<Vec<u32>> {
     if prompt.is_empty() {
         bail!("the prompt encodes to no tokens; fix: give a non-empty --prompt");
     }
-    if !(opts.temperature >= 0.0) {
+    if opts.temperature.is_nan() || opts.temperature < 0.0 {
         bail!("--temperature must be ≥ 0 (0 = greedy)");
     }
     let v = model.cfg.vocab_size;
@@ -37,10 +42,22 @@ pub fn generate(model: &mut Model, prompt: &[u32], opts: &SampleOptions, stop: O
         model.forward_logits(&x)?;
         let logits = &model.logits().expect("forward_logits leaves logits")[(len - 1) * v..len * v];
         let next = if opts.temperature == 0.0 {
-            logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |a, (j, &l)| if l > a.1 { (j, l) } else { a }).0 as u32
+            logits
+                .iter()
+                .enumerate()
+                .fold(
+                    (0, f32::NEG_INFINITY),
+                    |a, (j, &l)| if l > a.1 { (j, l) } else { a },
+                )
+                .0 as u32
         } else {
             probs.clear();
-            probs.extend(logits.iter().enumerate().map(|(j, &l)| (l / opts.temperature, j as u32)));
+            probs.extend(
+                logits
+                    .iter()
+                    .enumerate()
+                    .map(|(j, &l)| (l / opts.temperature, j as u32)),
+            );
             if opts.top_k > 0 && opts.top_k < v {
                 probs.select_nth_unstable_by(opts.top_k - 1, |a, b| b.0.total_cmp(&a.0));
                 probs.truncate(opts.top_k);

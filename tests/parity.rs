@@ -15,7 +15,10 @@ struct Fixture {
 
 impl Fixture {
     fn load(name: &str) -> Fixture {
-        let path = format!("{}/tests/fixtures/{name}.safetensors", env!("CARGO_MANIFEST_DIR"));
+        let path = format!(
+            "{}/tests/fixtures/{name}.safetensors",
+            env!("CARGO_MANIFEST_DIR")
+        );
         let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
         let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
         let md = meta.metadata().clone().unwrap();
@@ -30,16 +33,24 @@ impl Fixture {
 
     fn f32s(&self, name: &str) -> Vec<f32> {
         let st = self.st();
-        let t = st.tensor(name).unwrap_or_else(|_| panic!("fixture lacks {name}"));
+        let t = st
+            .tensor(name)
+            .unwrap_or_else(|_| panic!("fixture lacks {name}"));
         assert_eq!(t.dtype(), Dtype::F32);
-        t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+        t.data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect()
     }
 
     fn u32s(&self, name: &str) -> Vec<u32> {
         let st = self.st();
         let t = st.tensor(name).unwrap();
         assert_eq!(t.dtype(), Dtype::I32);
-        t.data().chunks_exact(4).map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as u32).collect()
+        t.data()
+            .chunks_exact(4)
+            .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as u32)
+            .collect()
     }
 
     fn usize(&self, k: &str) -> usize {
@@ -74,8 +85,14 @@ impl Fixture {
 /// max |a-b| / max(|b|) over the tensor (relative to the tensor's scale).
 fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len());
-    let scale = b.iter().fold(0f64, |m, &x| m.max(x.abs() as f64)).max(1e-12);
-    let diff = a.iter().zip(b).fold(0f64, |m, (&x, &y)| m.max((x as f64 - y as f64).abs()));
+    let scale = b
+        .iter()
+        .fold(0f64, |m, &x| m.max(x.abs() as f64))
+        .max(1e-12);
+    let diff = a
+        .iter()
+        .zip(b)
+        .fold(0f64, |m, (&x, &y)| m.max((x as f64 - y as f64).abs()));
     diff / scale
 }
 
@@ -98,8 +115,16 @@ fn check_forward_backward(name: &str) {
             worst = (e, spec.name.clone());
         }
     }
-    assert!(worst.0 < 1e-4, "{name}: worst gradient {} rel err {:.2e}", worst.1, worst.0);
-    eprintln!("{name}: logits {e_logits:.1e}, loss {e_loss:.1e}, worst grad {:.1e} ({})", worst.0, worst.1);
+    assert!(
+        worst.0 < 1e-4,
+        "{name}: worst gradient {} rel err {:.2e}",
+        worst.1,
+        worst.0
+    );
+    eprintln!(
+        "{name}: logits {e_logits:.1e}, loss {e_loss:.1e}, worst grad {:.1e} ({})",
+        worst.0, worst.1
+    );
 }
 
 fn check_adamw(name: &str) {
@@ -123,8 +148,14 @@ fn check_adamw(name: &str) {
         let loss = m.forward(&x, &y).unwrap();
         m.backward(1.0).unwrap();
         let norm = clip_grad_norm(&mut m.grads, oc.grad_clip);
-        assert!(((loss - rl) / rl).abs() < 1e-4, "{name} step {i}: loss {loss} vs torch {rl}");
-        assert!(((norm - rn as f64) / rn as f64).abs() < 1e-3, "{name} step {i}: grad norm {norm} vs torch {rn}");
+        assert!(
+            ((loss - rl) / rl).abs() < 1e-4,
+            "{name} step {i}: loss {loss} vs torch {rl}"
+        );
+        assert!(
+            ((norm - rn as f64) / rn as f64).abs() < 1e-3,
+            "{name} step {i}: grad norm {norm} vs torch {rn}"
+        );
         opt.update(&mut m.params, &m.grads, oc.lr);
     }
 }

@@ -20,16 +20,22 @@ use std::path::{Path, PathBuf};
 /// Write a file atomically: temp file in the same folder, fsync, rename, fsync the folder.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let name = path.display();
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let tmp = dir.join(format!(
         ".{}.tmp-{}",
         path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
         std::process::id()
     ));
     let res = (|| -> Result<()> {
-        let mut f = File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
-        f.write_all(bytes).with_context(|| format!("{name}: write failed (disk full?)"))?;
-        f.sync_all().with_context(|| format!("{name}: fsync failed"))?;
+        let mut f =
+            File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+        f.write_all(bytes)
+            .with_context(|| format!("{name}: write failed (disk full?)"))?;
+        f.sync_all()
+            .with_context(|| format!("{name}: fsync failed"))?;
         std::fs::rename(&tmp, path).with_context(|| format!("{name}: cannot rename into place"))?;
         sync_dir(dir);
         Ok(())
@@ -56,7 +62,10 @@ fn f32_bytes(x: &[f32]) -> Vec<u8> {
 }
 
 /// Serialise named f32 tensors (name, shape, values) to safetensors bytes.
-pub fn safetensors_bytes(tensors: &[(String, Vec<usize>, &[f32])], meta: HashMap<String, String>) -> Result<Vec<u8>> {
+pub fn safetensors_bytes(
+    tensors: &[(String, Vec<usize>, &[f32])],
+    meta: HashMap<String, String>,
+) -> Result<Vec<u8>> {
     let bufs: Vec<Vec<u8>> = tensors.iter().map(|(_, _, v)| f32_bytes(v)).collect();
     let views: Vec<(String, TensorView<'_>)> = tensors
         .iter()
@@ -110,7 +119,9 @@ fn read_f32(file: &str, name: &str, t: &TensorView<'_>, out: &mut [f32]) -> Resu
                 *o = f16_to_f32(u16::from_le_bytes([b[0], b[1]]));
             }
         }
-        other => bail!("{file}: tensor {name} has dtype {other:?}; fix: keel reads F32, BF16 or F16 weights"),
+        other => bail!(
+            "{file}: tensor {name} has dtype {other:?}; fix: keel reads F32, BF16 or F16 weights"
+        ),
     }
     Ok(())
 }
@@ -118,15 +129,24 @@ fn read_f32(file: &str, name: &str, t: &TensorView<'_>, out: &mut [f32]) -> Resu
 /// Load named tensors from a safetensors file into the parameter layout (`prefix` + HF name).
 /// Every tensor of the layout must be present with its shape. Extra tensors are an error,
 /// except `lm_head.weight` of a tied model and rotary buffers.
-pub fn load_tensors(path: &Path, layout: &ParamLayout, prefix: &str, out: &mut [f32], tied: bool) -> Result<()> {
+pub fn load_tensors(
+    path: &Path,
+    layout: &ParamLayout,
+    prefix: &str,
+    out: &mut [f32],
+    tied: bool,
+) -> Result<()> {
     let file = path.display().to_string();
     let bytes = std::fs::read(path).with_context(|| format!("{file}: cannot read"))?;
-    let st = SafeTensors::deserialize(&bytes)
-        .map_err(|e| anyhow!("{file}: not a valid safetensors file ({e}); fix: re-save the checkpoint"))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| {
+        anyhow!("{file}: not a valid safetensors file ({e}); fix: re-save the checkpoint")
+    })?;
     for spec in &layout.specs {
         let name = format!("{prefix}{}", spec.name);
         let t = st.tensor(&name).map_err(|_| {
-            anyhow!("{file}: tensor {name} is missing; fix: the checkpoint does not match config.json")
+            anyhow!(
+                "{file}: tensor {name} is missing; fix: the checkpoint does not match config.json"
+            )
         })?;
         if t.shape() != spec.shape.as_slice() {
             bail!(
@@ -135,9 +155,18 @@ pub fn load_tensors(path: &Path, layout: &ParamLayout, prefix: &str, out: &mut [
                 spec.shape
             );
         }
-        read_f32(&file, &name, &t, &mut out[spec.offset..spec.offset + spec.len])?;
+        read_f32(
+            &file,
+            &name,
+            &t,
+            &mut out[spec.offset..spec.offset + spec.len],
+        )?;
     }
-    let known: std::collections::HashSet<String> = layout.specs.iter().map(|s| format!("{prefix}{}", s.name)).collect();
+    let known: std::collections::HashSet<String> = layout
+        .specs
+        .iter()
+        .map(|s| format!("{prefix}{}", s.name))
+        .collect();
     for name in st.names() {
         let n: &str = name;
         let ok = known.contains(n)
@@ -168,7 +197,13 @@ pub fn model_files(model: &Model) -> Result<(Vec<u8>, Vec<u8>)> {
         .layout
         .specs
         .iter()
-        .map(|s| (s.name.clone(), s.shape.clone(), &model.params[s.offset..s.offset + s.len]))
+        .map(|s| {
+            (
+                s.name.clone(),
+                s.shape.clone(),
+                &model.params[s.offset..s.offset + s.len],
+            )
+        })
         .collect();
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
     Ok((cfg, safetensors_bytes(&tensors, meta)?))
@@ -200,7 +235,11 @@ pub fn save(
 ) -> Result<PathBuf> {
     std::fs::create_dir_all(root).with_context(|| format!("{}: cannot create", root.display()))?;
     let final_dir = root.join(format!("step-{:08}", state.step));
-    let tmp = root.join(format!(".tmp-step-{:08}-{}", state.step, std::process::id()));
+    let tmp = root.join(format!(
+        ".tmp-step-{:08}-{}",
+        state.step,
+        std::process::id()
+    ));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp)?;
     }
@@ -210,13 +249,22 @@ pub fn save(
         write_synced(&tmp.join("config.json"), &cfg)?;
         write_synced(&tmp.join("model.safetensors"), &weights)?;
         if let Some(t) = tokenizer {
-            let bytes = std::fs::read(t).with_context(|| format!("{}: cannot read tokenizer", t.display()))?;
+            let bytes = std::fs::read(t)
+                .with_context(|| format!("{}: cannot read tokenizer", t.display()))?;
             write_synced(&tmp.join("tokenizer.json"), &bytes)?;
         }
         let mut tensors = Vec::new();
         for s in &model.layout.specs {
-            tensors.push((format!("exp_avg.{}", s.name), s.shape.clone(), &m[s.offset..s.offset + s.len]));
-            tensors.push((format!("exp_avg_sq.{}", s.name), s.shape.clone(), &v[s.offset..s.offset + s.len]));
+            tensors.push((
+                format!("exp_avg.{}", s.name),
+                s.shape.clone(),
+                &m[s.offset..s.offset + s.len],
+            ));
+            tensors.push((
+                format!("exp_avg_sq.{}", s.name),
+                s.shape.clone(),
+                &v[s.offset..s.offset + s.len],
+            ));
         }
         let ts = safetensors_bytes(&tensors, HashMap::new())?;
         write_synced(&tmp.join("trainer_state.safetensors"), &ts)?;
@@ -226,7 +274,8 @@ pub fn save(
             // a re-save of the same step (e.g. after a resume): replace it
             std::fs::remove_dir_all(&final_dir)?;
         }
-        std::fs::rename(&tmp, &final_dir).with_context(|| format!("{}: cannot rename into place", final_dir.display()))?;
+        std::fs::rename(&tmp, &final_dir)
+            .with_context(|| format!("{}: cannot rename into place", final_dir.display()))?;
         sync_dir(root);
         Ok(())
     })();
@@ -243,8 +292,10 @@ pub fn save(
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     let name = path.display();
     let mut f = File::create(path).with_context(|| format!("{name}: cannot create"))?;
-    f.write_all(bytes).with_context(|| format!("{name}: write failed (disk full?)"))?;
-    f.sync_all().with_context(|| format!("{name}: fsync failed"))?;
+    f.write_all(bytes)
+        .with_context(|| format!("{name}: write failed (disk full?)"))?;
+    f.sync_all()
+        .with_context(|| format!("{name}: fsync failed"))?;
     Ok(())
 }
 
@@ -257,7 +308,10 @@ pub fn list(root: &Path) -> Vec<(u64, PathBuf)> {
         .filter_map(|e| {
             let name = e.file_name().to_str()?.to_string();
             let step = name.strip_prefix("step-")?.parse().ok()?;
-            e.path().join("state.json").exists().then_some((step, e.path()))
+            e.path()
+                .join("state.json")
+                .exists()
+                .then_some((step, e.path()))
         })
         .collect();
     out.sort();
@@ -267,13 +321,17 @@ pub fn list(root: &Path) -> Vec<(u64, PathBuf)> {
 /// Remove leftovers of interrupted saves and all but the newest `keep` checkpoints.
 pub fn prune(root: &Path, keep: usize) -> Result<()> {
     for e in std::fs::read_dir(root).into_iter().flatten().flatten() {
-        if e.file_name().to_str().is_some_and(|n| n.starts_with(".tmp-step-")) {
+        if e.file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(".tmp-step-"))
+        {
             let _ = std::fs::remove_dir_all(e.path());
         }
     }
     let all = list(root);
     for (_, p) in all.iter().take(all.len().saturating_sub(keep)) {
-        std::fs::remove_dir_all(p).with_context(|| format!("{}: cannot remove old checkpoint", p.display()))?;
+        std::fs::remove_dir_all(p)
+            .with_context(|| format!("{}: cannot remove old checkpoint", p.display()))?;
     }
     Ok(())
 }
@@ -294,12 +352,15 @@ pub fn load(dir: &Path, model: &mut Model, m: &mut [f32], v: &mut [f32]) -> Resu
     }
     let ts = dir.join("trainer_state.safetensors");
     let bytes = std::fs::read(&ts).with_context(|| format!("{}: cannot read", ts.display()))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("{}: invalid ({e})", ts.display()))?;
+    let st =
+        SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("{}: invalid ({e})", ts.display()))?;
     let file = ts.display().to_string();
     for s in &model.layout.specs {
         for (prefix, buf) in [("exp_avg.", &mut *m), ("exp_avg_sq.", &mut *v)] {
             let name = format!("{prefix}{}", s.name);
-            let t = st.tensor(&name).map_err(|_| anyhow!("{file}: missing {name}"))?;
+            let t = st
+                .tensor(&name)
+                .map_err(|_| anyhow!("{file}: missing {name}"))?;
             if t.shape() != s.shape.as_slice() || t.dtype() != Dtype::F32 {
                 bail!("{file}: {name} has the wrong shape or dtype");
             }
@@ -307,7 +368,8 @@ pub fn load(dir: &Path, model: &mut Model, m: &mut [f32], v: &mut [f32]) -> Resu
         }
     }
     let sp = dir.join("state.json");
-    let text = std::fs::read_to_string(&sp).with_context(|| format!("{}: cannot read", sp.display()))?;
+    let text =
+        std::fs::read_to_string(&sp).with_context(|| format!("{}: cannot read", sp.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{}: invalid state file", sp.display()))
 }
 

@@ -6,7 +6,11 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 #[derive(Parser, Debug)]
-#[command(name = "keel", version, about = "Train LLaMA-architecture language models that stay stable from the first step")]
+#[command(
+    name = "keel",
+    version,
+    about = "Train LLaMA-architecture language models that stay stable from the first step"
+)]
 pub struct Cli {
     /// Worker threads (0 = one per core)
     #[arg(long, global = true, default_value_t = 0)]
@@ -102,23 +106,64 @@ pub enum Command {
 pub fn run(cli: Cli) -> anyhow::Result<i32> {
     crate::kernels::init_threads(cli.threads);
     match cli.command {
-        Command::Train { config, preset, data, out, steps, sets } => {
-            cmd_train(config, preset, data, out, steps, sets, cli.threads)
-        }
-        Command::Eval { model, tokens, seq_len, dtype, max_windows } => {
-            cmd_eval(&model, &tokens, seq_len, dtype.as_deref(), max_windows)
-        }
-        Command::Sample { model, prompt, max_new_tokens, temperature, top_k, seed } => {
-            let opts = crate::sample::SampleOptions { max_new_tokens, temperature, top_k, seed };
+        Command::Train {
+            config,
+            preset,
+            data,
+            out,
+            steps,
+            sets,
+        } => cmd_train(config, preset, data, out, steps, sets, cli.threads),
+        Command::Eval {
+            model,
+            tokens,
+            seq_len,
+            dtype,
+            max_windows,
+        } => cmd_eval(&model, &tokens, seq_len, dtype.as_deref(), max_windows),
+        Command::Sample {
+            model,
+            prompt,
+            max_new_tokens,
+            temperature,
+            top_k,
+            seed,
+        } => {
+            let opts = crate::sample::SampleOptions {
+                max_new_tokens,
+                temperature,
+                top_k,
+                seed,
+            };
             cmd_sample(&model, &prompt, &opts)
         }
-        Command::Bench { preset, steps, warmup, batch, seq, json } => {
-            let opts = crate::bench::BenchOptions { preset, batch, seq, warmup, steps, seed: 0 };
-            let bar = if json { ProgressBar::hidden() } else { ProgressBar::new((warmup + steps) as u64) };
+        Command::Bench {
+            preset,
+            steps,
+            warmup,
+            batch,
+            seq,
+            json,
+        } => {
+            let opts = crate::bench::BenchOptions {
+                preset,
+                batch,
+                seq,
+                warmup,
+                steps,
+                seed: 0,
+            };
+            let bar = if json {
+                ProgressBar::hidden()
+            } else {
+                ProgressBar::new((warmup + steps) as u64)
+            };
             bar.set_style(
-                ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} steps {elapsed_precise}")
-                    .expect("static template")
-                    .progress_chars("=> "),
+                ProgressStyle::with_template(
+                    "{prefix} [{bar:30}] {pos}/{len} steps {elapsed_precise}",
+                )
+                .expect("static template")
+                .progress_chars("=> "),
             );
             bar.set_prefix(format!("bench {}", opts.preset));
             let r = crate::bench::run(&opts, |i, _| bar.set_position(i as u64))?;
@@ -126,12 +171,21 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
-                println!("keel bench: preset {} (batch {} × seq {}, {} params, {} threads)", r.preset, r.batch, r.seq, r.params, r.threads);
+                println!(
+                    "keel bench: preset {} (batch {} × seq {}, {} params, {} threads)",
+                    r.preset, r.batch, r.seq, r.params, r.threads
+                );
                 println!("  tokens/s        {:>10.0}", r.tokens_per_s);
-                println!("  step time (s)   median {:.4}  min {:.4}  max {:.4}", r.step_s_median, r.step_s_min, r.step_s_max);
+                println!(
+                    "  step time (s)   median {:.4}  min {:.4}  max {:.4}",
+                    r.step_s_median, r.step_s_min, r.step_s_max
+                );
                 println!("  FLOPs/token     {:>10.3e}", r.flops_per_token);
                 println!("  achieved        {:>10.1} GFLOP/s", r.achieved_gflops);
-                println!("  GEMM peak       {:>10.1} GFLOP/s (f32 1024³, measured now)", r.peak_gflops);
+                println!(
+                    "  GEMM peak       {:>10.1} GFLOP/s (f32 1024³, measured now)",
+                    r.peak_gflops
+                );
                 println!("  MFU             {:>10.1} %", 100.0 * r.mfu);
                 println!("  loss            {:.4} → {:.4}", r.first_loss, r.last_loss);
             }
@@ -154,7 +208,11 @@ fn cmd_train(
     threads: usize,
 ) -> anyhow::Result<i32> {
     use crate::train::{Outcome, TrainOptions};
-    let explicit = config.is_some() || preset.is_some() || data.is_some() || steps.is_some() || !sets.is_empty();
+    let explicit = config.is_some()
+        || preset.is_some()
+        || data.is_some()
+        || steps.is_some()
+        || !sets.is_empty();
     let mut all = Vec::new();
     if let Some(p) = &preset {
         all.push(format!("model.preset={}", quoted(p)));
@@ -169,21 +227,34 @@ fn cmd_train(
         all.push(format!("train.threads={threads}"));
     }
     all.extend(sets);
-    let cfg = crate::config::RunConfig::load(config.as_deref(), &all).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let cfg = crate::config::RunConfig::load(config.as_deref(), &all)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let out = out.unwrap_or_else(|| {
-        let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         PathBuf::from(format!("runs/train-{secs}"))
     });
     crate::train::install_interrupt_handler();
     let progress = std::io::stderr().is_terminal();
     eprintln!("keel train → {}", out.display());
-    let s = crate::train::run(&TrainOptions { config: cfg, out: out.clone(), explicit_config: explicit, progress })?;
+    let s = crate::train::run(&TrainOptions {
+        config: cfg,
+        out: out.clone(),
+        explicit_config: explicit,
+        progress,
+    })?;
     let status = match s.outcome {
         Outcome::Finished => "finished",
         Outcome::Interrupted => "interrupted (checkpoint saved; resume with the same --out)",
     };
     println!("run {status}: {} steps", s.steps);
     println!("  final train loss   {:.4}", s.final_loss);
+    println!(
+        "  unigram entropy    {:.4}  (loss of a model that ignores context)",
+        s.unigram_entropy
+    );
     if let Some(v) = s.best_val_loss {
         println!("  best val loss      {v:.4}");
     }
@@ -192,11 +263,24 @@ fn cmd_train(
     if let Some(c) = &s.checkpoint {
         println!("  checkpoint         {}", c.display());
     }
-    println!("  metrics            {}", out.join("metrics.jsonl").display());
-    Ok(if s.outcome == Outcome::Interrupted { 3 } else { 0 })
+    println!(
+        "  metrics            {}",
+        out.join("metrics.jsonl").display()
+    );
+    Ok(if s.outcome == Outcome::Interrupted {
+        3
+    } else {
+        0
+    })
 }
 
-fn cmd_eval(model: &Path, tokens: &Path, seq_len: usize, dtype: Option<&str>, max_windows: Option<usize>) -> anyhow::Result<i32> {
+fn cmd_eval(
+    model: &Path,
+    tokens: &Path,
+    seq_len: usize,
+    dtype: Option<&str>,
+    max_windows: Option<usize>,
+) -> anyhow::Result<i32> {
     use crate::data::shard::{Layout, TokenDtype, TokenFile};
     if seq_len == 0 {
         anyhow::bail!("--seq-len must be positive");
@@ -213,24 +297,40 @@ fn cmd_eval(model: &Path, tokens: &Path, seq_len: usize, dtype: Option<&str>, ma
     let tf = TokenFile::open(tokens, layout, None)?;
     let mut m = crate::checkpoint::load_model_dir(model, 1, seq_len)?;
     if seq_len > m.cfg.max_seq_len {
-        anyhow::bail!("--seq-len {seq_len} exceeds the model's max_position_embeddings {}", m.cfg.max_seq_len);
+        anyhow::bail!(
+            "--seq-len {seq_len} exceeds the model's max_position_embeddings {}",
+            m.cfg.max_seq_len
+        );
     }
     let (ce, n) = crate::train::eval_tokens(&mut m, &tf, seq_len, max_windows)?;
-    println!("{}", serde_json::json!({"mean_ce": ce, "windows": n, "tokens": n * seq_len}));
+    println!(
+        "{}",
+        serde_json::json!({"mean_ce": ce, "windows": n, "tokens": n * seq_len})
+    );
     Ok(0)
 }
 
-fn cmd_sample(model: &Path, prompt: &str, opts: &crate::sample::SampleOptions) -> anyhow::Result<i32> {
+fn cmd_sample(
+    model: &Path,
+    prompt: &str,
+    opts: &crate::sample::SampleOptions,
+) -> anyhow::Result<i32> {
     let dir = if model.join("config.json").exists() {
         model.to_path_buf()
     } else {
         crate::train::latest_checkpoint(model).ok_or_else(|| {
-            anyhow::anyhow!("{}: neither a model directory (config.json) nor a run with checkpoints", model.display())
+            anyhow::anyhow!(
+                "{}: neither a model directory (config.json) nor a run with checkpoints",
+                model.display()
+            )
         })?
     };
     let tok_path = dir.join("tokenizer.json");
     if !tok_path.exists() {
-        anyhow::bail!("{}: no tokenizer.json; fix: sample from a checkpoint of a run trained on text", dir.display());
+        anyhow::bail!(
+            "{}: no tokenizer.json; fix: sample from a checkpoint of a run trained on text",
+            dir.display()
+        );
     }
     let tok = crate::data::tokenizer::Tok::load(&tok_path)?;
     let mut m = crate::checkpoint::load_model_dir(&dir, 1, 32)?;

@@ -40,8 +40,16 @@ impl ConfigError {
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.file {
-            Some(file) => write!(f, "{file}: field `{}`: {}; fix: {}", self.field, self.problem, self.fix),
-            None => write!(f, "field `{}`: {}; fix: {}", self.field, self.problem, self.fix),
+            Some(file) => write!(
+                f,
+                "{file}: field `{}`: {}; fix: {}",
+                self.field, self.problem, self.fix
+            ),
+            None => write!(
+                f,
+                "field `{}`: {}; fix: {}",
+                self.field, self.problem, self.fix
+            ),
         }
     }
 }

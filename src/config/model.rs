@@ -134,7 +134,7 @@ impl ModelConfig {
                 ));
             }
         }
-        if self.num_heads > self.hidden_size || self.hidden_size % self.num_heads != 0 {
+        if self.num_heads > self.hidden_size || !self.hidden_size.is_multiple_of(self.num_heads) {
             return Err(ConfigError::new(
                 "model.num_heads",
                 format!(
@@ -144,14 +144,17 @@ impl ModelConfig {
                 "choose num_heads so that hidden_size / num_heads is an integer",
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return Err(ConfigError::new(
                 "model.num_heads",
-                format!("head dim {} is odd; RoPE needs an even head dim", self.head_dim()),
+                format!(
+                    "head dim {} is odd; RoPE needs an even head dim",
+                    self.head_dim()
+                ),
                 "choose num_heads so that hidden_size / num_heads is even",
             ));
         }
-        if self.num_kv_heads > self.num_heads || self.num_heads % self.num_kv_heads != 0 {
+        if self.num_kv_heads > self.num_heads || !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(ConfigError::new(
                 "model.num_kv_heads",
                 format!(
@@ -195,16 +198,16 @@ impl ModelConfig {
     /// parameters + lm_head) plus attention 12·L·T·d (forward + backward).
     pub fn flops_per_token(&self, seq_len: usize) -> f64 {
         let (v, d) = (self.vocab_size as f64, self.hidden_size as f64);
-        let non_embed = self.num_params() as f64 - v * d + if self.tie_embeddings { v * d } else { 0.0 };
+        let non_embed =
+            self.num_params() as f64 - v * d + if self.tie_embeddings { v * d } else { 0.0 };
         6.0 * non_embed + 12.0 * self.num_layers as f64 * seq_len as f64 * d
     }
 
     /// Read an HF `config.json` (LlamaForCausalLM). Accepts `rope_theta` and `rope_parameters`.
     pub fn from_hf_json(path: &Path) -> Result<Self, ConfigError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigError::new(&file, format!("cannot read: {e}"), "check the path")
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new(&file, format!("cannot read: {e}"), "check the path"))?;
         let v: Value = serde_json::from_str(&text).map_err(|e| {
             ConfigError::new(&file, format!("not valid JSON: {e}"), "fix the JSON syntax")
         })?;
@@ -213,7 +216,11 @@ impl ModelConfig {
 
     pub fn from_hf_value(v: &Value) -> Result<Self, ConfigError> {
         let obj = v.as_object().ok_or_else(|| {
-            ConfigError::new("config.json", "top level is not an object", "give an HF config.json")
+            ConfigError::new(
+                "config.json",
+                "top level is not an object",
+                "give an HF config.json",
+            )
         })?;
         if let Some(mt) = obj.get("model_type").and_then(Value::as_str) {
             if mt != "llama" {
@@ -247,7 +254,11 @@ impl ModelConfig {
                 ConfigError::new(k, "missing", "add it; every Llama config.json has it")
             })?;
             val.as_u64().map(|x| x as usize).ok_or_else(|| {
-                ConfigError::new(k, format!("expected a non-negative integer, got {val}"), "fix its type")
+                ConfigError::new(
+                    k,
+                    format!("expected a non-negative integer, got {val}"),
+                    "fix its type",
+                )
             })
         };
         let num_heads = req("num_attention_heads")?;
@@ -257,7 +268,11 @@ impl ModelConfig {
         };
         let rope_theta = match (obj.get("rope_theta"), obj.get("rope_parameters")) {
             (Some(t), _) if !t.is_null() => t.as_f64().ok_or_else(|| {
-                ConfigError::new("rope_theta", format!("expected a number, got {t}"), "fix its type")
+                ConfigError::new(
+                    "rope_theta",
+                    format!("expected a number, got {t}"),
+                    "fix its type",
+                )
             })?,
             (_, Some(p)) if !p.is_null() => {
                 if let Some(rt) = p.get("rope_type").and_then(Value::as_str) {
@@ -291,13 +306,21 @@ impl ModelConfig {
         let eps = match obj.get("rms_norm_eps") {
             None => 1e-6,
             Some(e) => e.as_f64().ok_or_else(|| {
-                ConfigError::new("rms_norm_eps", format!("expected a number, got {e}"), "fix its type")
+                ConfigError::new(
+                    "rms_norm_eps",
+                    format!("expected a number, got {e}"),
+                    "fix its type",
+                )
             })?,
         };
         let tie = match obj.get("tie_word_embeddings") {
             None => false,
             Some(t) => t.as_bool().ok_or_else(|| {
-                ConfigError::new("tie_word_embeddings", format!("expected a bool, got {t}"), "use true or false")
+                ConfigError::new(
+                    "tie_word_embeddings",
+                    format!("expected a bool, got {t}"),
+                    "use true or false",
+                )
             })?,
         };
         let hidden = req("hidden_size")?;

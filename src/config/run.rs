@@ -35,7 +35,11 @@ pub struct InitSection {
 
 impl Default for InitSection {
     fn default() -> Self {
-        InitSection { scheme: "normal".into(), seed: 0, std: 0.02 }
+        InitSection {
+            scheme: "normal".into(),
+            seed: 0,
+            std: 0.02,
+        }
     }
 }
 
@@ -83,7 +87,15 @@ pub struct TrainSection {
 
 impl Default for TrainSection {
     fn default() -> Self {
-        TrainSection { steps: 300, batch_size: 8, seq_len: 0, grad_accum: 1, seed: 0, threads: 0, log_every: 50 }
+        TrainSection {
+            steps: 300,
+            batch_size: 8,
+            seq_len: 0,
+            grad_accum: 1,
+            seed: 0,
+            threads: 0,
+            log_every: 50,
+        }
     }
 }
 
@@ -98,7 +110,10 @@ pub struct CheckpointSection {
 
 impl Default for CheckpointSection {
     fn default() -> Self {
-        CheckpointSection { every: 100, keep: 3 }
+        CheckpointSection {
+            every: 100,
+            keep: 3,
+        }
     }
 }
 
@@ -113,7 +128,10 @@ pub struct EvalSection {
 
 impl Default for EvalSection {
     fn default() -> Self {
-        EvalSection { every: 50, batches: 4 }
+        EvalSection {
+            every: 50,
+            batches: 4,
+        }
     }
 }
 
@@ -150,7 +168,9 @@ pub struct RunConfig {
 fn parse_value(raw: &str) -> toml::Value {
     let doc = format!("v = {raw}");
     match doc.parse::<toml::Table>() {
-        Ok(mut t) => t.remove("v").unwrap_or(toml::Value::String(raw.to_string())),
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or(toml::Value::String(raw.to_string())),
         Err(_) => toml::Value::String(raw.to_string()),
     }
 }
@@ -158,7 +178,11 @@ fn parse_value(raw: &str) -> toml::Value {
 /// Apply `section.key=value` to a TOML table.
 pub fn apply_set(table: &mut toml::Table, assignment: &str) -> Result<(), ConfigError> {
     let (key, raw) = assignment.split_once('=').ok_or_else(|| {
-        ConfigError::new("--set", format!("'{assignment}' is not key=value"), "write e.g. --set optim.lr=3e-4")
+        ConfigError::new(
+            "--set",
+            format!("'{assignment}' is not key=value"),
+            "write e.g. --set optim.lr=3e-4",
+        )
     })?;
     let parts: Vec<&str> = key.trim().split('.').collect();
     if parts.len() != 2 || parts.iter().any(|p| p.is_empty()) {
@@ -172,7 +196,11 @@ pub fn apply_set(table: &mut toml::Table, assignment: &str) -> Result<(), Config
         .entry(parts[0].to_string())
         .or_insert_with(|| toml::Value::Table(toml::Table::new()));
     let sec = sec.as_table_mut().ok_or_else(|| {
-        ConfigError::new(parts[0], "is not a section", "use section.key with a section name from DESIGN.md")
+        ConfigError::new(
+            parts[0],
+            "is not a section",
+            "use section.key with a section name from DESIGN.md",
+        )
     })?;
     sec.insert(parts[1].to_string(), parse_value(raw.trim()));
     Ok(())
@@ -189,7 +217,11 @@ fn key_at(doc: &str, pos: usize) -> Option<String> {
         }
         if pos < start + line.len() {
             let key = t.split('=').next()?.trim().trim_matches('"');
-            return Some(if section.is_empty() { key.to_string() } else { format!("{section}.{key}") });
+            return Some(if section.is_empty() {
+                key.to_string()
+            } else {
+                format!("{section}.{key}")
+            });
         }
         start += line.len();
     }
@@ -202,11 +234,16 @@ impl RunConfig {
         let (mut table, name) = match file {
             Some(p) => {
                 let name = p.display().to_string();
-                let text = std::fs::read_to_string(p)
-                    .map_err(|e| ConfigError::new(&name, format!("cannot read: {e}"), "check the path"))?;
+                let text = std::fs::read_to_string(p).map_err(|e| {
+                    ConfigError::new(&name, format!("cannot read: {e}"), "check the path")
+                })?;
                 let t = text.parse::<toml::Table>().map_err(|e| {
-                    ConfigError::new("(syntax)", format!("not valid TOML: {}", e.message()), "fix the TOML syntax")
-                        .in_file(&name)
+                    ConfigError::new(
+                        "(syntax)",
+                        format!("not valid TOML: {}", e.message()),
+                        "fix the TOML syntax",
+                    )
+                    .in_file(&name)
                 })?;
                 (t, name)
             }
@@ -228,7 +265,11 @@ impl RunConfig {
                 .and_then(|sp| key_at(&doc, sp.start))
                 .or_else(|| msg.split('`').nth(1).map(str::to_string))
                 .unwrap_or_else(|| "(config)".to_string());
-            ConfigError::new(&field, msg, "see the [section] keys in README.md / DESIGN.md")
+            ConfigError::new(
+                &field,
+                msg,
+                "see the [section] keys in README.md / DESIGN.md",
+            )
         })?;
         cfg.validate()?;
         Ok(cfg)
@@ -252,7 +293,14 @@ impl RunConfig {
         macro_rules! over {
             ($($f:ident),*) => { $( if let Some(v) = m.$f { c.$f = v; } )* };
         }
-        over!(vocab_size, hidden_size, num_layers, num_heads, num_kv_heads, intermediate_size);
+        over!(
+            vocab_size,
+            hidden_size,
+            num_layers,
+            num_heads,
+            num_kv_heads,
+            intermediate_size
+        );
         over!(rope_theta, rms_norm_eps, tie_embeddings, max_seq_len);
         c.validate()?;
         Ok(c)
@@ -287,9 +335,10 @@ impl RunConfig {
         }
         // Refuse activation buffers that cannot fit before allocating them.
         let n = tr.batch_size as f64 * t as f64;
-        let act = n * (mc.hidden_size * 12 + mc.intermediate_size * 3) as f64 * mc.num_layers as f64
-            + tr.batch_size as f64 * (mc.num_heads * t * t * mc.num_layers) as f64
-            + n * mc.vocab_size as f64;
+        let act =
+            n * (mc.hidden_size * 12 + mc.intermediate_size * 3) as f64 * mc.num_layers as f64
+                + tr.batch_size as f64 * (mc.num_heads * t * t * mc.num_layers) as f64
+                + n * mc.vocab_size as f64;
         let bytes = 4.0 * (act + 4.0 * mc.num_params() as f64);
         if bytes > 256e9 {
             return Err(ConfigError::new(
@@ -300,12 +349,21 @@ impl RunConfig {
         }
         let o = &self.optim;
         if !(o.lr.is_finite() && o.lr > 0.0) {
-            return Err(ConfigError::new("optim.lr", format!("must be > 0, got {}", o.lr), "use e.g. 1e-3"));
+            return Err(ConfigError::new(
+                "optim.lr",
+                format!("must be > 0, got {}", o.lr),
+                "use e.g. 1e-3",
+            ));
         }
         if !(0.0..1.0).contains(&o.beta1) || !(0.0..1.0).contains(&o.beta2) {
-            return Err(ConfigError::new("optim.beta1", "betas must be in [0, 1)", "use 0.9 and 0.95"));
+            return Err(ConfigError::new(
+                "optim.beta1",
+                "betas must be in [0, 1)",
+                "use 0.9 and 0.95",
+            ));
         }
-        if !(o.eps > 0.0) || !(o.weight_decay >= 0.0) || !(o.grad_clip >= 0.0) {
+        let ok = o.eps > 0.0 && o.weight_decay >= 0.0 && o.grad_clip >= 0.0; // false on NaN too
+        if !ok {
             return Err(ConfigError::new(
                 "optim",
                 "eps must be > 0, weight_decay and grad_clip ≥ 0",
@@ -335,7 +393,11 @@ impl RunConfig {
             ));
         }
         if self.checkpoint.keep == 0 {
-            return Err(ConfigError::new("checkpoint.keep", "must be at least 1", "set checkpoint.keep = 3"));
+            return Err(ConfigError::new(
+                "checkpoint.keep",
+                "must be at least 1",
+                "set checkpoint.keep = 3",
+            ));
         }
         crate::init::check_scheme(&self.init.scheme)?;
         Ok(())
@@ -354,7 +416,11 @@ mod tests {
     fn set_overrides_and_round_trips() {
         let c = RunConfig::load(
             None,
-            &["model.preset=micro".into(), "optim.lr=3e-4".into(), "train.steps=7".into()],
+            &[
+                "model.preset=micro".into(),
+                "optim.lr=3e-4".into(),
+                "train.steps=7".into(),
+            ],
         )
         .unwrap();
         assert_eq!(c.model.preset.as_deref(), Some("micro"));
@@ -374,14 +440,32 @@ mod tests {
 
     #[test]
     fn bad_shapes_are_refused_with_field() {
-        let e = RunConfig::load(None, &["model.preset=micro".into(), "model.num_heads=3".into()]).unwrap_err();
+        let e = RunConfig::load(
+            None,
+            &["model.preset=micro".into(), "model.num_heads=3".into()],
+        )
+        .unwrap_err();
         assert_eq!(e.field, "model.num_heads");
-        let e = RunConfig::load(None, &["model.preset=micro".into(), "model.num_kv_heads=3".into()]).unwrap_err();
+        let e = RunConfig::load(
+            None,
+            &["model.preset=micro".into(), "model.num_kv_heads=3".into()],
+        )
+        .unwrap_err();
         assert_eq!(e.field, "model.num_kv_heads");
-        let e = RunConfig::load(None, &["model.preset=micro".into(), "model.vocab_size=1000000000000".into()])
-            .unwrap_err();
+        let e = RunConfig::load(
+            None,
+            &[
+                "model.preset=micro".into(),
+                "model.vocab_size=1000000000000".into(),
+            ],
+        )
+        .unwrap_err();
         assert_eq!(e.field, "model.vocab_size");
-        let e = RunConfig::load(None, &["model.preset=micro".into(), "model.hidden_size=0".into()]).unwrap_err();
+        let e = RunConfig::load(
+            None,
+            &["model.preset=micro".into(), "model.hidden_size=0".into()],
+        )
+        .unwrap_err();
         assert_eq!(e.field, "model.hidden_size");
         let e = RunConfig::load(None, &["model.preset=nope".into()]).unwrap_err();
         assert_eq!(e.field, "model.preset");

@@ -11,17 +11,31 @@ use crate::init::rng::Stream;
 
 const NAMES: &[&str] = &[
     "ada", "bram", "cleo", "dov", "elin", "farid", "greta", "hugo", "ines", "jonas", "kira", "lev",
-    "mara", "nico", "olga", "pavel", "quinn", "rosa", "sami", "tove", "uma", "viktor", "wren", "yara",
+    "mara", "nico", "olga", "pavel", "quinn", "rosa", "sami", "tove", "uma", "viktor", "wren",
+    "yara",
 ];
 const TOWNS: &[&str] = &[
-    "oslo", "lima", "porto", "kyoto", "delft", "quito", "tunis", "perth", "bergen", "accra", "hanoi", "cusco",
+    "oslo", "lima", "porto", "kyoto", "delft", "quito", "tunis", "perth", "bergen", "accra",
+    "hanoi", "cusco",
 ];
-const PETS: &[&str] = &["cat", "dog", "owl", "goat", "horse", "rabbit", "parrot", "turtle", "fox", "lamb"];
-const COLOURS: &[&str] = &["red", "blue", "green", "yellow", "orange", "purple", "grey", "white", "black"];
-const JOBS: &[&str] = &["baker", "doctor", "farmer", "pilot", "teacher", "painter", "sailor", "engineer", "singer"];
-const ADJS: &[&str] = &["small", "old", "quiet", "happy", "tired", "clever", "brave", "lazy", "young", "kind"];
-const PLACES: &[&str] = &["market", "river", "garden", "station", "library", "harbour", "forest", "bakery"];
-const THINGS: &[&str] = &["apple", "book", "lamp", "hat", "kite", "letter", "basket", "umbrella", "orange", "egg"];
+const PETS: &[&str] = &[
+    "cat", "dog", "owl", "goat", "horse", "rabbit", "parrot", "turtle", "fox", "lamb",
+];
+const COLOURS: &[&str] = &[
+    "red", "blue", "green", "yellow", "orange", "purple", "grey", "white", "black",
+];
+const JOBS: &[&str] = &[
+    "baker", "doctor", "farmer", "pilot", "teacher", "painter", "sailor", "engineer", "singer",
+];
+const ADJS: &[&str] = &[
+    "small", "old", "quiet", "happy", "tired", "clever", "brave", "lazy", "young", "kind",
+];
+const PLACES: &[&str] = &[
+    "market", "river", "garden", "station", "library", "harbour", "forest", "bakery",
+];
+const THINGS: &[&str] = &[
+    "apple", "book", "lamp", "hat", "kite", "letter", "basket", "umbrella", "orange", "egg",
+];
 const VERBS: &[(&str, &str)] = &[
     ("walks to", "walked to"),
     ("runs to", "ran to"),
@@ -30,8 +44,27 @@ const VERBS: &[(&str, &str)] = &[
     ("sings near", "sang near"),
 ];
 const NUMBERS: &[&str] = &[
-    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
-    "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty",
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+    "nineteen",
+    "twenty",
 ];
 
 struct Gen {
@@ -74,11 +107,18 @@ fn story(g: &mut Gen, out: &mut String) {
     let k = g.below(NAMES.len() as u64) as usize;
     let name = NAMES[k];
     let (town, pet, colour, job) = facts(k);
-    out.push_str(&format!("{name} lives in {town}. {name} is {} {job}. ", article(job)));
+    out.push_str(&format!(
+        "{name} lives in {town}. {name} is {} {job}. ",
+        article(job)
+    ));
     let n = 2 + g.below(4);
     for _ in 0..n {
         match g.below(6) {
-            0 => out.push_str(&format!("{name} has {} {pet} named {}. ", article(pet), g.pick(NAMES))),
+            0 => out.push_str(&format!(
+                "{name} has {} {pet} named {}. ",
+                article(pet),
+                g.pick(NAMES)
+            )),
             1 => out.push_str(&format!("the favourite colour of {name} is {colour}. ")),
             2 => {
                 let adj = g.pick(ADJS);
@@ -88,11 +128,19 @@ fn story(g: &mut Gen, out: &mut String) {
             3 => {
                 let c = 2 + g.below(9) as usize;
                 let thing = g.pick(THINGS);
-                out.push_str(&format!("{name} buys {} {thing}s at the market. ", NUMBERS[c]));
+                out.push_str(&format!(
+                    "{name} buys {} {thing}s at the market. ",
+                    NUMBERS[c]
+                ));
             }
             4 => {
                 let (_, past) = VERBS[g.below(VERBS.len() as u64) as usize];
-                out.push_str(&format!("yesterday {name} {past} the {} with {} {colour} {}. ", g.pick(PLACES), article(colour), g.pick(THINGS)));
+                out.push_str(&format!(
+                    "yesterday {name} {past} the {} with {} {colour} {}. ",
+                    g.pick(PLACES),
+                    article(colour),
+                    g.pick(THINGS)
+                ));
             }
             _ => {
                 let other = g.below(NAMES.len() as u64) as usize;
@@ -108,10 +156,20 @@ fn arithmetic(g: &mut Gen, out: &mut String) {
     let a = g.below(11) as usize;
     let b = g.below(10) as usize;
     if g.below(2) == 0 {
-        out.push_str(&format!("{} plus {} is {}.\n", NUMBERS[a], NUMBERS[b], NUMBERS[a + b]));
+        out.push_str(&format!(
+            "{} plus {} is {}.\n",
+            NUMBERS[a],
+            NUMBERS[b],
+            NUMBERS[a + b]
+        ));
     } else {
         let (hi, lo) = (a.max(b), a.min(b));
-        out.push_str(&format!("{} minus {} is {}.\n", NUMBERS[hi], NUMBERS[lo], NUMBERS[hi - lo]));
+        out.push_str(&format!(
+            "{} minus {} is {}.\n",
+            NUMBERS[hi],
+            NUMBERS[lo],
+            NUMBERS[hi - lo]
+        ));
     }
 }
 
@@ -125,7 +183,10 @@ fn counting(g: &mut Gen, out: &mut String) {
 /// Generate about `bytes` bytes of corpus text, deterministic in `seed`. Documents are
 /// separated by blank lines.
 pub fn generate(bytes: usize, seed: u64) -> String {
-    let mut g = Gen { s: Stream::new(seed, 0xC0_4B05), i: 0 };
+    let mut g = Gen {
+        s: Stream::new(seed, 0xC0_4B05),
+        i: 0,
+    };
     let mut out = String::with_capacity(bytes + 256);
     while out.len() < bytes {
         match g.below(10) {

@@ -27,6 +27,25 @@ pub struct Dataset {
     pub description: String,
 }
 
+impl Dataset {
+    /// Entropy (nats/token) of the unigram distribution of the training tokens (the first
+    /// 16M): the loss of a model that ignores context. A model that learned anything beats it.
+    pub fn unigram_entropy(&self) -> f64 {
+        let n = self.train.len().min(1 << 24);
+        let mut counts: std::collections::HashMap<u32, u64> = std::collections::HashMap::new();
+        for i in self.train.start..self.train.start + n {
+            *counts.entry(self.tokens.get(i)).or_default() += 1;
+        }
+        counts
+            .values()
+            .map(|&c| {
+                let p = c as f64 / n as f64;
+                -p * p.ln()
+            })
+            .sum()
+    }
+}
+
 /// Key of the token cache: reused only when source and tokenizer are unchanged.
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
 struct CacheKey {
@@ -47,7 +66,8 @@ pub fn prepare(
     progress: &mut dyn FnMut(&str, u64, u64),
 ) -> Result<Dataset> {
     let data_dir = dir.join("data");
-    std::fs::create_dir_all(&data_dir).with_context(|| format!("{}: cannot create", data_dir.display()))?;
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("{}: cannot create", data_dir.display()))?;
     let (path, description) = if cfg.data.path.is_empty() {
         let p = data_dir.join("builtin-corpus.txt");
         if !p.exists() {
@@ -63,7 +83,11 @@ pub fn prepare(
     let format = source::detect_format(&path, &cfg.data.format)?;
     let (tokens, tokenizer) = if format == Format::Shard {
         let tf = TokenFile::open(&path, Layout::Auto, Some(vocab))?;
-        let tk = if cfg.data.tokenizer.is_empty() { None } else { Some(PathBuf::from(&cfg.data.tokenizer)) };
+        let tk = if cfg.data.tokenizer.is_empty() {
+            None
+        } else {
+            Some(PathBuf::from(&cfg.data.tokenizer))
+        };
         if let Some(t) = &tk {
             check_tokenizer_vocab(&Tok::load(t)?, t, vocab)?;
         }
@@ -90,7 +114,10 @@ pub fn prepare(
         let tok_json = std::fs::read_to_string(&tok_path)?;
         let (bytes, mtime) = source::fingerprint(&path)?;
         let key = CacheKey {
-            source: std::fs::canonicalize(&path).unwrap_or(path.clone()).display().to_string(),
+            source: std::fs::canonicalize(&path)
+                .unwrap_or(path.clone())
+                .display()
+                .to_string(),
             bytes,
             mtime,
             tokenizer_hash: hash_name(&tok_json),
@@ -105,20 +132,36 @@ pub fn prepare(
             && shard.exists();
         if !cached {
             tokenize_to_shard(&tok, &path, format, &shard, vocab, bytes, progress)?;
-            crate::checkpoint::write_atomic(&key_path, serde_json::to_string_pretty(&key)?.as_bytes())?;
+            crate::checkpoint::write_atomic(
+                &key_path,
+                serde_json::to_string_pretty(&key)?.as_bytes(),
+            )?;
         }
-        (TokenFile::open(&shard, Layout::Auto, Some(vocab))?, Some(tok_path))
+        (
+            TokenFile::open(&shard, Layout::Auto, Some(vocab))?,
+            Some(tok_path),
+        )
     };
     let n = tokens.len;
     let n_val = ((n as f64) * cfg.data.val_fraction) as usize;
-    let n_val = if cfg.data.val_fraction > 0.0 { n_val.max(seq_len + 1) } else { 0 };
+    let n_val = if cfg.data.val_fraction > 0.0 {
+        n_val.max(seq_len + 1)
+    } else {
+        0
+    };
     if n < n_val + seq_len + 2 {
         bail!(
             "{}: only {n} tokens, too few for seq_len {seq_len} plus a validation split; fix: give more data or lower train.seq_len",
             path.display()
         );
     }
-    Ok(Dataset { tokens, train: 0..n - n_val, val: n - n_val..n, tokenizer, description })
+    Ok(Dataset {
+        tokens,
+        train: 0..n - n_val,
+        val: n - n_val..n,
+        tokenizer,
+        description,
+    })
 }
 
 fn check_tokenizer_vocab(t: &Tok, path: &Path, vocab: usize) -> Result<()> {
@@ -147,26 +190,27 @@ fn tokenize_to_shard(
     let mut batch_bytes = 0usize;
     let mut done = 0u64;
     let mut ids = Vec::new();
-    let mut flush = |batch: &mut Vec<source::Piece>, w: &mut ShardWriter, done: &mut u64| -> Result<()> {
-        let texts: Vec<String> = batch.iter().map(|p| p.text.clone()).collect();
-        let enc = tok
-            .inner
-            .encode_batch(texts.iter().map(|s| s.as_str()).collect::<Vec<_>>(), false)
-            .map_err(|e| anyhow::anyhow!("tokenizing {} failed: {e}", path.display()))?;
-        ids.clear();
-        for (e, p) in enc.iter().zip(batch.iter()) {
-            ids.extend_from_slice(e.get_ids());
-            if p.end_of_doc {
-                if let Some(eot) = tok.eot {
-                    ids.push(eot);
+    let mut flush =
+        |batch: &mut Vec<source::Piece>, w: &mut ShardWriter, done: &mut u64| -> Result<()> {
+            let texts: Vec<String> = batch.iter().map(|p| p.text.clone()).collect();
+            let enc = tok
+                .inner
+                .encode_batch(texts.iter().map(|s| s.as_str()).collect::<Vec<_>>(), false)
+                .map_err(|e| anyhow::anyhow!("tokenizing {} failed: {e}", path.display()))?;
+            ids.clear();
+            for (e, p) in enc.iter().zip(batch.iter()) {
+                ids.extend_from_slice(e.get_ids());
+                if p.end_of_doc {
+                    if let Some(eot) = tok.eot {
+                        ids.push(eot);
+                    }
                 }
+                *done += p.text.len() as u64;
             }
-            *done += p.text.len() as u64;
-        }
-        w.push(&ids)?;
-        batch.clear();
-        Ok(())
-    };
+            w.push(&ids)?;
+            batch.clear();
+            Ok(())
+        };
     source::for_each_piece(path, format, &mut |p| {
         batch_bytes += p.text.len();
         batch.push(p);
@@ -180,7 +224,10 @@ fn tokenize_to_shard(
     flush(&mut batch, &mut w, &mut done)?;
     progress("tokenizing", total, total);
     if w.count == 0 {
-        bail!("{}: no text found; fix: give a non-empty data file", path.display());
+        bail!(
+            "{}: no text found; fix: give a non-empty data file",
+            path.display()
+        );
     }
     w.finish()
 }
@@ -199,7 +246,8 @@ impl Batcher {
         let s = Stream::new(self.seed, 0xDA7A);
         let span = (ds.train.len() - self.seq) as u64;
         for r in 0..self.batch {
-            let off = ds.train.start + (s.u64_at(index * self.batch as u64 + r as u64) % span) as usize;
+            let off =
+                ds.train.start + (s.u64_at(index * self.batch as u64 + r as u64) % span) as usize;
             self.window(ds, off, r, tokens, targets);
         }
     }
@@ -207,7 +255,9 @@ impl Batcher {
     /// Number of distinct validation batches available (at most `want`).
     pub fn val_batches(&self, ds: &Dataset, want: usize) -> usize {
         let windows = ds.val.len().saturating_sub(1) / self.seq;
-        (windows / self.batch).min(want).max(if windows > 0 { 1 } else { 0 })
+        (windows / self.batch)
+            .min(want)
+            .max(if windows > 0 { 1 } else { 0 })
     }
 
     pub fn val_batch(&self, ds: &Dataset, index: usize, tokens: &mut [u32], targets: &mut [u32]) {

@@ -60,7 +60,10 @@ impl TokenFile {
     pub fn open(path: &Path, layout: Layout, vocab: Option<usize>) -> Result<Self> {
         let name = path.display();
         let f = File::open(path).with_context(|| format!("{name}: cannot open token file"))?;
-        let size = f.metadata().with_context(|| format!("{name}: cannot stat"))?.len() as usize;
+        let size = f
+            .metadata()
+            .with_context(|| format!("{name}: cannot stat"))?
+            .len() as usize;
         if size == 0 {
             bail!("{name}: token file is empty; fix: point data.path at a non-empty shard");
         }
@@ -68,23 +71,38 @@ impl TokenFile {
         let map = unsafe { Mmap::map(&f) }.with_context(|| format!("{name}: cannot memory-map"))?;
         let (offset, len, dtype) = match layout {
             Layout::Raw(dt) => {
-                if size % dt.size() != 0 {
-                    bail!("{name}: size {size} is not a multiple of {} bytes; fix: check --dtype", dt.size());
+                if !size.is_multiple_of(dt.size()) {
+                    bail!(
+                        "{name}: size {size} is not a multiple of {} bytes; fix: check --dtype",
+                        dt.size()
+                    );
                 }
                 (0, size / dt.size(), dt)
             }
             Layout::Auto => {
-                let magic = if size >= 4 { i32::from_le_bytes(map[0..4].try_into().unwrap()) } else { 0 };
+                let magic = if size >= 4 {
+                    i32::from_le_bytes(map[0..4].try_into().unwrap())
+                } else {
+                    0
+                };
                 if magic == MAGIC_U16 || magic == MAGIC_U32 {
                     if size < HEADER_BYTES {
                         bail!("{name}: llm.c header is truncated ({size} bytes < 1024); the file is damaged");
                     }
-                    let dt = if magic == MAGIC_U16 { TokenDtype::U16 } else { TokenDtype::U32 };
+                    let dt = if magic == MAGIC_U16 {
+                        TokenDtype::U16
+                    } else {
+                        TokenDtype::U32
+                    };
                     let count = i32::from_le_bytes(map[8..12].try_into().unwrap());
                     if count < 0 {
-                        bail!("{name}: header token count {count} is negative; the file is damaged");
+                        bail!(
+                            "{name}: header token count {count} is negative; the file is damaged"
+                        );
                     }
-                    let need = (count as usize).checked_mul(dt.size()).and_then(|b| b.checked_add(HEADER_BYTES));
+                    let need = (count as usize)
+                        .checked_mul(dt.size())
+                        .and_then(|b| b.checked_add(HEADER_BYTES));
                     match need {
                         Some(n) if n <= size => (HEADER_BYTES, count as usize, dt),
                         _ => bail!(
@@ -96,14 +114,20 @@ impl TokenFile {
                     // looks like an llm.c magic (2024xxxx) but is not one we know
                     bail!("{name}: unrecognised magic {magic}; fix: give an llm.c shard (magic {MAGIC_U16} or {MAGIC_U32}) or a headerless uint16 file");
                 } else {
-                    if size % 2 != 0 {
+                    if !size.is_multiple_of(2) {
                         bail!("{name}: no llm.c header and odd size {size}, so not a uint16 token array; fix: check the file");
                     }
                     (0, size / 2, TokenDtype::U16)
                 }
             }
         };
-        let tf = TokenFile { path: path.to_path_buf(), map: Some(map), offset, len, dtype };
+        let tf = TokenFile {
+            path: path.to_path_buf(),
+            map: Some(map),
+            offset,
+            len,
+            dtype,
+        };
         if let Some(v) = vocab {
             tf.check_vocab(v)?;
         }
@@ -123,7 +147,9 @@ impl TokenFile {
         let b = self.bytes();
         match self.dtype {
             TokenDtype::U16 => u16::from_le_bytes([b[2 * i], b[2 * i + 1]]) as u32,
-            TokenDtype::U32 => u32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]]),
+            TokenDtype::U32 => {
+                u32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]])
+            }
         }
     }
 
@@ -154,12 +180,20 @@ impl TokenFile {
 /// Write tokens as an llm.c shard (uint16 when ids fit, else uint32), atomically.
 pub fn write_shard(path: &Path, tokens: &[u32], vocab: usize) -> Result<()> {
     if tokens.len() > i32::MAX as usize {
-        bail!("{}: {} tokens exceed one shard's limit (2^31)", path.display(), tokens.len());
+        bail!(
+            "{}: {} tokens exceed one shard's limit (2^31)",
+            path.display(),
+            tokens.len()
+        );
     }
     let dt = TokenDtype::for_vocab(vocab);
     let mut buf = Vec::with_capacity(HEADER_BYTES + tokens.len() * dt.size());
     let mut header = [0i32; 256];
-    header[0] = if dt == TokenDtype::U16 { MAGIC_U16 } else { MAGIC_U32 };
+    header[0] = if dt == TokenDtype::U16 {
+        MAGIC_U16
+    } else {
+        MAGIC_U32
+    };
     header[1] = if dt == TokenDtype::U16 { 1 } else { 7 };
     header[2] = tokens.len() as i32;
     for h in header {
@@ -186,6 +220,77 @@ pub fn write_raw(path: &Path, tokens: &[u32], dt: TokenDtype) -> Result<()> {
     Ok(())
 }
 
+/// Streams tokens into an llm.c shard: written to a temporary file, the header patched with
+/// the count at the end, fsynced and renamed into place (a crash leaves no partial shard).
+pub struct ShardWriter {
+    w: std::io::BufWriter<File>,
+    tmp: PathBuf,
+    path: PathBuf,
+    dtype: TokenDtype,
+    pub count: usize,
+}
+
+impl ShardWriter {
+    pub fn create(path: &Path, vocab: usize) -> Result<Self> {
+        let tmp = path.with_extension("bin.partial");
+        let f = File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+        w.write_all(&[0u8; HEADER_BYTES])?;
+        Ok(ShardWriter {
+            w,
+            tmp,
+            path: path.to_path_buf(),
+            dtype: TokenDtype::for_vocab(vocab),
+            count: 0,
+        })
+    }
+
+    pub fn push(&mut self, tokens: &[u32]) -> Result<()> {
+        let name = self.tmp.display().to_string();
+        for &t in tokens {
+            match self.dtype {
+                TokenDtype::U16 => self.w.write_all(&(t as u16).to_le_bytes()),
+                TokenDtype::U32 => self.w.write_all(&t.to_le_bytes()),
+            }
+            .with_context(|| format!("{name}: write failed (disk full?)"))?;
+        }
+        self.count += tokens.len();
+        if self.count > i32::MAX as usize {
+            bail!(
+                "{}: more than 2^31 tokens for one shard",
+                self.path.display()
+            );
+        }
+        Ok(())
+    }
+
+    pub fn finish(self) -> Result<()> {
+        use std::io::{Seek, SeekFrom};
+        let name = self.tmp.display().to_string();
+        let mut f = self
+            .w
+            .into_inner()
+            .map_err(|e| anyhow::anyhow!("{name}: write failed: {}", e.error()))?;
+        let mut header = [0i32; 256];
+        header[0] = if self.dtype == TokenDtype::U16 {
+            MAGIC_U16
+        } else {
+            MAGIC_U32
+        };
+        header[1] = if self.dtype == TokenDtype::U16 { 1 } else { 7 };
+        header[2] = self.count as i32;
+        let bytes: Vec<u8> = header.iter().flat_map(|h| h.to_le_bytes()).collect();
+        f.seek(SeekFrom::Start(0))?;
+        f.write_all(&bytes)
+            .with_context(|| format!("{name}: write failed"))?;
+        f.sync_all()
+            .with_context(|| format!("{name}: fsync failed"))?;
+        std::fs::rename(&self.tmp, &self.path)
+            .with_context(|| format!("{}: cannot rename into place", self.path.display()))?;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,7 +311,10 @@ mod tests {
         let mut out = vec![0; 10];
         f.read(990, &mut out);
         assert_eq!(&out[..], &toks[990..]);
-        assert!(TokenFile::open(&p, Layout::Auto, Some(400)).unwrap_err().to_string().contains(">= the model's vocab_size"));
+        assert!(TokenFile::open(&p, Layout::Auto, Some(400))
+            .unwrap_err()
+            .to_string()
+            .contains(">= the model's vocab_size"));
         let big: Vec<u32> = vec![70000, 1, 2];
         let p32 = tmp("b.bin");
         write_shard(&p32, &big, 80000).unwrap();
@@ -226,70 +334,28 @@ mod tests {
         write_shard(&p, &toks, 100).unwrap();
         let bytes = std::fs::read(&p).unwrap();
         std::fs::write(&p, &bytes[..bytes.len() - 10]).unwrap();
-        let e = TokenFile::open(&p, Layout::Auto, None).unwrap_err().to_string();
+        let e = TokenFile::open(&p, Layout::Auto, None)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("truncated"), "{e}");
         std::fs::write(&p, &bytes[..100]).unwrap();
-        assert!(TokenFile::open(&p, Layout::Auto, None).unwrap_err().to_string().contains("header is truncated"));
+        assert!(TokenFile::open(&p, Layout::Auto, None)
+            .unwrap_err()
+            .to_string()
+            .contains("header is truncated"));
         let mut neg = bytes.clone();
         neg[8..12].copy_from_slice(&(-5i32).to_le_bytes());
         std::fs::write(&p, &neg).unwrap();
         assert!(TokenFile::open(&p, Layout::Auto, None).is_err());
         std::fs::write(&p, [1u8, 2, 3]).unwrap();
-        assert!(TokenFile::open(&p, Layout::Auto, None).unwrap_err().to_string().contains("odd size"));
+        assert!(TokenFile::open(&p, Layout::Auto, None)
+            .unwrap_err()
+            .to_string()
+            .contains("odd size"));
         std::fs::write(&p, []).unwrap();
-        assert!(TokenFile::open(&p, Layout::Auto, None).unwrap_err().to_string().contains("empty"));
-    }
-}
-
-/// Streams tokens into an llm.c shard: written to a temporary file, the header patched with
-/// the count at the end, fsynced and renamed into place (a crash leaves no partial shard).
-pub struct ShardWriter {
-    w: std::io::BufWriter<File>,
-    tmp: PathBuf,
-    path: PathBuf,
-    dtype: TokenDtype,
-    pub count: usize,
-}
-
-impl ShardWriter {
-    pub fn create(path: &Path, vocab: usize) -> Result<Self> {
-        let tmp = path.with_extension("bin.partial");
-        let f = File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
-        let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
-        w.write_all(&[0u8; HEADER_BYTES])?;
-        Ok(ShardWriter { w, tmp, path: path.to_path_buf(), dtype: TokenDtype::for_vocab(vocab), count: 0 })
-    }
-
-    pub fn push(&mut self, tokens: &[u32]) -> Result<()> {
-        let name = self.tmp.display().to_string();
-        for &t in tokens {
-            match self.dtype {
-                TokenDtype::U16 => self.w.write_all(&(t as u16).to_le_bytes()),
-                TokenDtype::U32 => self.w.write_all(&t.to_le_bytes()),
-            }
-            .with_context(|| format!("{name}: write failed (disk full?)"))?;
-        }
-        self.count += tokens.len();
-        if self.count > i32::MAX as usize {
-            bail!("{}: more than 2^31 tokens for one shard", self.path.display());
-        }
-        Ok(())
-    }
-
-    pub fn finish(self) -> Result<()> {
-        use std::io::{Seek, SeekFrom};
-        let name = self.tmp.display().to_string();
-        let mut f = self.w.into_inner().map_err(|e| anyhow::anyhow!("{name}: write failed: {}", e.error()))?;
-        let mut header = [0i32; 256];
-        header[0] = if self.dtype == TokenDtype::U16 { MAGIC_U16 } else { MAGIC_U32 };
-        header[1] = if self.dtype == TokenDtype::U16 { 1 } else { 7 };
-        header[2] = self.count as i32;
-        let bytes: Vec<u8> = header.iter().flat_map(|h| h.to_le_bytes()).collect();
-        f.seek(SeekFrom::Start(0))?;
-        f.write_all(&bytes).with_context(|| format!("{name}: write failed"))?;
-        f.sync_all().with_context(|| format!("{name}: fsync failed"))?;
-        std::fs::rename(&self.tmp, &self.path)
-            .with_context(|| format!("{}: cannot rename into place", self.path.display()))?;
-        Ok(())
+        assert!(TokenFile::open(&p, Layout::Auto, None)
+            .unwrap_err()
+            .to_string()
+            .contains("empty"));
     }
 }

@@ -48,10 +48,14 @@ fn text_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let rd = std::fs::read_dir(&d).with_context(|| format!("{}: cannot list folder", d.display()))?;
+        let rd = std::fs::read_dir(&d)
+            .with_context(|| format!("{}: cannot list folder", d.display()))?;
         for e in rd {
             let p = e?.path();
-            if p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.')) {
+            if p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with('.'))
+            {
                 continue;
             }
             if p.is_dir() {
@@ -70,13 +74,18 @@ const CHUNK: usize = 1 << 16;
 /// Stream a text file as pieces of about 64 KiB cut at line ends. Refuses binary files.
 fn text_file(path: &Path, f: &mut dyn FnMut(Piece) -> Result<()>) -> Result<()> {
     let name = path.display();
-    let mut r = BufReader::with_capacity(1 << 20, File::open(path).with_context(|| format!("{name}: cannot open"))?);
+    let mut r = BufReader::with_capacity(
+        1 << 20,
+        File::open(path).with_context(|| format!("{name}: cannot open"))?,
+    );
     let mut buf = String::new();
     let mut line = Vec::new();
     let mut first = true;
     loop {
         line.clear();
-        let n = r.read_until(b'\n', &mut line).with_context(|| format!("{name}: read error"))?;
+        let n = r
+            .read_until(b'\n', &mut line)
+            .with_context(|| format!("{name}: read error"))?;
         if n == 0 {
             break;
         }
@@ -84,18 +93,23 @@ fn text_file(path: &Path, f: &mut dyn FnMut(Piece) -> Result<()>) -> Result<()> 
             bail!("{name}: looks like a binary file, not UTF-8 text; fix: give a text file, or set data.format = \"shard\" for token files");
         }
         first = false;
-        let s = std::str::from_utf8(&line).map_err(|e| {
-            anyhow!("{name}: invalid UTF-8 ({e}); fix: convert the file to UTF-8")
-        })?;
+        let s = std::str::from_utf8(&line)
+            .map_err(|e| anyhow!("{name}: invalid UTF-8 ({e}); fix: convert the file to UTF-8"))?;
         if s.contains('\0') {
             bail!("{name}: contains NUL bytes, so it is not text; fix: give a text file or set data.format = \"shard\"");
         }
         buf.push_str(s);
         if buf.len() >= CHUNK {
-            f(Piece { text: std::mem::take(&mut buf), end_of_doc: false })?;
+            f(Piece {
+                text: std::mem::take(&mut buf),
+                end_of_doc: false,
+            })?;
         }
     }
-    f(Piece { text: buf, end_of_doc: true })
+    f(Piece {
+        text: buf,
+        end_of_doc: true,
+    })
 }
 
 fn jsonl_file(path: &Path, f: &mut dyn FnMut(Piece) -> Result<()>) -> Result<()> {
@@ -106,12 +120,19 @@ fn jsonl_file(path: &Path, f: &mut dyn FnMut(Piece) -> Result<()>) -> Result<()>
         if line.trim().is_empty() {
             continue;
         }
-        let v: serde_json::Value = serde_json::from_str(&line)
-            .with_context(|| format!("{name}: line {}: not valid JSON; fix: one JSON object per line", i + 1))?;
+        let v: serde_json::Value = serde_json::from_str(&line).with_context(|| {
+            format!(
+                "{name}: line {}: not valid JSON; fix: one JSON object per line",
+                i + 1
+            )
+        })?;
         let text = v.get("text").and_then(|t| t.as_str()).ok_or_else(|| {
             anyhow!("{name}: line {}: no string field \"text\"; fix: each line needs {{\"text\": \"...\"}}", i + 1)
         })?;
-        f(Piece { text: text.to_string(), end_of_doc: true })?;
+        f(Piece {
+            text: text.to_string(),
+            end_of_doc: true,
+        })?;
     }
     Ok(())
 }
@@ -128,15 +149,22 @@ fn parquet_file(path: &Path, f: &mut dyn FnMut(Piece) -> Result<()>) -> Result<(
         let cols: Vec<&str> = schema.columns().iter().map(|c| c.name()).collect();
         bail!("{name}: no column named \"text\" (columns: {}); fix: rename the text column to \"text\"", cols.join(", "));
     }
-    let rows = reader.get_row_iter(None).map_err(|e| anyhow!("{name}: {e}"))?;
+    let rows = reader
+        .get_row_iter(None)
+        .map_err(|e| anyhow!("{name}: {e}"))?;
     for (i, row) in rows.enumerate() {
         let row = row.map_err(|e| anyhow!("{name}: row {i}: {e}"))?;
         for (col, field) in row.get_column_iter() {
             if col == "text" {
                 match field {
-                    Field::Str(s) => f(Piece { text: s.clone(), end_of_doc: true })?,
+                    Field::Str(s) => f(Piece {
+                        text: s.clone(),
+                        end_of_doc: true,
+                    })?,
                     Field::Null => {}
-                    other => bail!("{name}: row {i}: column \"text\" holds {other:?}, not a string"),
+                    other => {
+                        bail!("{name}: row {i}: column \"text\" holds {other:?}, not a string")
+                    }
                 }
             }
         }
@@ -145,17 +173,27 @@ fn parquet_file(path: &Path, f: &mut dyn FnMut(Piece) -> Result<()>) -> Result<(
 }
 
 /// Call `f` on every piece of the source at `path`, in a fixed order.
-pub fn for_each_piece(path: &Path, format: Format, f: &mut dyn FnMut(Piece) -> Result<()>) -> Result<()> {
+pub fn for_each_piece(
+    path: &Path,
+    format: Format,
+    f: &mut dyn FnMut(Piece) -> Result<()>,
+) -> Result<()> {
     let files = if path.is_dir() {
         let v = text_files(path)?;
         if v.is_empty() {
-            bail!("{}: folder has no files; fix: point data.path at text files", path.display());
+            bail!(
+                "{}: folder has no files; fix: point data.path at text files",
+                path.display()
+            );
         }
         v
     } else if path.exists() {
         vec![path.to_path_buf()]
     } else {
-        bail!("{}: no such file or folder; fix: check data.path / --data", path.display());
+        bail!(
+            "{}: no such file or folder; fix: check data.path / --data",
+            path.display()
+        );
     };
     for p in files {
         match format {
@@ -170,12 +208,19 @@ pub fn for_each_piece(path: &Path, format: Format, f: &mut dyn FnMut(Piece) -> R
 
 /// Total bytes and latest modification time of a source (for the token cache key).
 pub fn fingerprint(path: &Path) -> Result<(u64, u64)> {
-    let files = if path.is_dir() { text_files(path)? } else { vec![path.to_path_buf()] };
+    let files = if path.is_dir() {
+        text_files(path)?
+    } else {
+        vec![path.to_path_buf()]
+    };
     let (mut size, mut mtime) = (0u64, 0u64);
     for p in files {
         let m = std::fs::metadata(&p).with_context(|| format!("{}: cannot stat", p.display()))?;
         size += m.len();
-        let t = m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+        let t = m
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
         mtime = mtime.max(t.map(|d| d.as_secs()).unwrap_or(0));
     }
     Ok((size, mtime))
@@ -200,7 +245,10 @@ pub fn sample_text(path: &Path, format: Format, limit: usize) -> Result<Vec<Stri
         Ok(()) => {}
     }
     if total == 0 {
-        bail!("{}: contains no text; fix: give a non-empty data file", path.display());
+        bail!(
+            "{}: contains no text; fix: give a non-empty data file",
+            path.display()
+        );
     }
     Ok(out)
 }

@@ -27,7 +27,11 @@ impl Tok {
         if vocab < 256 {
             bail!("model.vocab_size {vocab} is too small for a byte-level BPE (needs ≥ 256); fix: raise model.vocab_size or give data.tokenizer");
         }
-        let specials = if vocab > 256 { vec![AddedToken::from(EOT, true)] } else { vec![] };
+        let specials = if vocab > 256 {
+            vec![AddedToken::from(EOT, true)]
+        } else {
+            vec![]
+        };
         let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
             .vocab_size(vocab)
             .min_frequency(2)
@@ -37,9 +41,12 @@ impl Tok {
             .build()
             .into();
         let mut tk = Tokenizer::new(BPE::default());
-        tk.with_pre_tokenizer(Some(PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, true))));
+        tk.with_pre_tokenizer(Some(PreTokenizerWrapper::ByteLevel(ByteLevel::new(
+            false, true, true,
+        ))));
         tk.with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevel::default())));
-        tk.train(&mut trainer, docs).map_err(|e| anyhow!("training the BPE tokenizer failed: {e}"))?;
+        tk.train(&mut trainer, docs)
+            .map_err(|e| anyhow!("training the BPE tokenizer failed: {e}"))?;
         let eot = tk.token_to_id(EOT);
         Ok(Tok { inner: tk, eot })
     }
@@ -48,14 +55,20 @@ impl Tok {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("{}: cannot read tokenizer", path.display()))?;
         let inner: Tokenizer = text.parse().map_err(|e| {
-            anyhow!("{}: not a valid tokenizer.json ({e}); fix: give a file saved by HF tokenizers", path.display())
+            anyhow!(
+                "{}: not a valid tokenizer.json ({e}); fix: give a file saved by HF tokenizers",
+                path.display()
+            )
         })?;
         let eot = inner.token_to_id(EOT).or_else(|| inner.token_to_id("</s>"));
         Ok(Tok { inner, eot })
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
-        let json = self.inner.to_string(false).map_err(|e| anyhow!("serialising tokenizer: {e}"))?;
+        let json = self
+            .inner
+            .to_string(false)
+            .map_err(|e| anyhow!("serialising tokenizer: {e}"))?;
         crate::checkpoint::write_atomic(path, json.as_bytes())
     }
 
@@ -80,12 +93,17 @@ impl Tok {
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let e = self.inner.encode(text, false).map_err(|e| anyhow!("tokenizing failed: {e}"))?;
+        let e = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| anyhow!("tokenizing failed: {e}"))?;
         Ok(e.get_ids().to_vec())
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, false).map_err(|e| anyhow!("decoding failed: {e}"))
+        self.inner
+            .decode(ids, false)
+            .map_err(|e| anyhow!("decoding failed: {e}"))
     }
 }
 
@@ -102,10 +120,19 @@ mod tests {
         assert!(tok.eot.is_some());
         let s = "ada lives in oslo. three plus four is seven.";
         let ids = tok.encode(s).unwrap();
-        assert!(ids.len() * 3 < s.len() * 2, "BPE merges compress: {} ids", ids.len());
+        assert!(
+            ids.len() * 3 < s.len() * 2,
+            "BPE merges compress: {} ids",
+            ids.len()
+        );
         assert_eq!(tok.decode(&ids).unwrap(), s);
         let bytes_only = Tok::train(256, docs.iter()).unwrap();
         assert_eq!(bytes_only.vocab_size(), 256);
-        assert_eq!(bytes_only.decode(&bytes_only.encode("héllo").unwrap()).unwrap(), "héllo");
+        assert_eq!(
+            bytes_only
+                .decode(&bytes_only.encode("héllo").unwrap())
+                .unwrap(),
+            "héllo"
+        );
     }
 }

@@ -46,7 +46,12 @@ pub fn check_scheme(name: &str) -> Result<(), crate::config::ConfigError> {
 }
 
 /// Initialise a model as the run config says.
-pub fn initialize(model: &mut Model, scheme: &str, seed: u64, std: f64) -> Result<(), crate::config::ConfigError> {
+pub fn initialize(
+    model: &mut Model,
+    scheme: &str,
+    seed: u64,
+    std: f64,
+) -> Result<(), crate::config::ConfigError> {
     check_scheme(scheme)?;
     init_hf_normal(model, seed, std);
     Ok(())

@@ -27,12 +27,20 @@ pub struct Stream {
 
 impl Stream {
     pub fn new(seed: u64, stream: u64) -> Self {
-        Stream { key: mix64(seed ^ mix64(stream.wrapping_add(0x9E3779B97F4A7C15))) }
+        Stream {
+            key: mix64(seed ^ mix64(stream.wrapping_add(0x9E3779B97F4A7C15))),
+        }
     }
 
     #[inline]
     pub fn u64_at(&self, i: u64) -> u64 {
-        mix64(self.key ^ mix64(i.wrapping_mul(0x9E3779B97F4A7C15).wrapping_add(0x632BE59BD9B4E019)))
+        mix64(
+            self.key
+                ^ mix64(
+                    i.wrapping_mul(0x9E3779B97F4A7C15)
+                        .wrapping_add(0x632BE59BD9B4E019),
+                ),
+        )
     }
 
     /// Uniform in [0, 1) with 53 bits.

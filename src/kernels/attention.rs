@@ -45,7 +45,12 @@ pub fn attention_fwd(
     v: &[f32],
     s: AttnShape,
 ) -> f32 {
-    let AttnShape { t, heads, head_dim: d, .. } = s;
+    let AttnShape {
+        t,
+        heads,
+        head_dim: d,
+        ..
+    } = s;
     let (qs, kvs) = (heads * d, s.kv_heads * d);
     let scale = s.scale();
     assert!(y.len() >= s.b * t * qs && probs.len() >= s.b * heads * t * t);
@@ -68,7 +73,22 @@ pub fn attention_fwd(
                 // SAFETY: in-bounds views asserted above; p is this task's own chunk.
                 unsafe {
                     let pr = p.as_mut_ptr().add(r0 * t);
-                    gemm_ptr(r1 - r0, r1, d, pr, t, false, qh.add(r0 * qs), qs, 1, kh, 1, kvs, scale, 1);
+                    gemm_ptr(
+                        r1 - r0,
+                        r1,
+                        d,
+                        pr,
+                        t,
+                        false,
+                        qh.add(r0 * qs),
+                        qs,
+                        1,
+                        kh,
+                        1,
+                        kvs,
+                        scale,
+                        1,
+                    );
                 }
                 for ti in r0..r1 {
                     let row = &mut p[ti * t..(ti + 1) * t];
@@ -81,7 +101,22 @@ pub fn attention_fwd(
                 // SAFETY: task (b, h) alone writes head h's columns of rows b·T..b·T+T of y.
                 unsafe {
                     let yh = { yp }.0.add((b * t + r0) * qs + h * d);
-                    gemm_ptr(r1 - r0, d, r1, yh, qs, false, p.as_ptr().add(r0 * t), t, 1, vh, kvs, 1, 1.0, 1);
+                    gemm_ptr(
+                        r1 - r0,
+                        d,
+                        r1,
+                        yh,
+                        qs,
+                        false,
+                        p.as_ptr().add(r0 * t),
+                        t,
+                        1,
+                        vh,
+                        kvs,
+                        1,
+                        1.0,
+                        1,
+                    );
                 }
             }
             maxlogit
@@ -106,14 +141,24 @@ pub fn attention_bwd(
     probs: &[f32],
     s: AttnShape,
 ) {
-    let AttnShape { t, heads, kv_heads, head_dim: d, .. } = s;
+    let AttnShape {
+        t,
+        heads,
+        kv_heads,
+        head_dim: d,
+        ..
+    } = s;
     let (qs, kvs, g) = (heads * d, kv_heads * d, s.group());
     let scale = s.scale();
     assert!(dq.len() >= s.b * t * qs && dk.len() >= s.b * t * kvs && dv.len() >= s.b * t * kvs);
     assert!(dy.len() >= s.b * t * qs && q.len() >= s.b * t * qs);
     assert!(k.len() >= s.b * t * kvs && v.len() >= s.b * t * kvs);
     assert!(probs.len() >= s.b * heads * t * t && scratch.len() >= s.scratch_len());
-    let (dqp, dkp, dvp) = (SendPtr(dq.as_mut_ptr()), SendPtr(dk.as_mut_ptr()), SendPtr(dv.as_mut_ptr()));
+    let (dqp, dkp, dvp) = (
+        SendPtr(dq.as_mut_ptr()),
+        SendPtr(dk.as_mut_ptr()),
+        SendPtr(dv.as_mut_ptr()),
+    );
     scratch[..s.scratch_len()]
         .par_chunks_mut(t * t)
         .enumerate()
@@ -135,7 +180,22 @@ pub fn attention_bwd(
                     // dP[r0..r1, ..r1] = dY_h[r0..r1] · V[..r1]ᵀ
                     unsafe {
                         let dsr = ds.as_mut_ptr().add(r0 * t);
-                        gemm_ptr(r1 - r0, r1, d, dsr, t, false, dyh.add(r0 * qs), qs, 1, vh, 1, kvs, 1.0, 1);
+                        gemm_ptr(
+                            r1 - r0,
+                            r1,
+                            d,
+                            dsr,
+                            t,
+                            false,
+                            dyh.add(r0 * qs),
+                            qs,
+                            1,
+                            vh,
+                            1,
+                            kvs,
+                            1.0,
+                            1,
+                        );
                     }
                     for ti in r0..r1 {
                         let pr = &p[ti * t..ti * t + ti + 1];
@@ -149,7 +209,22 @@ pub fn attention_bwd(
                     // dQ_h[r0..r1] = dS[r0..r1, ..r1] · K[..r1]
                     unsafe {
                         let dqh = { dqp }.0.add((b * t + r0) * qs + h * d);
-                        gemm_ptr(r1 - r0, d, r1, dqh, qs, false, ds.as_ptr().add(r0 * t), t, 1, kh, kvs, 1, 1.0, 1);
+                        gemm_ptr(
+                            r1 - r0,
+                            d,
+                            r1,
+                            dqh,
+                            qs,
+                            false,
+                            ds.as_ptr().add(r0 * t),
+                            t,
+                            1,
+                            kh,
+                            kvs,
+                            1,
+                            1.0,
+                            1,
+                        );
                     }
                 }
                 // Key blocks [c0, c1) receive from query rows [c0, T) only.
@@ -159,10 +234,40 @@ pub fn attention_bwd(
                     unsafe {
                         // dV[c0..c1] [+]= P[c0.., c0..c1]ᵀ · dY_h[c0..]
                         let pt = p.as_ptr().add(c0 * t + c0);
-                        gemm_ptr(m, d, kk, dvh.add(c0 * kvs), kvs, !first, pt, 1, t, dyh.add(c0 * qs), qs, 1, 1.0, 1);
+                        gemm_ptr(
+                            m,
+                            d,
+                            kk,
+                            dvh.add(c0 * kvs),
+                            kvs,
+                            !first,
+                            pt,
+                            1,
+                            t,
+                            dyh.add(c0 * qs),
+                            qs,
+                            1,
+                            1.0,
+                            1,
+                        );
                         // dK[c0..c1] [+]= dS[c0.., c0..c1]ᵀ · Q_h[c0..]
                         let st = ds.as_ptr().add(c0 * t + c0);
-                        gemm_ptr(m, d, kk, dkh.add(c0 * kvs), kvs, !first, st, 1, t, qh.add(c0 * qs), qs, 1, 1.0, 1);
+                        gemm_ptr(
+                            m,
+                            d,
+                            kk,
+                            dkh.add(c0 * kvs),
+                            kvs,
+                            !first,
+                            st,
+                            1,
+                            t,
+                            qh.add(c0 * qs),
+                            qs,
+                            1,
+                            1.0,
+                            1,
+                        );
                     }
                 }
             }
@@ -175,7 +280,13 @@ mod tests {
     use crate::kernels::testutil::{check_grad, rand_vec};
 
     fn shape() -> AttnShape {
-        AttnShape { b: 2, t: 5, heads: 4, kv_heads: 2, head_dim: 8 }
+        AttnShape {
+            b: 2,
+            t: 5,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 8,
+        }
     }
 
     fn run(q: &[f32], k: &[f32], v: &[f32], s: AttnShape) -> (Vec<f32>, Vec<f32>) {
@@ -214,7 +325,13 @@ mod tests {
     #[test]
     fn backward_matches_finite_differences_across_blocks() {
         // T spans three causal blocks, with a ragged last one.
-        grad_check(AttnShape { b: 1, t: 2 * BLK + 3, heads: 2, kv_heads: 1, head_dim: 4 });
+        grad_check(AttnShape {
+            b: 1,
+            t: 2 * BLK + 3,
+            heads: 2,
+            kv_heads: 1,
+            head_dim: 4,
+        });
     }
 
     fn grad_check(s: AttnShape) {
@@ -227,7 +344,18 @@ mod tests {
         let (_, p) = run(&q, &k, &v, s);
         let (mut dq, mut dk, mut dv) = (vec![0f32; nq], vec![9f32; nk], vec![9f32; nk]);
         let mut scratch = vec![0f32; s.scratch_len()];
-        attention_bwd(&mut dq, &mut dk, &mut dv, &mut scratch, &g, &q, &k, &v, &p, s);
+        attention_bwd(
+            &mut dq,
+            &mut dk,
+            &mut dv,
+            &mut scratch,
+            &g,
+            &q,
+            &k,
+            &v,
+            &p,
+            s,
+        );
         let loss = |q: &[f32], k: &[f32], v: &[f32]| -> f64 {
             let (y, _) = run(q, k, v, s);
             y.iter().zip(&g).map(|(a, b)| *a as f64 * *b as f64).sum()

@@ -4,16 +4,21 @@ use rayon::prelude::*;
 
 /// Forward. tokens (N), table (V, C) → out (N, C). Token ids are checked by the caller.
 pub fn embed_fwd(out: &mut [f32], tokens: &[u32], table: &[f32], c: usize) {
-    out.par_chunks_mut(c).zip(tokens.par_iter()).for_each(|(o, &tok)| {
-        o.copy_from_slice(&table[tok as usize * c..(tok as usize + 1) * c]);
-    });
+    out.par_chunks_mut(c)
+        .zip(tokens.par_iter())
+        .for_each(|(o, &tok)| {
+            o.copy_from_slice(&table[tok as usize * c..(tok as usize + 1) * c]);
+        });
 }
 
 /// Backward. dout (N, C) → dtable (V, C) accumulated at the looked-up rows. Sequential over
 /// tokens so repeated ids sum in a fixed order.
 pub fn embed_bwd(dtable: &mut [f32], tokens: &[u32], dout: &[f32], c: usize) {
     for (n, &tok) in tokens.iter().enumerate() {
-        super::add_inplace(&mut dtable[tok as usize * c..(tok as usize + 1) * c], &dout[n * c..(n + 1) * c]);
+        super::add_inplace(
+            &mut dtable[tok as usize * c..(tok as usize + 1) * c],
+            &dout[n * c..(n + 1) * c],
+        );
     }
 }
 
@@ -36,6 +41,9 @@ mod tests {
         let mut dt = vec![0f32; v * c];
         embed_bwd(&mut dt, &tokens, &g, c);
         check_grad("dtable", &mut table.clone(), &dt, loss, 1e-2, 1e-3);
-        assert!(dt[2 * c..3 * c].iter().all(|x| *x == 0.0), "unused row stays zero");
+        assert!(
+            dt[2 * c..3 * c].iter().all(|x| *x == 0.0),
+            "unused row stays zero"
+        );
     }
 }

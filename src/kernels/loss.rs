@@ -38,7 +38,13 @@ pub fn cross_entropy_fwd(
 
 /// Backward, in place: logits (N, V) ← scale · (softmax(logits) − onehot(target)).
 /// `scale` is 1/N for a mean loss (divided further for gradient accumulation).
-pub fn cross_entropy_bwd_inplace(logits: &mut [f32], lse: &[f32], targets: &[u32], v: usize, scale: f32) {
+pub fn cross_entropy_bwd_inplace(
+    logits: &mut [f32],
+    lse: &[f32],
+    targets: &[u32],
+    v: usize,
+    scale: f32,
+) {
     logits
         .par_chunks_mut(v)
         .zip(lse.par_iter().zip(targets.par_iter()))

@@ -35,8 +35,14 @@ fn gemm_strided(
         }
         return;
     }
-    assert!(lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs, "gemm: lhs too small");
-    assert!(rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs, "gemm: rhs too small");
+    assert!(
+        lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs,
+        "gemm: lhs too small"
+    );
+    assert!(
+        rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs,
+        "gemm: rhs too small"
+    );
     // SAFETY: bounds asserted above; dst does not alias lhs/rhs (distinct borrows).
     unsafe {
         gemm(
@@ -87,7 +93,11 @@ pub(crate) unsafe fn gemm_ptr(
     scale: f32,
     threads: usize,
 ) {
-    let par = if threads <= 1 { Parallelism::None } else { Parallelism::Rayon(threads) };
+    let par = if threads <= 1 {
+        Parallelism::None
+    } else {
+        Parallelism::Rayon(threads)
+    };
     gemm(
         m,
         n,
@@ -165,7 +175,9 @@ mod tests {
         let mut out = vec![0f64; m * n];
         for i in 0..m {
             for j in 0..n {
-                out[i * n + j] = (0..k).map(|p| x[i * k + p] as f64 * w[j * k + p] as f64).sum();
+                out[i * n + j] = (0..k)
+                    .map(|p| x[i * k + p] as f64 * w[j * k + p] as f64)
+                    .sum();
             }
         }
         out

@@ -67,7 +67,9 @@ pub fn num_threads() -> usize {
 /// Size the global thread pool once, at start-up. `0` means one per core. Later calls keep the
 /// pool that exists (rayon's global pool can be set once per process).
 pub fn init_threads(n: usize) {
-    let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global();
 }
 
 #[cfg(test)]
@@ -171,7 +173,9 @@ pub fn max_of(x: &[f32]) -> f32 {
             acc[i] = acc[i].max(c[i]);
         }
     }
-    rem.iter().chain(acc.iter()).fold(f32::NEG_INFINITY, |a, &b| a.max(b))
+    rem.iter()
+        .chain(acc.iter())
+        .fold(f32::NEG_INFINITY, |a, &b| a.max(b))
 }
 
 #[cfg(test)]
@@ -192,7 +196,10 @@ mod exp_tests {
         assert!(fast_exp(-200.0) < 1e-37);
         let mut v = vec![0.0f32, 1.0, 2.0, -3.0, 0.5, 0.1, 0.2, 0.3, 0.4, 7.0];
         let s = exp_shift_sum(&mut v, 1.0);
-        let r: f32 = [0.0f32, 1.0, 2.0, -3.0, 0.5, 0.1, 0.2, 0.3, 0.4, 7.0].iter().map(|x| (x - 1.0).exp()).sum();
+        let r: f32 = [0.0f32, 1.0, 2.0, -3.0, 0.5, 0.1, 0.2, 0.3, 0.4, 7.0]
+            .iter()
+            .map(|x| (x - 1.0).exp())
+            .sum();
         assert!((s - r).abs() / r < 1e-6);
         assert_eq!(max_of(&[1.0, 5.0, -2.0, 3.0, 0.0, 0.0, 0.0, 0.0, 4.9]), 5.0);
     }

@@ -43,20 +43,22 @@ pub fn rope_bwd(dx: &mut [f32], tab: &RopeTables, t: usize, heads: usize) {
 fn rotate(x: &mut [f32], tab: &RopeTables, t: usize, heads: usize, sign: f32) {
     let half = tab.half;
     let d = 2 * half;
-    x.par_chunks_mut(heads * d).enumerate().for_each(|(r, row)| {
-        let pos = r % t;
-        let c = &tab.cos[pos * half..(pos + 1) * half];
-        let s = &tab.sin[pos * half..(pos + 1) * half];
-        for h in row.chunks_mut(d) {
-            let (a, b) = h.split_at_mut(half);
-            for i in 0..half {
-                let (x1, x2) = (a[i], b[i]);
-                let si = sign * s[i];
-                a[i] = x1 * c[i] - x2 * si;
-                b[i] = x2 * c[i] + x1 * si;
+    x.par_chunks_mut(heads * d)
+        .enumerate()
+        .for_each(|(r, row)| {
+            let pos = r % t;
+            let c = &tab.cos[pos * half..(pos + 1) * half];
+            let s = &tab.sin[pos * half..(pos + 1) * half];
+            for h in row.chunks_mut(d) {
+                let (a, b) = h.split_at_mut(half);
+                for i in 0..half {
+                    let (x1, x2) = (a[i], b[i]);
+                    let si = sign * s[i];
+                    a[i] = x1 * c[i] - x2 * si;
+                    b[i] = x2 * c[i] + x1 * si;
+                }
             }
-        }
-    });
+        });
 }
 
 #[cfg(test)]

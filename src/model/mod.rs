@@ -6,6 +6,7 @@ mod params;
 pub use params::{LayerOffsets, ParamLayout, ParamSpec, Role};
 
 use crate::config::ModelConfig;
+use crate::kernels::add_inplace;
 use crate::kernels::attention::{attention_bwd, attention_fwd, AttnShape};
 use crate::kernels::embed::{embed_bwd, embed_fwd};
 use crate::kernels::loss::{cross_entropy_bwd_inplace, cross_entropy_fwd};
@@ -13,7 +14,6 @@ use crate::kernels::matmul::{linear_bwd_input, linear_bwd_weight, linear_fwd};
 use crate::kernels::norm::{rmsnorm_bwd, rmsnorm_fwd};
 use crate::kernels::rope::{rope_bwd, rope_fwd, RopeTables};
 use crate::kernels::swiglu::{swiglu_bwd, swiglu_fwd};
-use crate::kernels::add_inplace;
 
 /// Activations kept from forward for backward, sized for one (B, T). Per-layer tensors are
 /// stacked: layer l's slice of `q` is `q[l*N*C ..][..N*C]`, and so on.
@@ -62,7 +62,13 @@ struct Activations {
 impl Activations {
     fn new(c: &ModelConfig, b: usize, t: usize) -> Self {
         let n = b * t;
-        let (l, d, f, v, kv) = (c.num_layers, c.hidden_size, c.intermediate_size, c.vocab_size, c.kv_dim());
+        let (l, d, f, v, kv) = (
+            c.num_layers,
+            c.hidden_size,
+            c.intermediate_size,
+            c.vocab_size,
+            c.kv_dim(),
+        );
         let z = |len: usize| vec![0f32; len];
         Activations {
             b,
@@ -149,7 +155,10 @@ impl Model {
             cfg: cfg.clone(),
             params: vec![0f32; total],
             grads: vec![0f32; total],
-            stats: ForwardStats { max_attn_logit: vec![0.0; cfg.num_layers], ..Default::default() },
+            stats: ForwardStats {
+                max_attn_logit: vec![0.0; cfg.num_layers],
+                ..Default::default()
+            },
             acts: Activations::new(cfg, b, t),
             rope: RopeTables::new(cfg.max_seq_len.max(t), cfg.head_dim(), cfg.rope_theta),
             layout,
@@ -172,11 +181,15 @@ impl Model {
 
     /// View of one named parameter.
     pub fn param(&self, name: &str) -> Option<&[f32]> {
-        self.layout.get(name).map(|s| &self.params[s.offset..s.offset + s.len])
+        self.layout
+            .get(name)
+            .map(|s| &self.params[s.offset..s.offset + s.len])
     }
 
     pub fn grad(&self, name: &str) -> Option<&[f32]> {
-        self.layout.get(name).map(|s| &self.grads[s.offset..s.offset + s.len])
+        self.layout
+            .get(name)
+            .map(|s| &self.grads[s.offset..s.offset + s.len])
     }
 
     pub fn zero_grad(&mut self) {
@@ -191,14 +204,25 @@ impl Model {
     fn check_tokens(&self, tokens: &[u32]) -> Result<(), ModelError> {
         let (b, t) = (self.acts.b, self.acts.t);
         if tokens.len() != b * t {
-            return Err(ModelError::Shape { got: tokens.len(), b, t });
+            return Err(ModelError::Shape {
+                got: tokens.len(),
+                b,
+                t,
+            });
         }
         if t > self.cfg.max_seq_len.max(t) {
-            return Err(ModelError::TooLong { t, max: self.cfg.max_seq_len });
+            return Err(ModelError::TooLong {
+                t,
+                max: self.cfg.max_seq_len,
+            });
         }
         let vocab = self.cfg.vocab_size;
         if let Some(pos) = tokens.iter().position(|&x| x as usize >= vocab) {
-            return Err(ModelError::TokenOutOfRange { id: tokens[pos], pos, vocab });
+            return Err(ModelError::TokenOutOfRange {
+                id: tokens[pos],
+                pos,
+                vocab,
+            });
         }
         Ok(())
     }
@@ -213,7 +237,13 @@ impl Model {
         let n = b * t;
         let (d, f, v, kv) = (c.hidden_size, c.intermediate_size, c.vocab_size, c.kv_dim());
         let eps = c.rms_norm_eps as f32;
-        let shape = AttnShape { b, t, heads: c.num_heads, kv_heads: c.num_kv_heads, head_dim: c.head_dim() };
+        let shape = AttnShape {
+            b,
+            t,
+            heads: c.num_heads,
+            kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim(),
+        };
         let lay = &self.layout;
         let w = |off: usize, len: usize| &p[off..off + len];
         a.tokens.copy_from_slice(tokens);
@@ -230,19 +260,28 @@ impl Model {
             let xout = &mut rest[..nd];
             let ln1 = &mut a.ln1[l * nd..][..nd];
             rmsnorm_fwd(ln1, &mut a.rstd1[l * n..][..n], x, w(lo.ln1, d), d, eps);
-            let (q, k, vv) = (&mut a.q[l * nd..][..nd], &mut a.k[l * nkv..][..nkv], &mut a.v[l * nkv..][..nkv]);
+            let (q, k, vv) = (
+                &mut a.q[l * nd..][..nd],
+                &mut a.k[l * nkv..][..nkv],
+                &mut a.v[l * nkv..][..nkv],
+            );
             linear_fwd(q, ln1, w(lo.q, d * d), n, d, d);
             linear_fwd(k, ln1, w(lo.k, kv * d), n, d, kv);
             linear_fwd(vv, ln1, w(lo.v, kv * d), n, d, kv);
             rope_fwd(q, &self.rope, t, c.num_heads);
             rope_fwd(k, &self.rope, t, c.num_kv_heads);
             let atty = &mut a.atty[l * nd..][..nd];
-            self.stats.max_attn_logit[l] = attention_fwd(atty, &mut a.probs[l * pl..][..pl], q, k, vv, shape);
+            self.stats.max_attn_logit[l] =
+                attention_fwd(atty, &mut a.probs[l * pl..][..pl], q, k, vv, shape);
             linear_fwd(xmid, atty, w(lo.o, d * d), n, d, d);
             add_inplace(xmid, x);
             let ln2 = &mut a.ln2[l * nd..][..nd];
             rmsnorm_fwd(ln2, &mut a.rstd2[l * n..][..n], xmid, w(lo.ln2, d), d, eps);
-            let (g, u, h) = (&mut a.gate[l * nf..][..nf], &mut a.up[l * nf..][..nf], &mut a.hid[l * nf..][..nf]);
+            let (g, u, h) = (
+                &mut a.gate[l * nf..][..nf],
+                &mut a.up[l * nf..][..nf],
+                &mut a.hid[l * nf..][..nf],
+            );
             linear_fwd(g, ln2, w(lo.gate, f * d), n, d, f);
             linear_fwd(u, ln2, w(lo.up, f * d), n, d, f);
             swiglu_fwd(h, g, u);
@@ -259,13 +298,23 @@ impl Model {
     /// Forward with the loss: mean next-token cross-entropy of `targets` (B·T).
     pub fn forward(&mut self, tokens: &[u32], targets: &[u32]) -> Result<f32, ModelError> {
         if targets.len() != tokens.len() {
-            return Err(ModelError::Shape { got: targets.len(), b: self.acts.b, t: self.acts.t });
+            return Err(ModelError::Shape {
+                got: targets.len(),
+                b: self.acts.b,
+                t: self.acts.t,
+            });
         }
         self.check_tokens(targets)?;
         self.forward_logits(tokens)?;
         let a = &mut self.acts;
         a.targets.copy_from_slice(targets);
-        let loss = cross_entropy_fwd(&mut a.losses, &mut a.lse, &a.logits, targets, self.cfg.vocab_size);
+        let loss = cross_entropy_fwd(
+            &mut a.losses,
+            &mut a.lse,
+            &a.logits,
+            targets,
+            self.cfg.vocab_size,
+        );
         let n = a.lse.len() as f32;
         self.stats.lse_mean = a.lse.iter().sum::<f32>() / n;
         self.stats.lse_max = a.lse.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
@@ -291,7 +340,13 @@ impl Model {
         let (b, t) = (a.b, a.t);
         let n = b * t;
         let (d, f, v, kv) = (c.hidden_size, c.intermediate_size, c.vocab_size, c.kv_dim());
-        let shape = AttnShape { b, t, heads: c.num_heads, kv_heads: c.num_kv_heads, head_dim: c.head_dim() };
+        let shape = AttnShape {
+            b,
+            t,
+            heads: c.num_heads,
+            kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim(),
+        };
         let lay = &self.layout;
         let w = |off: usize, len: usize| &p[off..off + len];
         let (nd, nkv, nf) = (n * d, n * kv, n * f);
@@ -301,18 +356,37 @@ impl Model {
         a.logits_consumed = true;
         cross_entropy_bwd_inplace(&mut a.logits, &a.lse, &a.targets, v, grad_scale / n as f32);
         linear_bwd_input(&mut a.dln, &a.logits, w(lay.head, v * d), n, d, v, false);
-        linear_bwd_weight(&mut gr[lay.head..lay.head + v * d], &a.logits, &a.lnf, n, d, v);
+        linear_bwd_weight(
+            &mut gr[lay.head..lay.head + v * d],
+            &a.logits,
+            &a.lnf,
+            n,
+            d,
+            v,
+        );
         a.dres.fill(0.0);
         let l2 = 2 * c.num_layers;
         let (gnorm, _) = (lay.norm, ());
-        rmsnorm_bwd(&mut a.dres, &mut gr[gnorm..gnorm + d], &a.dln, &a.resid[l2 * nd..][..nd], w(lay.norm, d), &a.rstdf, d);
+        rmsnorm_bwd(
+            &mut a.dres,
+            &mut gr[gnorm..gnorm + d],
+            &a.dln,
+            &a.resid[l2 * nd..][..nd],
+            w(lay.norm, d),
+            &a.rstdf,
+            d,
+        );
 
         for (l, lo) in lay.layers.iter().enumerate().rev() {
             let x = &a.resid[2 * l * nd..][..nd];
             let xmid = &a.resid[(2 * l + 1) * nd..][..nd];
             let ln1 = &a.ln1[l * nd..][..nd];
             let ln2 = &a.ln2[l * nd..][..nd];
-            let (g, u, h) = (&a.gate[l * nf..][..nf], &a.up[l * nf..][..nf], &a.hid[l * nf..][..nf]);
+            let (g, u, h) = (
+                &a.gate[l * nf..][..nf],
+                &a.up[l * nf..][..nf],
+                &a.hid[l * nf..][..nf],
+            );
             // MLP: dres = d(layer output); the residual passes it straight to xmid.
             linear_bwd_input(&mut a.dhid, &a.dres, w(lo.down, d * f), n, f, d, false);
             linear_bwd_weight(&mut gr[lo.down..lo.down + d * f], &a.dres, h, n, f, d);
@@ -321,15 +395,35 @@ impl Model {
             linear_bwd_input(&mut a.dln, &a.dup, w(lo.up, f * d), n, d, f, true);
             linear_bwd_weight(&mut gr[lo.gate..lo.gate + f * d], &a.dgate, ln2, n, d, f);
             linear_bwd_weight(&mut gr[lo.up..lo.up + f * d], &a.dup, ln2, n, d, f);
-            rmsnorm_bwd(&mut a.dres, &mut gr[lo.ln2..lo.ln2 + d], &a.dln, xmid, w(lo.ln2, d), &a.rstd2[l * n..][..n], d);
+            rmsnorm_bwd(
+                &mut a.dres,
+                &mut gr[lo.ln2..lo.ln2 + d],
+                &a.dln,
+                xmid,
+                w(lo.ln2, d),
+                &a.rstd2[l * n..][..n],
+                d,
+            );
             // Attention: dres = d(xmid); the residual passes it to x.
             let atty = &a.atty[l * nd..][..nd];
             linear_bwd_input(&mut a.datty, &a.dres, w(lo.o, d * d), n, d, d, false);
             linear_bwd_weight(&mut gr[lo.o..lo.o + d * d], &a.dres, atty, n, d, d);
-            let (q, k, vv) = (&a.q[l * nd..][..nd], &a.k[l * nkv..][..nkv], &a.v[l * nkv..][..nkv]);
+            let (q, k, vv) = (
+                &a.q[l * nd..][..nd],
+                &a.k[l * nkv..][..nkv],
+                &a.v[l * nkv..][..nkv],
+            );
             attention_bwd(
-                &mut a.dq, &mut a.dk, &mut a.dv, &mut a.scratch,
-                &a.datty, q, k, vv, &a.probs[l * pl..][..pl], shape,
+                &mut a.dq,
+                &mut a.dk,
+                &mut a.dv,
+                &mut a.scratch,
+                &a.datty,
+                q,
+                k,
+                vv,
+                &a.probs[l * pl..][..pl],
+                shape,
             );
             rope_bwd(&mut a.dq, &self.rope, t, c.num_heads);
             rope_bwd(&mut a.dk, &self.rope, t, c.num_kv_heads);
@@ -339,7 +433,15 @@ impl Model {
             linear_bwd_weight(&mut gr[lo.q..lo.q + d * d], &a.dq, ln1, n, d, d);
             linear_bwd_weight(&mut gr[lo.k..lo.k + kv * d], &a.dk, ln1, n, d, kv);
             linear_bwd_weight(&mut gr[lo.v..lo.v + kv * d], &a.dv, ln1, n, d, kv);
-            rmsnorm_bwd(&mut a.dres, &mut gr[lo.ln1..lo.ln1 + d], &a.dln, x, w(lo.ln1, d), &a.rstd1[l * n..][..n], d);
+            rmsnorm_bwd(
+                &mut a.dres,
+                &mut gr[lo.ln1..lo.ln1 + d],
+                &a.dln,
+                x,
+                w(lo.ln1, d),
+                &a.rstd1[l * n..][..n],
+                d,
+            );
         }
         embed_bwd(&mut gr[lay.embed..lay.embed + v * d], &a.tokens, &a.dres, d);
         Ok(())

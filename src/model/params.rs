@@ -82,25 +82,82 @@ impl ParamLayout {
         let mut push = |name: String, shape: Vec<usize>, role: Role, layer: Option<usize>| {
             let len = shape.iter().product();
             let off = total;
-            specs.push(ParamSpec { name, shape, role, layer, offset: off, len });
+            specs.push(ParamSpec {
+                name,
+                shape,
+                role,
+                layer,
+                offset: off,
+                len,
+            });
             total += len;
             off
         };
-        let embed = push("model.embed_tokens.weight".into(), vec![v, d], Role::Embed, None);
+        let embed = push(
+            "model.embed_tokens.weight".into(),
+            vec![v, d],
+            Role::Embed,
+            None,
+        );
         let mut layers = Vec::with_capacity(c.num_layers);
         for l in 0..c.num_layers {
             let p = format!("model.layers.{l}.");
             let ly = Some(l);
             layers.push(LayerOffsets {
-                ln1: push(format!("{p}input_layernorm.weight"), vec![d], Role::Norm, ly),
-                q: push(format!("{p}self_attn.q_proj.weight"), vec![d, d], Role::AttnQ, ly),
-                k: push(format!("{p}self_attn.k_proj.weight"), vec![kv, d], Role::AttnK, ly),
-                v: push(format!("{p}self_attn.v_proj.weight"), vec![kv, d], Role::AttnV, ly),
-                o: push(format!("{p}self_attn.o_proj.weight"), vec![d, d], Role::AttnO, ly),
-                ln2: push(format!("{p}post_attention_layernorm.weight"), vec![d], Role::Norm, ly),
-                gate: push(format!("{p}mlp.gate_proj.weight"), vec![f, d], Role::MlpGate, ly),
-                up: push(format!("{p}mlp.up_proj.weight"), vec![f, d], Role::MlpUp, ly),
-                down: push(format!("{p}mlp.down_proj.weight"), vec![d, f], Role::MlpDown, ly),
+                ln1: push(
+                    format!("{p}input_layernorm.weight"),
+                    vec![d],
+                    Role::Norm,
+                    ly,
+                ),
+                q: push(
+                    format!("{p}self_attn.q_proj.weight"),
+                    vec![d, d],
+                    Role::AttnQ,
+                    ly,
+                ),
+                k: push(
+                    format!("{p}self_attn.k_proj.weight"),
+                    vec![kv, d],
+                    Role::AttnK,
+                    ly,
+                ),
+                v: push(
+                    format!("{p}self_attn.v_proj.weight"),
+                    vec![kv, d],
+                    Role::AttnV,
+                    ly,
+                ),
+                o: push(
+                    format!("{p}self_attn.o_proj.weight"),
+                    vec![d, d],
+                    Role::AttnO,
+                    ly,
+                ),
+                ln2: push(
+                    format!("{p}post_attention_layernorm.weight"),
+                    vec![d],
+                    Role::Norm,
+                    ly,
+                ),
+                gate: push(
+                    format!("{p}mlp.gate_proj.weight"),
+                    vec![f, d],
+                    Role::MlpGate,
+                    ly,
+                ),
+                up: push(
+                    format!("{p}mlp.up_proj.weight"),
+                    vec![f, d],
+                    Role::MlpUp,
+                    ly,
+                ),
+                down: push(
+                    format!("{p}mlp.down_proj.weight"),
+                    vec![d, f],
+                    Role::MlpDown,
+                    ly,
+                ),
             });
         }
         let norm = push("model.norm.weight".into(), vec![d], Role::Norm, None);
@@ -109,8 +166,20 @@ impl ParamLayout {
         } else {
             push("lm_head.weight".into(), vec![v, d], Role::Head, None)
         };
-        let index = specs.iter().enumerate().map(|(i, s)| (s.name.clone(), i)).collect();
-        ParamLayout { specs, total, embed, layers, norm, head, index }
+        let index = specs
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.name.clone(), i))
+            .collect();
+        ParamLayout {
+            specs,
+            total,
+            embed,
+            layers,
+            norm,
+            head,
+            index,
+        }
     }
 
     pub fn get(&self, name: &str) -> Option<&ParamSpec> {

@@ -63,7 +63,13 @@ impl AdamW {
                 (s.offset, s.len, decays)
             })
             .collect();
-        AdamW { m: vec![0.0; layout.total], v: vec![0.0; layout.total], step: 0, groups, cfg }
+        AdamW {
+            m: vec![0.0; layout.total],
+            v: vec![0.0; layout.total],
+            step: 0,
+            groups,
+            cfg,
+        }
     }
 
     /// One update with learning rate `lr` (the schedule's value for this step).
@@ -76,7 +82,11 @@ impl AdamW {
         let step_size = (lr / bc1) as f32;
         let bc2_sqrt = bc2.sqrt() as f32;
         let (b1, b2, eps) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32);
-        let (pp, mp, vp) = (SendPtr(params.as_mut_ptr()), SendPtr(self.m.as_mut_ptr()), SendPtr(self.v.as_mut_ptr()));
+        let (pp, mp, vp) = (
+            SendPtr(params.as_mut_ptr()),
+            SendPtr(self.m.as_mut_ptr()),
+            SendPtr(self.v.as_mut_ptr()),
+        );
         let wd = c.weight_decay;
         const CH: usize = 1 << 14;
         // Work items: (offset, len, decay factor), chunked for the pool.
@@ -123,7 +133,9 @@ pub fn clip_grad_norm(grads: &mut [f32], max_norm: f64) -> f64 {
         let coef = max_norm / (norm + 1e-6);
         if coef < 1.0 {
             let c = coef as f32;
-            grads.par_chunks_mut(1 << 16).for_each(|ch| ch.iter_mut().for_each(|g| *g *= c));
+            grads
+                .par_chunks_mut(1 << 16)
+                .for_each(|ch| ch.iter_mut().for_each(|g| *g *= c));
         }
     }
     norm
@@ -138,9 +150,17 @@ mod tests {
     fn adamw_first_step_moves_by_lr_against_gradient_sign() {
         let cfg = ModelConfig::preset("micro").unwrap();
         let layout = ParamLayout::new(&cfg);
-        let mut opt = AdamW::new(OptimConfig { weight_decay: 0.0, ..Default::default() }, &layout);
+        let mut opt = AdamW::new(
+            OptimConfig {
+                weight_decay: 0.0,
+                ..Default::default()
+            },
+            &layout,
+        );
         let mut p = vec![0.5f32; layout.total];
-        let g: Vec<f32> = (0..layout.total).map(|i| if i % 2 == 0 { 0.3 } else { -2.0 }).collect();
+        let g: Vec<f32> = (0..layout.total)
+            .map(|i| if i % 2 == 0 { 0.3 } else { -2.0 })
+            .collect();
         opt.update(&mut p, &g, 0.01);
         // bias-corrected first Adam step is lr·sign(g) (up to eps)
         assert!((p[0] - 0.49).abs() < 1e-6 && (p[1] - 0.51).abs() < 1e-6);
@@ -150,12 +170,20 @@ mod tests {
     fn weight_decay_skips_norms() {
         let cfg = ModelConfig::preset("micro").unwrap();
         let layout = ParamLayout::new(&cfg);
-        let mut opt = AdamW::new(OptimConfig { weight_decay: 0.5, ..Default::default() }, &layout);
+        let mut opt = AdamW::new(
+            OptimConfig {
+                weight_decay: 0.5,
+                ..Default::default()
+            },
+            &layout,
+        );
         let mut p = vec![1.0f32; layout.total];
         let g = vec![0.0f32; layout.total];
         opt.update(&mut p, &g, 0.1);
         let norm = layout.get("model.norm.weight").unwrap();
-        let q = layout.get("model.layers.0.self_attn.q_proj.weight").unwrap();
+        let q = layout
+            .get("model.layers.0.self_attn.q_proj.weight")
+            .unwrap();
         assert_eq!(p[norm.offset], 1.0);
         assert!((p[q.offset] - 0.95).abs() < 1e-6);
     }

@@ -25,13 +25,23 @@ pub struct Schedule {
 
 impl Default for Schedule {
     fn default() -> Self {
-        Schedule { kind: ScheduleKind::Cosine, warmup_steps: 0, min_lr_ratio: 0.1, decay_fraction: 0.2 }
+        Schedule {
+            kind: ScheduleKind::Cosine,
+            warmup_steps: 0,
+            min_lr_ratio: 0.1,
+            decay_fraction: 0.2,
+        }
     }
 }
 
 impl Schedule {
     pub fn constant() -> Self {
-        Schedule { kind: ScheduleKind::Constant, warmup_steps: 0, min_lr_ratio: 1.0, decay_fraction: 0.0 }
+        Schedule {
+            kind: ScheduleKind::Constant,
+            warmup_steps: 0,
+            min_lr_ratio: 1.0,
+            decay_fraction: 0.0,
+        }
     }
 
     /// Learning rate for 0-based `step` of `total` steps, given the peak `lr`.
@@ -67,7 +77,12 @@ mod tests {
 
     #[test]
     fn cosine_warms_up_then_decays_to_min() {
-        let s = Schedule { kind: ScheduleKind::Cosine, warmup_steps: 10, min_lr_ratio: 0.1, decay_fraction: 0.0 };
+        let s = Schedule {
+            kind: ScheduleKind::Cosine,
+            warmup_steps: 10,
+            min_lr_ratio: 0.1,
+            decay_fraction: 0.0,
+        };
         assert!((s.lr_at(0, 100, 1.0) - 0.1).abs() < 1e-12);
         assert!((s.lr_at(9, 100, 1.0) - 1.0).abs() < 1e-12);
         assert!((s.lr_at(10, 100, 1.0) - 1.0).abs() < 1e-12);
@@ -81,7 +96,12 @@ mod tests {
 
     #[test]
     fn wsd_is_flat_then_linear() {
-        let s = Schedule { kind: ScheduleKind::Wsd, warmup_steps: 5, min_lr_ratio: 0.0, decay_fraction: 0.2 };
+        let s = Schedule {
+            kind: ScheduleKind::Wsd,
+            warmup_steps: 5,
+            min_lr_ratio: 0.0,
+            decay_fraction: 0.2,
+        };
         assert_eq!(s.lr_at(50, 100, 2.0), 2.0);
         assert_eq!(s.lr_at(79, 100, 2.0), 2.0);
         assert!((s.lr_at(89, 100, 2.0) - 1.0).abs() < 1e-12);
@@ -90,7 +110,10 @@ mod tests {
 
     #[test]
     fn constant_after_warmup() {
-        let s = Schedule { warmup_steps: 4, ..Schedule::constant() };
+        let s = Schedule {
+            warmup_steps: 4,
+            ..Schedule::constant()
+        };
         assert_eq!(s.lr_at(1, 10, 1.0), 0.5);
         assert_eq!(s.lr_at(7, 10, 1.0), 1.0);
     }

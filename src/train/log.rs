@@ -17,21 +17,30 @@ impl JsonlWriter {
             .append(true)
             .open(path)
             .with_context(|| format!("{}: cannot open for appending", path.display()))?;
-        Ok(JsonlWriter { f, path: path.to_path_buf() })
+        Ok(JsonlWriter {
+            f,
+            path: path.to_path_buf(),
+        })
     }
 
     /// One object per line, written with a single write so a crash cannot interleave lines.
     pub fn write(&mut self, v: &serde_json::Value) -> Result<()> {
         let mut s = serde_json::to_string(v)?;
         s.push('\n');
-        self.f.write_all(s.as_bytes()).with_context(|| format!("{}: write failed (disk full?)", self.path.display()))
+        self.f
+            .write_all(s.as_bytes())
+            .with_context(|| format!("{}: write failed (disk full?)", self.path.display()))
     }
 }
 
 /// Parse a JSON-lines file, skipping a torn last line.
 pub fn read_jsonl(path: &Path) -> Result<Vec<serde_json::Value>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
-    Ok(text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect())
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    Ok(text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect())
 }
 
 /// Keep only the metric lines of steps ≤ `step` (a resume re-runs the rest), atomically.
@@ -39,7 +48,8 @@ pub fn truncate_after_step(path: &Path, step: u64) -> Result<()> {
     if !path.exists() {
         return Ok(());
     }
-    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
     let mut keep = String::new();
     for line in text.lines() {
         let ok = serde_json::from_str::<serde_json::Value>(line)

@@ -51,10 +51,15 @@ pub struct Summary {
     pub tokens_per_s: f64,
     pub checkpoint: Option<PathBuf>,
     pub events: usize,
+    /// Loss of a context-free (unigram) model on the training tokens, for reference.
+    pub unigram_entropy: f64,
 }
 
 fn now_s() -> f64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 /// Resolve the configuration of a run directory: a fresh run writes config.toml; a resume
@@ -87,7 +92,14 @@ fn resolve_config(opts: &TrainOptions) -> Result<(RunConfig, bool)> {
 }
 
 /// Mean validation loss over the fixed validation batches.
-fn validate(model: &mut Model, ds: &Dataset, batcher: &Batcher, want: usize, x: &mut [u32], y: &mut [u32]) -> Result<Option<f64>> {
+fn validate(
+    model: &mut Model,
+    ds: &Dataset,
+    batcher: &Batcher,
+    want: usize,
+    x: &mut [u32],
+    y: &mut [u32],
+) -> Result<Option<f64>> {
     let n = batcher.val_batches(ds, want);
     if n == 0 {
         return Ok(None);
@@ -102,7 +114,8 @@ fn validate(model: &mut Model, ds: &Dataset, batcher: &Batcher, want: usize, x: 
 
 pub fn run(opts: &TrainOptions) -> Result<Summary> {
     let out = &opts.out;
-    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create run directory", out.display()))?;
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("{}: cannot create run directory", out.display()))?;
     let (cfg, resuming) = resolve_config(opts)?;
     let mc = cfg.model_config().map_err(|e| anyhow::anyhow!("{e}"))?;
     let t = cfg.seq_len(&mc);
@@ -112,17 +125,33 @@ pub fn run(opts: &TrainOptions) -> Result<Summary> {
         checkpoint::write_atomic(&out.join("config.toml"), cfg.to_toml().as_bytes())?;
     }
 
-    let bar = if opts.progress { ProgressBar::new(1) } else { ProgressBar::hidden() };
-    bar.set_style(ProgressStyle::with_template("{msg} [{bar:30}] {percent}%").expect("static template").progress_chars("=> "));
+    let bar = if opts.progress {
+        ProgressBar::new(1)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {percent}%")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
     let ds = data::prepare(&cfg, out, mc.vocab_size, t, &mut |what, done, total| {
         bar.set_length(total.max(1));
         bar.set_position(done);
         bar.set_message(what.to_string());
     })?;
     bar.finish_and_clear();
+    let unigram = ds.unigram_entropy();
+    eprintln!(
+        "data: {} — {} train / {} val tokens, unigram entropy {unigram:.3} nats/token",
+        ds.description,
+        ds.train.len(),
+        ds.val.len()
+    );
 
     let mut model = Model::new(&mc, b, t);
-    crate::init::initialize(&mut model, &cfg.init.scheme, cfg.init.seed, cfg.init.std).map_err(|e| anyhow::anyhow!("{e}"))?;
+    crate::init::initialize(&mut model, &cfg.init.scheme, cfg.init.seed, cfg.init.std)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut opt = AdamW::new(cfg.optim.clone(), &model.layout);
     let ck_root = out.join("checkpoints");
     checkpoint::prune(&ck_root, usize::MAX)?; // clears leftovers of interrupted saves
@@ -147,13 +176,21 @@ pub fn run(opts: &TrainOptions) -> Result<Summary> {
         log::truncate_after_step(&metrics_path, 0)?;
     }
     let mut metrics = JsonlWriter::open(&metrics_path)?;
-    let batcher = Batcher { seed: cfg.train.seed, batch: b, seq: t };
+    let batcher = Batcher {
+        seed: cfg.train.seed,
+        batch: b,
+        seq: t,
+    };
     let (mut x, mut y) = (vec![0u32; b * t], vec![0u32; b * t]);
     let total = cfg.train.steps;
     let accum = cfg.train.grad_accum;
     let tokens_per_step = (b * t * accum) as u64;
 
-    let bar = if opts.progress { ProgressBar::new(total) } else { ProgressBar::hidden() };
+    let bar = if opts.progress {
+        ProgressBar::new(total)
+    } else {
+        ProgressBar::hidden()
+    };
     bar.set_style(
         ProgressStyle::with_template("{prefix} [{bar:28}] {pos}/{len} {msg} eta {eta}")
             .expect("static template")
@@ -200,9 +237,11 @@ pub fn run(opts: &TrainOptions) -> Result<Summary> {
             "logit_z": model.stats.lse_mean,
             "skipped": false,
         });
-        let eval_now = (cfg.eval.every > 0 && state.step % cfg.eval.every == 0) || state.step == total;
+        let eval_now = (cfg.eval.every > 0 && state.step.is_multiple_of(cfg.eval.every))
+            || state.step == total;
         if eval_now {
-            if let Some(v) = validate(&mut model, &ds, &batcher, cfg.eval.batches, &mut x, &mut y)? {
+            if let Some(v) = validate(&mut model, &ds, &batcher, cfg.eval.batches, &mut x, &mut y)?
+            {
                 line["val_loss"] = json!(v);
                 state.best_val_loss = Some(state.best_val_loss.map_or(v, |b: f64| b.min(v)));
             }
@@ -210,20 +249,33 @@ pub fn run(opts: &TrainOptions) -> Result<Summary> {
         metrics.write(&line)?;
         bar.set_position(state.step);
         bar.set_message(format!("loss {loss:.4} | {tps:.0} tok/s"));
-        if !opts.progress && cfg.train.log_every > 0 && (state.step % cfg.train.log_every == 0 || state.step == total) {
+        if !opts.progress
+            && cfg.train.log_every > 0
+            && (state.step.is_multiple_of(cfg.train.log_every) || state.step == total)
+        {
             eprintln!("step {:>6}/{total}  loss {loss:.4}  lr {lr:.2e}  grad_norm {gnorm:.3}  {tps:.0} tok/s", state.step);
         }
         let interrupted = INTERRUPTED.load(Ordering::SeqCst);
-        let ck_now = (cfg.checkpoint.every > 0 && state.step % cfg.checkpoint.every == 0) || state.step == total;
+        let ck_now = (cfg.checkpoint.every > 0 && state.step.is_multiple_of(cfg.checkpoint.every))
+            || state.step == total;
         if ck_now || interrupted {
-            let dir = checkpoint::save(&ck_root, &model, &opt.m, &opt.v, &state, ds.tokenizer.as_deref())?;
+            let dir = checkpoint::save(
+                &ck_root,
+                &model,
+                &opt.m,
+                &opt.v,
+                &state,
+                ds.tokenizer.as_deref(),
+            )?;
             checkpoint::prune(&ck_root, cfg.checkpoint.keep)?;
             events.write(&json!({"step": state.step, "kind": "checkpoint", "detail": {"path": dir.display().to_string()}, "time": now_s()}))?;
             n_events += 1;
             last_ckpt = Some(dir);
         }
         if interrupted {
-            events.write(&json!({"step": state.step, "kind": "interrupted", "detail": {}, "time": now_s()}))?;
+            events.write(
+                &json!({"step": state.step, "kind": "interrupted", "detail": {}, "time": now_s()}),
+            )?;
             bar.abandon();
             return Ok(Summary {
                 outcome: Outcome::Interrupted,
@@ -233,6 +285,7 @@ pub fn run(opts: &TrainOptions) -> Result<Summary> {
                 tokens_per_s: tps,
                 checkpoint: last_ckpt,
                 events: n_events + 1,
+                unigram_entropy: unigram,
             });
         }
     }
@@ -248,18 +301,28 @@ pub fn run(opts: &TrainOptions) -> Result<Summary> {
         tokens_per_s: tps,
         checkpoint: last_ckpt,
         events: n_events,
+        unigram_entropy: unigram,
     })
 }
 
 /// Mean next-token cross-entropy of a model on a flat token array, windows as in DESIGN.md:
 /// window w has inputs t[wL..wL+L) and targets t[wL+1..wL+L+1), n = (len−1)/L windows.
-pub fn eval_tokens(model: &mut Model, tokens: &data::shard::TokenFile, seq: usize, max_windows: Option<usize>) -> Result<(f64, usize)> {
+pub fn eval_tokens(
+    model: &mut Model,
+    tokens: &data::shard::TokenFile,
+    seq: usize,
+    max_windows: Option<usize>,
+) -> Result<(f64, usize)> {
     let mut n = tokens.len.saturating_sub(1) / seq;
     if let Some(m) = max_windows {
         n = n.min(m);
     }
     if n == 0 {
-        bail!("{}: {} tokens are too few for one window of --seq-len {seq}", tokens.path.display(), tokens.len);
+        bail!(
+            "{}: {} tokens are too few for one window of --seq-len {seq}",
+            tokens.path.display(),
+            tokens.len
+        );
     }
     if tokens.len > 0 {
         tokens.check_vocab(model.cfg.vocab_size)?;
@@ -276,7 +339,11 @@ pub fn eval_tokens(model: &mut Model, tokens: &data::shard::TokenFile, seq: usiz
             tokens.read((w + r) * seq + 1, &mut y[r * seq..(r + 1) * seq]);
         }
         model.forward(&x, &y)?;
-        sum += model.position_losses().iter().map(|&l| l as f64).sum::<f64>();
+        sum += model
+            .position_losses()
+            .iter()
+            .map(|&l| l as f64)
+            .sum::<f64>();
         w += b;
     }
     Ok((sum / (n * seq) as f64, n))
@@ -284,5 +351,7 @@ pub fn eval_tokens(model: &mut Model, tokens: &data::shard::TokenFile, seq: usiz
 
 /// Path helpers for tests and commands.
 pub fn latest_checkpoint(run: &Path) -> Option<PathBuf> {
-    checkpoint::list(&run.join("checkpoints")).pop().map(|(_, p)| p)
+    checkpoint::list(&run.join("checkpoints"))
+        .pop()
+        .map(|(_, p)| p)
 }

@@ -1,0 +1,379 @@
+//! End-to-end tests of the `keel` binary: training, resume after SIGKILL, Ctrl-C, eval of a
+//! checkpoint, and clear errors on bad input.
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn keel() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_keel"))
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("keel-it-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Common flags: micro model, small built-in corpus, 2 threads, frequent checkpoints.
+fn micro_args(out: &Path, steps: u64) -> Vec<String> {
+    [
+        "train",
+        "--preset",
+        "micro",
+        "--threads",
+        "2",
+        "--steps",
+        &steps.to_string(),
+        "--out",
+        out.to_str().unwrap(),
+        "--set",
+        "data.builtin_bytes=300000",
+        "--set",
+        "train.batch_size=4",
+        "--set",
+        "checkpoint.every=10",
+        "--set",
+        "eval.every=10",
+        "--set",
+        "optim.lr=3e-3",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn run(args: &[String]) -> Output {
+    keel().args(args).output().expect("spawn keel")
+}
+
+fn metrics(dir: &Path) -> Vec<Value> {
+    keel::train::read_jsonl(&dir.join("metrics.jsonl")).unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+fn assert_loss_falls(m: &[Value], margin: f64) {
+    let first = m[0]["loss"].as_f64().unwrap();
+    let k = 5.min(m.len());
+    let last: f64 = m[m.len() - k..]
+        .iter()
+        .map(|v| v["loss"].as_f64().unwrap())
+        .sum::<f64>()
+        / k as f64;
+    assert!(
+        last < first - margin,
+        "loss did not fall: first {first}, last {last}"
+    );
+}
+
+#[test]
+fn trains_on_builtin_corpus_and_writes_a_run_directory() {
+    let d = tmpdir("builtin");
+    let o = run(&micro_args(&d, 40));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let m = metrics(&d);
+    assert_eq!(m.len(), 40);
+    for k in [
+        "step",
+        "tokens",
+        "loss",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+        "elapsed_s",
+        "max_attn_logit",
+        "logit_z",
+        "skipped",
+    ] {
+        assert!(m[0].get(k).is_some(), "metrics lack {k}");
+    }
+    assert_loss_falls(&m, 0.8);
+    let ck = d.join("checkpoints/step-00000040");
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "trainer_state.safetensors",
+        "state.json",
+    ] {
+        assert!(ck.join(f).exists(), "checkpoint lacks {f}");
+    }
+    assert!(d.join("config.toml").exists() && d.join("events.jsonl").exists());
+    // keep = 3 by default: steps 20, 30, 40 remain
+    assert!(!d.join("checkpoints/step-00000010").exists());
+    assert!(d.join("checkpoints/step-00000020").exists());
+}
+
+#[test]
+fn trains_on_tinyshakespeare() {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/tinyshakespeare.txt");
+    if !p.exists() {
+        eprintln!("skipped: {} is absent", p.display());
+        return;
+    }
+    let d = tmpdir("shakespeare");
+    let mut args = micro_args(&d, 30);
+    args.extend(["--data".to_string(), p.display().to_string()]);
+    let o = run(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_loss_falls(&metrics(&d), 0.5);
+}
+
+fn wait_for_steps(dir: &Path, n: usize, child: &mut std::process::Child) {
+    let t = Instant::now();
+    loop {
+        let have = std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .map(|s| s.lines().count())
+            .unwrap_or(0);
+        if have >= n {
+            return;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "keel exited early");
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "timed out waiting for step {n}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn fields(m: &[Value]) -> Vec<(u64, String, String, String)> {
+    m.iter()
+        .map(|v| {
+            (
+                v["step"].as_u64().unwrap(),
+                v["loss"].to_string(),
+                v["grad_norm"].to_string(),
+                v["lr"].to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn resume_after_sigkill_is_bit_identical() {
+    let steps = 60;
+    let a = tmpdir("uninterrupted");
+    let o = run(&micro_args(&a, steps));
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let b = tmpdir("killed");
+    let args = micro_args(&b, steps);
+    for kill_at in [15usize, 37] {
+        let mut child = keel()
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for_steps(&b, kill_at, &mut child);
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+    }
+    // resume with --out alone: the run directory's own config is used
+    let o = run(&[
+        "train".into(),
+        "--threads".into(),
+        "2".into(),
+        "--out".into(),
+        b.display().to_string(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (ma, mb) = (metrics(&a), metrics(&b));
+    assert_eq!(ma.len(), steps as usize);
+    assert_eq!(
+        fields(&ma),
+        fields(&mb),
+        "metrics after resume differ from the uninterrupted run"
+    );
+    let events = keel::train::read_jsonl(&b.join("events.jsonl")).unwrap();
+    assert!(events.iter().filter(|e| e["kind"] == "resume").count() >= 2);
+    let wa = std::fs::read(a.join("checkpoints/step-00000060/model.safetensors")).unwrap();
+    let wb = std::fs::read(b.join("checkpoints/step-00000060/model.safetensors")).unwrap();
+    assert!(wa == wb, "final weights differ");
+}
+
+#[cfg(unix)]
+#[test]
+fn ctrl_c_saves_a_checkpoint_and_exits_3() {
+    let d = tmpdir("sigint");
+    let mut args = micro_args(&d, 100_000);
+    args.extend(["--set".into(), "checkpoint.every=0".into()]);
+    let mut child = keel()
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_steps(&d, 5, &mut child);
+    let st = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let code = child.wait().unwrap().code();
+    assert_eq!(code, Some(3));
+    let ck = keel::train::latest_checkpoint(&d).expect("a checkpoint after Ctrl-C");
+    let state: Value =
+        serde_json::from_str(&std::fs::read_to_string(ck.join("state.json")).unwrap()).unwrap();
+    assert_eq!(state["step"].as_u64().unwrap() as usize, metrics(&d).len());
+}
+
+#[test]
+fn checkpoint_loads_and_eval_matches_validation_loss() {
+    let d = tmpdir("eval");
+    let o = run(&micro_args(&d, 20));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let last = metrics(&d).pop().unwrap();
+    let val = last["val_loss"]
+        .as_f64()
+        .expect("val_loss at the final step");
+    // rebuild the validation split exactly as data::prepare does (val_fraction 0.05)
+    let tf = keel::data::shard::TokenFile::open(
+        &d.join("data/tokens.bin"),
+        keel::data::shard::Layout::Auto,
+        None,
+    )
+    .unwrap();
+    let (n, seq, batch, batches) = (tf.len, 64usize, 4usize, 4usize);
+    let n_val = ((n as f64 * 0.05) as usize).max(seq + 1);
+    let mut toks = vec![0u32; n_val];
+    tf.read(n - n_val, &mut toks);
+    let raw = d.join("val.u16");
+    keel::data::shard::write_raw(&raw, &toks, keel::data::shard::TokenDtype::U16).unwrap();
+    let ck = d.join("checkpoints/step-00000020");
+    let o = run(&[
+        "eval".into(),
+        "--model".into(),
+        ck.display().to_string(),
+        "--tokens".into(),
+        raw.display().to_string(),
+        "--seq-len".into(),
+        seq.to_string(),
+        "--max-windows".into(),
+        (batch * batches).to_string(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["windows"].as_u64(), Some(16));
+    let ce = r["mean_ce"].as_f64().unwrap();
+    assert!(
+        ((ce - val) / val).abs() < 1e-5,
+        "keel eval {ce} vs training val_loss {val}"
+    );
+}
+
+fn expect_error(args: &[String], needles: &[&str]) {
+    let o = run(args);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "expected exit 1; stderr: {}",
+        stderr(&o)
+    );
+    let e = stderr(&o);
+    for n in needles {
+        assert!(e.contains(n), "error message lacks '{n}': {e}");
+    }
+    assert!(!e.contains("panicked"), "panic instead of an error: {e}");
+}
+
+#[test]
+fn bad_input_gets_a_clear_error_and_exit_1() {
+    let d = tmpdir("bad");
+    let s = |x: &str| x.to_string();
+    // missing data
+    let mut a = micro_args(&d.join("r1"), 5);
+    a.extend([s("--data"), d.join("nope.txt").display().to_string()]);
+    expect_error(&a, &["nope.txt", "no such file"]);
+    // empty data
+    std::fs::write(d.join("empty.txt"), "").unwrap();
+    let mut a = micro_args(&d.join("r2"), 5);
+    a.extend([s("--data"), d.join("empty.txt").display().to_string()]);
+    expect_error(&a, &["empty.txt"]);
+    // a binary file given as text
+    std::fs::write(d.join("bin.txt"), [0u8, 159, 146, 150, 0, 1, 2, 3]).unwrap();
+    let mut a = micro_args(&d.join("r3"), 5);
+    a.extend([s("--data"), d.join("bin.txt").display().to_string()]);
+    expect_error(&a, &["bin.txt", "binary"]);
+    // a shard with a wrong magic
+    let mut bytes = vec![0u8; 2048];
+    bytes[..4].copy_from_slice(&20240999i32.to_le_bytes());
+    std::fs::write(d.join("bad.bin"), &bytes).unwrap();
+    let mut a = micro_args(&d.join("r4"), 5);
+    a.extend([s("--data"), d.join("bad.bin").display().to_string()]);
+    expect_error(&a, &["bad.bin", "magic"]);
+    // a truncated shard
+    let toks: Vec<u32> = (0..5000).map(|i| i % 200).collect();
+    keel::data::shard::write_shard(&d.join("t.bin"), &toks, 256).unwrap();
+    let full = std::fs::read(d.join("t.bin")).unwrap();
+    std::fs::write(d.join("trunc.bin"), &full[..full.len() - 100]).unwrap();
+    let mut a = micro_args(&d.join("r5"), 5);
+    a.extend([s("--data"), d.join("trunc.bin").display().to_string()]);
+    expect_error(&a, &["trunc.bin", "truncated"]);
+    // token ids >= vocab
+    let big: Vec<u32> = (0..5000).map(|i| i % 300).collect();
+    keel::data::shard::write_shard(&d.join("big.bin"), &big, 300).unwrap();
+    let mut a = micro_args(&d.join("r6"), 5);
+    a.extend([s("--data"), d.join("big.bin").display().to_string()]);
+    expect_error(&a, &["big.bin", "vocab_size 256"]);
+    // unknown config key, wrong type, bad shape
+    let mut a = micro_args(&d.join("r7"), 5);
+    a.extend([s("--set"), s("optim.learnin_rate=1")]);
+    expect_error(&a, &["optim.learnin_rate"]);
+    let mut a = micro_args(&d.join("r8"), 5);
+    a.extend([s("--set"), s("model.num_kv_heads=3")]);
+    expect_error(&a, &["model.num_kv_heads"]);
+    let mut a = micro_args(&d.join("r9"), 5);
+    a.extend([s("--set"), s("model.vocab_size=1000000000000")]);
+    expect_error(&a, &["model.vocab_size"]);
+    // a config.json that is not Llama
+    std::fs::create_dir_all(d.join("gpt")).unwrap();
+    std::fs::write(
+        d.join("gpt/config.json"),
+        r#"{"model_type": "gpt2", "vocab_size": 10}"#,
+    )
+    .unwrap();
+    let mut a = micro_args(&d.join("r10"), 5);
+    a.extend([
+        s("--set"),
+        format!(
+            "model.hf_config={:?}",
+            d.join("gpt/config.json").display().to_string()
+        ),
+    ]);
+    a.retain(|x| x != "--preset" && x != "micro");
+    expect_error(&a, &["model_type", "gpt2"]);
+}
+
+#[test]
+fn incompatible_run_directory_and_tokenizer_are_refused() {
+    let d = tmpdir("incompat");
+    let o = run(&micro_args(&d, 5));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let before = std::fs::read(d.join("checkpoints/step-00000005/model.safetensors")).unwrap();
+    let mut a = micro_args(&d, 10);
+    a.extend(["--set".into(), "model.hidden_size=128".into()]);
+    expect_error(&a, &["different model", "--out"]);
+    let after = std::fs::read(d.join("checkpoints/step-00000005/model.safetensors")).unwrap();
+    assert!(before == after, "the earlier checkpoint was touched");
+    // a tokenizer with more ids than the model's vocabulary
+    let t = tmpdir("tok");
+    let text = keel::data::corpus::generate(50_000, 0);
+    let tok = keel::data::tokenizer::Tok::train(400, std::iter::once(text.as_str())).unwrap();
+    tok.save(&t.join("tok.json")).unwrap();
+    let mut a = micro_args(&t.join("run"), 5);
+    a.extend([
+        "--set".into(),
+        format!(
+            "data.tokenizer={:?}",
+            t.join("tok.json").display().to_string()
+        ),
+    ]);
+    expect_error(&a, &["tok.json", "400", "vocab_size"]);
+}
