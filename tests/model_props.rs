@@ -1,0 +1,141 @@
+//! Properties of the engine that must hold whatever the fixtures say: initial loss at
+//! ln(vocab), memorising one batch, gradient accumulation = a larger batch, config I/O.
+
+use keel::config::ModelConfig;
+use keel::init::{init_hf_normal, rng::Stream};
+use keel::model::Model;
+use keel::optim::{clip_grad_norm, AdamW, OptimConfig};
+
+fn random_tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    let s = Stream::new(seed, 1);
+    (0..n)
+        .map(|i| (s.u64_at(i as u64) % vocab as u64) as u32)
+        .collect()
+}
+
+#[test]
+fn initial_loss_is_ln_vocab_with_hf_init() {
+    for (preset, b, t) in [("micro", 4, 64), ("tiny", 2, 64)] {
+        let cfg = ModelConfig::preset(preset).unwrap();
+        let mut m = Model::new(&cfg, b, t);
+        init_hf_normal(&mut m, 0, 0.02);
+        let x = random_tokens(b * t, cfg.vocab_size, 1);
+        let y = random_tokens(b * t, cfg.vocab_size, 2);
+        let loss = m.forward(&x, &y).unwrap() as f64;
+        let lnv = (cfg.vocab_size as f64).ln();
+        assert!(
+            (loss - lnv).abs() < 0.1,
+            "{preset}: initial loss {loss} vs ln(V) {lnv}"
+        );
+    }
+}
+
+#[test]
+fn overfits_one_batch() {
+    let cfg = ModelConfig::preset("micro").unwrap();
+    let (b, t) = (2, 32);
+    let mut m = Model::new(&cfg, b, t);
+    init_hf_normal(&mut m, 0, 0.02);
+    let mut opt = AdamW::new(
+        OptimConfig {
+            lr: 1e-2,
+            weight_decay: 0.0,
+            ..Default::default()
+        },
+        &m.layout,
+    );
+    let x = random_tokens(b * t, cfg.vocab_size, 3);
+    let y = random_tokens(b * t, cfg.vocab_size, 4);
+    let mut loss = f32::NAN;
+    for _ in 0..150 {
+        m.zero_grad();
+        loss = m.forward(&x, &y).unwrap();
+        m.backward(1.0).unwrap();
+        clip_grad_norm(&mut m.grads, 1.0);
+        opt.update(&mut m.params, &m.grads, 1e-2);
+    }
+    assert!(loss < 0.1, "did not memorise one batch: loss {loss}");
+}
+
+#[test]
+fn gradient_accumulation_equals_the_larger_batch() {
+    let cfg = ModelConfig::preset("micro").unwrap();
+    let t = 16;
+    let x = random_tokens(2 * t, cfg.vocab_size, 5);
+    let y = random_tokens(2 * t, cfg.vocab_size, 6);
+    let mut big = Model::new(&cfg, 2, t);
+    init_hf_normal(&mut big, 7, 0.02);
+    big.forward(&x, &y).unwrap();
+    big.backward(1.0).unwrap();
+    let mut small = Model::new(&cfg, 1, t);
+    small.params.copy_from_slice(&big.params);
+    for half in 0..2 {
+        let r = half * t..(half + 1) * t;
+        small.forward(&x[r.clone()], &y[r]).unwrap();
+        small.backward(0.5).unwrap();
+    }
+    let scale = big.grads.iter().fold(0f32, |a, g| a.max(g.abs()));
+    let diff = big
+        .grads
+        .iter()
+        .zip(&small.grads)
+        .fold(0f32, |a, (p, q)| a.max((p - q).abs()));
+    assert!(
+        diff / scale < 1e-5,
+        "accumulated grads differ: {diff} (scale {scale})"
+    );
+}
+
+#[test]
+fn tied_embeddings_share_one_tensor() {
+    let mut cfg = ModelConfig::preset("micro").unwrap();
+    cfg.tie_embeddings = true;
+    let m = Model::new(&cfg, 1, 8);
+    assert!(m.layout.get("lm_head.weight").is_none());
+    assert_eq!(m.layout.head, m.layout.embed);
+    assert_eq!(m.layout.total, cfg.num_params());
+}
+
+#[test]
+fn hf_config_round_trips_and_reads_both_rope_forms() {
+    let c = ModelConfig::preset("llama3-8b").unwrap();
+    let back = ModelConfig::from_hf_value(&c.to_hf_value()).unwrap();
+    assert_eq!(back, c);
+    let mut v = c.to_hf_value();
+    let obj = v.as_object_mut().unwrap();
+    obj.remove("rope_theta");
+    obj.insert(
+        "rope_parameters".into(),
+        serde_json::json!({"rope_type": "default", "rope_theta": 123456.0}),
+    );
+    assert_eq!(ModelConfig::from_hf_value(&v).unwrap().rope_theta, 123456.0);
+    let mut bad = c.to_hf_value();
+    bad["num_key_value_heads"] = serde_json::json!(7);
+    let e = ModelConfig::from_hf_value(&bad).unwrap_err();
+    assert_eq!(e.field, "model.num_kv_heads");
+    let mut bad = c.to_hf_value();
+    bad["model_type"] = serde_json::json!("mistral");
+    assert_eq!(
+        ModelConfig::from_hf_value(&bad).unwrap_err().field,
+        "model_type"
+    );
+    let mut bad = c.to_hf_value();
+    bad["vocab_size"] = serde_json::json!("big");
+    assert_eq!(
+        ModelConfig::from_hf_value(&bad).unwrap_err().field,
+        "vocab_size"
+    );
+}
+
+#[test]
+fn out_of_range_tokens_are_an_error_not_a_panic() {
+    let cfg = ModelConfig::preset("micro").unwrap();
+    let mut m = Model::new(&cfg, 1, 4);
+    let e = m.forward(&[1, 2, 256, 3], &[0, 0, 0, 0]).unwrap_err();
+    assert!(e.to_string().contains("256"));
+    assert!(m.forward(&[1, 2, 3], &[0, 0, 0]).is_err());
+    assert!(
+        m.backward(1.0).is_err(),
+        "backward without forward must be refused"
+    );
+}
