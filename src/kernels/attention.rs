@@ -1,6 +1,8 @@
 //! Causal scaled-dot-product attention with grouped-query heads (GQA).
 //!
-//! Head h reads key/value head h / (H / KV). Each (batch, head) is one task; inside it the
+//! Head h reads key/value head h / (H / KV). Queries, keys and values live in one fused
+//! buffer qkv (B·T, (H + 2·KV)·D) — the output of a single projection GEMM — and their
+//! gradients are written in the same layout, so the backward projection is one GEMM too. Each (batch, head) is one task; inside it the
 //! products are single-threaded GEMMs on strided head views (no copies), and the causal
 //! mask is applied to the (T, T) score matrix. Probabilities are kept for the backward pass.
 
@@ -28,33 +30,26 @@ impl AttnShape {
     fn scale(&self) -> f32 {
         1.0 / (self.head_dim as f32).sqrt()
     }
+    /// Row stride of the fused qkv buffer: H·D query, then KV·D key, then KV·D value columns.
+    pub fn qkv_stride(&self) -> usize {
+        (self.heads + 2 * self.kv_heads) * self.head_dim
+    }
     /// Floats of backward scratch: one (T, T) matrix per (batch, kv head) task.
     pub fn scratch_len(&self) -> usize {
         self.b * self.kv_heads * self.t * self.t
     }
 }
 
-/// Forward. q (B·T, H·D), k (B·T, KV·D), v (B·T, KV·D) → y (B·T, H·D),
-/// probs (B, H, T, T) (row t holds softmax over keys 0..=t, zeros above the diagonal).
-/// Returns the largest pre-softmax logit q·k/√D (a telemetry signal for logit growth).
-pub fn attention_fwd(
-    y: &mut [f32],
-    probs: &mut [f32],
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    s: AttnShape,
-) -> f32 {
-    let AttnShape {
-        t,
-        heads,
-        head_dim: d,
-        ..
-    } = s;
-    let (qs, kvs) = (heads * d, s.kv_heads * d);
+/// Forward. qkv (B·T, (H+2KV)·D) → y (B·T, H·D), probs (B, H, T, T) (row t holds softmax
+/// over keys 0..=t, zeros above the diagonal). Returns the largest pre-softmax logit
+/// q·k/√D (a telemetry signal for logit growth).
+pub fn attention_fwd(y: &mut [f32], probs: &mut [f32], qkv: &[f32], s: AttnShape) -> f32 {
+    let AttnShape { t, heads, head_dim: d, .. } = s;
+    let (ys, rs) = (heads * d, s.qkv_stride());
+    let (koff, voff) = (heads * d, (heads + s.kv_heads) * d);
     let scale = s.scale();
-    assert!(y.len() >= s.b * t * qs && probs.len() >= s.b * heads * t * t);
-    assert!(q.len() >= s.b * t * qs && k.len() >= s.b * t * kvs && v.len() >= s.b * t * kvs);
+    assert!(y.len() >= s.b * t * ys && probs.len() >= s.b * heads * t * t);
+    assert!(qkv.len() >= s.b * t * rs);
     let yp = SendPtr(y.as_mut_ptr());
     probs[..s.b * heads * t * t]
         .par_chunks_mut(t * t)
@@ -62,33 +57,17 @@ pub fn attention_fwd(
         .map(|(bh, p)| {
             let (b, h) = (bh / heads, bh % heads);
             let kvh = h / s.group();
-            let qh = q[(b * t) * qs + h * d..].as_ptr();
-            let kh = k[(b * t) * kvs + kvh * d..].as_ptr();
-            let vh = v[(b * t) * kvs + kvh * d..].as_ptr();
+            let base = qkv[(b * t) * rs..].as_ptr();
+            // SAFETY: all views below are in bounds (asserted) and p is this task's own chunk.
+            let (qh, kh, vh) = unsafe { (base.add(h * d), base.add(koff + kvh * d), base.add(voff + kvh * d)) };
             let mut maxlogit = f32::NEG_INFINITY;
             // Row blocks: block [r0, r1) only sees keys [0, r1), so the masked upper
             // triangle is (almost all) skipped.
             for r0 in (0..t).step_by(BLK) {
                 let r1 = (r0 + BLK).min(t);
-                // SAFETY: in-bounds views asserted above; p is this task's own chunk.
                 unsafe {
                     let pr = p.as_mut_ptr().add(r0 * t);
-                    gemm_ptr(
-                        r1 - r0,
-                        r1,
-                        d,
-                        pr,
-                        t,
-                        false,
-                        qh.add(r0 * qs),
-                        qs,
-                        1,
-                        kh,
-                        1,
-                        kvs,
-                        scale,
-                        1,
-                    );
+                    gemm_ptr(r1 - r0, r1, d, pr, t, false, qh.add(r0 * rs), rs, 1, kh, 1, rs, scale, 1);
                 }
                 for ti in r0..r1 {
                     let row = &mut p[ti * t..(ti + 1) * t];
@@ -100,23 +79,8 @@ pub fn attention_fwd(
                 }
                 // SAFETY: task (b, h) alone writes head h's columns of rows b·T..b·T+T of y.
                 unsafe {
-                    let yh = { yp }.0.add((b * t + r0) * qs + h * d);
-                    gemm_ptr(
-                        r1 - r0,
-                        d,
-                        r1,
-                        yh,
-                        qs,
-                        false,
-                        p.as_ptr().add(r0 * t),
-                        t,
-                        1,
-                        vh,
-                        kvs,
-                        1,
-                        1.0,
-                        1,
-                    );
+                    let yh = { yp }.0.add((b * t + r0) * ys + h * d);
+                    gemm_ptr(r1 - r0, d, r1, yh, ys, false, p.as_ptr().add(r0 * t), t, 1, vh, rs, 1, 1.0, 1);
                 }
             }
             maxlogit
@@ -124,78 +88,41 @@ pub fn attention_fwd(
         .reduce(|| f32::NEG_INFINITY, f32::max)
 }
 
-/// Backward. dy (B·T, H·D) with q, k, v, probs from forward → dq (B·T, H·D), dk, dv
-/// (B·T, KV·D), all overwritten. `scratch` holds `s.scratch_len()` floats.
+/// Backward. dy (B·T, H·D), with qkv and probs from forward → dqkv (B·T, (H+2KV)·D),
+/// overwritten. `scratch` holds `s.scratch_len()` floats.
 ///
 /// dV = Pᵀ dY;  dP = dY Vᵀ;  dS = P ⊙ (dP − rowsum(P ⊙ dP)) / √D;  dQ = dS K;  dK = dSᵀ Q.
-#[allow(clippy::too_many_arguments)]
-pub fn attention_bwd(
-    dq: &mut [f32],
-    dk: &mut [f32],
-    dv: &mut [f32],
-    scratch: &mut [f32],
-    dy: &[f32],
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    probs: &[f32],
-    s: AttnShape,
-) {
-    let AttnShape {
-        t,
-        heads,
-        kv_heads,
-        head_dim: d,
-        ..
-    } = s;
-    let (qs, kvs, g) = (heads * d, kv_heads * d, s.group());
+pub fn attention_bwd(dqkv: &mut [f32], scratch: &mut [f32], dy: &[f32], qkv: &[f32], probs: &[f32], s: AttnShape) {
+    let AttnShape { t, heads, kv_heads, head_dim: d, .. } = s;
+    let (ys, rs, g) = (heads * d, s.qkv_stride(), s.group());
+    let (koff, voff) = (heads * d, (heads + kv_heads) * d);
     let scale = s.scale();
-    assert!(dq.len() >= s.b * t * qs && dk.len() >= s.b * t * kvs && dv.len() >= s.b * t * kvs);
-    assert!(dy.len() >= s.b * t * qs && q.len() >= s.b * t * qs);
-    assert!(k.len() >= s.b * t * kvs && v.len() >= s.b * t * kvs);
+    assert!(dqkv.len() >= s.b * t * rs && qkv.len() >= s.b * t * rs && dy.len() >= s.b * t * ys);
     assert!(probs.len() >= s.b * heads * t * t && scratch.len() >= s.scratch_len());
-    let (dqp, dkp, dvp) = (
-        SendPtr(dq.as_mut_ptr()),
-        SendPtr(dk.as_mut_ptr()),
-        SendPtr(dv.as_mut_ptr()),
-    );
+    let dp = SendPtr(dqkv.as_mut_ptr());
     scratch[..s.scratch_len()]
         .par_chunks_mut(t * t)
         .enumerate()
         .for_each(|(bk, ds)| {
             let (b, kvh) = (bk / kv_heads, bk % kv_heads);
-            let kh = k[(b * t) * kvs + kvh * d..].as_ptr();
-            let vh = v[(b * t) * kvs + kvh * d..].as_ptr();
             // SAFETY (all products below): views are in bounds (asserted); task (b, kvh) alone
             // writes kv head kvh of batch b in dk/dv and the query heads of its group in dq.
-            let dkh = unsafe { { dkp }.0.add((b * t) * kvs + kvh * d) };
-            let dvh = unsafe { { dvp }.0.add((b * t) * kvs + kvh * d) };
+            let base = qkv[(b * t) * rs..].as_ptr();
+            let dbase = unsafe { { dp }.0.add((b * t) * rs) };
+            let (kh, vh) = unsafe { (base.add(koff + kvh * d), base.add(voff + kvh * d)) };
+            let (dkh, dvh) = unsafe { (dbase.add(koff + kvh * d), dbase.add(voff + kvh * d)) };
             for (i, h) in (kvh * g..(kvh + 1) * g).enumerate() {
                 let p = &probs[(b * heads + h) * t * t..][..t * t];
-                let dyh = dy[(b * t) * qs + h * d..].as_ptr();
-                let qh = q[(b * t) * qs + h * d..].as_ptr();
+                let dyh = dy[(b * t) * ys + h * d..].as_ptr();
+                let qh = unsafe { base.add(h * d) };
+                let dqh = unsafe { dbase.add(h * d) };
                 let first = i == 0;
                 for r0 in (0..t).step_by(BLK) {
                     let r1 = (r0 + BLK).min(t);
                     // dP[r0..r1, ..r1] = dY_h[r0..r1] · V[..r1]ᵀ
                     unsafe {
                         let dsr = ds.as_mut_ptr().add(r0 * t);
-                        gemm_ptr(
-                            r1 - r0,
-                            r1,
-                            d,
-                            dsr,
-                            t,
-                            false,
-                            dyh.add(r0 * qs),
-                            qs,
-                            1,
-                            vh,
-                            1,
-                            kvs,
-                            1.0,
-                            1,
-                        );
+                        gemm_ptr(r1 - r0, r1, d, dsr, t, false, dyh.add(r0 * ys), ys, 1, vh, 1, rs, 1.0, 1);
                     }
                     for ti in r0..r1 {
                         let pr = &p[ti * t..ti * t + ti + 1];
@@ -208,23 +135,8 @@ pub fn attention_bwd(
                     }
                     // dQ_h[r0..r1] = dS[r0..r1, ..r1] · K[..r1]
                     unsafe {
-                        let dqh = { dqp }.0.add((b * t + r0) * qs + h * d);
-                        gemm_ptr(
-                            r1 - r0,
-                            d,
-                            r1,
-                            dqh,
-                            qs,
-                            false,
-                            ds.as_ptr().add(r0 * t),
-                            t,
-                            1,
-                            kh,
-                            kvs,
-                            1,
-                            1.0,
-                            1,
-                        );
+                        let src = ds.as_ptr().add(r0 * t);
+                        gemm_ptr(r1 - r0, d, r1, dqh.add(r0 * rs), rs, false, src, t, 1, kh, rs, 1, 1.0, 1);
                     }
                 }
                 // Key blocks [c0, c1) receive from query rows [c0, T) only.
@@ -234,40 +146,10 @@ pub fn attention_bwd(
                     unsafe {
                         // dV[c0..c1] [+]= P[c0.., c0..c1]ᵀ · dY_h[c0..]
                         let pt = p.as_ptr().add(c0 * t + c0);
-                        gemm_ptr(
-                            m,
-                            d,
-                            kk,
-                            dvh.add(c0 * kvs),
-                            kvs,
-                            !first,
-                            pt,
-                            1,
-                            t,
-                            dyh.add(c0 * qs),
-                            qs,
-                            1,
-                            1.0,
-                            1,
-                        );
+                        gemm_ptr(m, d, kk, dvh.add(c0 * rs), rs, !first, pt, 1, t, dyh.add(c0 * ys), ys, 1, 1.0, 1);
                         // dK[c0..c1] [+]= dS[c0.., c0..c1]ᵀ · Q_h[c0..]
                         let st = ds.as_ptr().add(c0 * t + c0);
-                        gemm_ptr(
-                            m,
-                            d,
-                            kk,
-                            dkh.add(c0 * kvs),
-                            kvs,
-                            !first,
-                            st,
-                            1,
-                            t,
-                            qh.add(c0 * qs),
-                            qs,
-                            1,
-                            1.0,
-                            1,
-                        );
+                        gemm_ptr(m, d, kk, dkh.add(c0 * rs), rs, !first, st, 1, t, qh.add(c0 * rs), rs, 1, 1.0, 1);
                     }
                 }
             }
@@ -280,29 +162,21 @@ mod tests {
     use crate::kernels::testutil::{check_grad, rand_vec};
 
     fn shape() -> AttnShape {
-        AttnShape {
-            b: 2,
-            t: 5,
-            heads: 4,
-            kv_heads: 2,
-            head_dim: 8,
-        }
+        AttnShape { b: 2, t: 5, heads: 4, kv_heads: 2, head_dim: 8 }
     }
 
-    fn run(q: &[f32], k: &[f32], v: &[f32], s: AttnShape) -> (Vec<f32>, Vec<f32>) {
+    fn run(qkv: &[f32], s: AttnShape) -> (Vec<f32>, Vec<f32>) {
         let mut y = vec![0f32; s.b * s.t * s.heads * s.head_dim];
         let mut p = vec![0f32; s.b * s.heads * s.t * s.t];
-        attention_fwd(&mut y, &mut p, q, k, v, s);
+        attention_fwd(&mut y, &mut p, qkv, s);
         (y, p)
     }
 
     #[test]
     fn causal_and_normalised() {
         let s = shape();
-        let q = rand_vec(s.b * s.t * s.heads * s.head_dim, 1);
-        let k = rand_vec(s.b * s.t * s.kv_heads * s.head_dim, 2);
-        let v = rand_vec(s.b * s.t * s.kv_heads * s.head_dim, 3);
-        let (y, p) = run(&q, &k, &v, s);
+        let qkv = rand_vec(s.b * s.t * s.qkv_stride(), 1);
+        let (y, p) = run(&qkv, s);
         for row in p.chunks(s.t).enumerate() {
             let ti = row.0 % s.t;
             let sum: f32 = row.1.iter().sum();
@@ -311,9 +185,10 @@ mod tests {
         }
         // first position attends only to itself: y_0 = v_0 of its kv head
         let d = s.head_dim;
+        let voff = (s.heads + s.kv_heads) * d;
         for h in 0..s.heads {
             let kvh = h / 2;
-            assert_eq!(&y[h * d..(h + 1) * d], &v[kvh * d..(kvh + 1) * d]);
+            assert_eq!(&y[h * d..(h + 1) * d], &qkv[voff + kvh * d..voff + (kvh + 1) * d]);
         }
     }
 
@@ -325,43 +200,21 @@ mod tests {
     #[test]
     fn backward_matches_finite_differences_across_blocks() {
         // T spans three causal blocks, with a ragged last one.
-        grad_check(AttnShape {
-            b: 1,
-            t: 2 * BLK + 3,
-            heads: 2,
-            kv_heads: 1,
-            head_dim: 4,
-        });
+        grad_check(AttnShape { b: 1, t: 2 * BLK + 3, heads: 2, kv_heads: 1, head_dim: 4 });
     }
 
     fn grad_check(s: AttnShape) {
-        let nq = s.b * s.t * s.heads * s.head_dim;
-        let nk = s.b * s.t * s.kv_heads * s.head_dim;
-        let q: Vec<f32> = rand_vec(nq, 4).iter().map(|x| 2.0 * x).collect();
-        let k: Vec<f32> = rand_vec(nk, 5).iter().map(|x| 2.0 * x).collect();
-        let v = rand_vec(nk, 6);
-        let g = rand_vec(nq, 7);
-        let (_, p) = run(&q, &k, &v, s);
-        let (mut dq, mut dk, mut dv) = (vec![0f32; nq], vec![9f32; nk], vec![9f32; nk]);
+        let n = s.b * s.t * s.qkv_stride();
+        let qkv: Vec<f32> = rand_vec(n, 4).iter().map(|x| 2.0 * x).collect();
+        let g = rand_vec(s.b * s.t * s.heads * s.head_dim, 7);
+        let (_, p) = run(&qkv, s);
+        let mut dqkv = vec![9f32; n]; // garbage: backward must overwrite every entry
         let mut scratch = vec![0f32; s.scratch_len()];
-        attention_bwd(
-            &mut dq,
-            &mut dk,
-            &mut dv,
-            &mut scratch,
-            &g,
-            &q,
-            &k,
-            &v,
-            &p,
-            s,
-        );
-        let loss = |q: &[f32], k: &[f32], v: &[f32]| -> f64 {
-            let (y, _) = run(q, k, v, s);
+        attention_bwd(&mut dqkv, &mut scratch, &g, &qkv, &p, s);
+        let loss = |x: &[f32]| -> f64 {
+            let (y, _) = run(x, s);
             y.iter().zip(&g).map(|(a, b)| *a as f64 * *b as f64).sum()
         };
-        check_grad("dq", &mut q.clone(), &dq, |x| loss(x, &k, &v), 1e-2, 1e-2);
-        check_grad("dk", &mut k.clone(), &dk, |x| loss(&q, x, &v), 1e-2, 1e-2);
-        check_grad("dv", &mut v.clone(), &dv, |x| loss(&q, &k, x), 1e-2, 1e-2);
+        check_grad("dqkv", &mut qkv.clone(), &dqkv, loss, 1e-2, 1e-2);
     }
 }

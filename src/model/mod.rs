@@ -27,15 +27,13 @@ struct Activations {
     resid: Vec<f32>,
     ln1: Vec<f32>,   // L × (N, C)
     rstd1: Vec<f32>, // L × (N)
-    q: Vec<f32>,     // L × (N, H·D), after RoPE
-    k: Vec<f32>,     // L × (N, KV·D), after RoPE
-    v: Vec<f32>,     // L × (N, KV·D)
+    /// L × (N, (H+2KV)·D): fused q | k | v projections, q and k after RoPE
+    qkv: Vec<f32>,
     probs: Vec<f32>, // L × (B, H, T, T)
     atty: Vec<f32>,  // L × (N, C)
     ln2: Vec<f32>,   // L × (N, C)
     rstd2: Vec<f32>, // L × (N)
-    gate: Vec<f32>,  // L × (N, F)
-    up: Vec<f32>,    // L × (N, F)
+    gu: Vec<f32>,    // L × (N, 2F): fused gate | up projections
     hid: Vec<f32>,   // L × (N, F) silu(gate) ⊙ up
     lnf: Vec<f32>,   // (N, C)
     rstdf: Vec<f32>, // (N)
@@ -47,11 +45,8 @@ struct Activations {
     dres: Vec<f32>,    // (N, C)
     dln: Vec<f32>,     // (N, C)
     datty: Vec<f32>,   // (N, C)
-    dq: Vec<f32>,      // (N, C)
-    dk: Vec<f32>,      // (N, KV·D)
-    dv: Vec<f32>,      // (N, KV·D)
-    dgate: Vec<f32>,   // (N, F)
-    dup: Vec<f32>,     // (N, F)
+    dqkv: Vec<f32>,    // (N, (H+2KV)·D)
+    dgu: Vec<f32>,     // (N, 2F)
     dhid: Vec<f32>,    // (N, F)
     scratch: Vec<f32>, // (B, KV, T, T)
     /// logits hold dlogits (backward consumed them)
@@ -78,15 +73,12 @@ impl Activations {
             resid: z((2 * l + 1) * n * d),
             ln1: z(l * n * d),
             rstd1: z(l * n),
-            q: z(l * n * d),
-            k: z(l * n * kv),
-            v: z(l * n * kv),
+            qkv: z(l * n * (d + 2 * kv)),
             probs: z(l * b * c.num_heads * t * t),
             atty: z(l * n * d),
             ln2: z(l * n * d),
             rstd2: z(l * n),
-            gate: z(l * n * f),
-            up: z(l * n * f),
+            gu: z(l * n * 2 * f),
             hid: z(l * n * f),
             lnf: z(n * d),
             rstdf: z(n),
@@ -96,11 +88,8 @@ impl Activations {
             dres: z(n * d),
             dln: z(n * d),
             datty: z(n * d),
-            dq: z(n * d),
-            dk: z(n * kv),
-            dv: z(n * kv),
-            dgate: z(n * f),
-            dup: z(n * f),
+            dqkv: z(n * (d + 2 * kv)),
+            dgu: z(n * 2 * f),
             dhid: z(n * f),
             scratch: z(b * c.num_kv_heads * t * t),
             logits_consumed: false,
@@ -252,39 +241,29 @@ impl Model {
 
         embed_fwd(&mut a.resid[..n * d], tokens, w(lay.embed, v * d), d);
         let pl = b * c.num_heads * t * t;
+        let qs = d + 2 * kv; // fused q|k|v row
         for (l, lo) in lay.layers.iter().enumerate() {
-            let (nd, nkv, nf) = (n * d, n * kv, n * f);
+            let (nd, nf) = (n * d, n * f);
             let (before, after) = a.resid.split_at_mut((2 * l + 1) * nd);
             let x = &before[2 * l * nd..];
             let (xmid, rest) = after.split_at_mut(nd);
             let xout = &mut rest[..nd];
             let ln1 = &mut a.ln1[l * nd..][..nd];
             rmsnorm_fwd(ln1, &mut a.rstd1[l * n..][..n], x, w(lo.ln1, d), d, eps);
-            let (q, k, vv) = (
-                &mut a.q[l * nd..][..nd],
-                &mut a.k[l * nkv..][..nkv],
-                &mut a.v[l * nkv..][..nkv],
-            );
-            linear_fwd(q, ln1, w(lo.q, d * d), n, d, d);
-            linear_fwd(k, ln1, w(lo.k, kv * d), n, d, kv);
-            linear_fwd(vv, ln1, w(lo.v, kv * d), n, d, kv);
-            rope_fwd(q, &self.rope, t, c.num_heads);
-            rope_fwd(k, &self.rope, t, c.num_kv_heads);
+            let qkv = &mut a.qkv[l * n * qs..][..n * qs];
+            linear_fwd(qkv, ln1, w(lo.q, qs * d), n, d, qs);
+            rope_fwd(qkv, qs, &self.rope, t, c.num_heads);
+            rope_fwd(&mut qkv[d..], qs, &self.rope, t, c.num_kv_heads);
             let atty = &mut a.atty[l * nd..][..nd];
-            self.stats.max_attn_logit[l] =
-                attention_fwd(atty, &mut a.probs[l * pl..][..pl], q, k, vv, shape);
+            let probs = &mut a.probs[l * pl..][..pl];
+            self.stats.max_attn_logit[l] = attention_fwd(atty, probs, qkv, shape);
             linear_fwd(xmid, atty, w(lo.o, d * d), n, d, d);
             add_inplace(xmid, x);
             let ln2 = &mut a.ln2[l * nd..][..nd];
             rmsnorm_fwd(ln2, &mut a.rstd2[l * n..][..n], xmid, w(lo.ln2, d), d, eps);
-            let (g, u, h) = (
-                &mut a.gate[l * nf..][..nf],
-                &mut a.up[l * nf..][..nf],
-                &mut a.hid[l * nf..][..nf],
-            );
-            linear_fwd(g, ln2, w(lo.gate, f * d), n, d, f);
-            linear_fwd(u, ln2, w(lo.up, f * d), n, d, f);
-            swiglu_fwd(h, g, u);
+            let (gu, h) = (&mut a.gu[2 * l * nf..][..2 * nf], &mut a.hid[l * nf..][..nf]);
+            linear_fwd(gu, ln2, w(lo.gate, 2 * f * d), n, d, 2 * f);
+            swiglu_fwd(h, gu, f);
             linear_fwd(xout, h, w(lo.down, d * f), n, f, d);
             add_inplace(xout, xmid);
         }
@@ -349,7 +328,8 @@ impl Model {
         };
         let lay = &self.layout;
         let w = |off: usize, len: usize| &p[off..off + len];
-        let (nd, nkv, nf) = (n * d, n * kv, n * f);
+        let (nd, nf) = (n * d, n * f);
+        let qs = d + 2 * kv; // fused q|k|v row
         let pl = b * c.num_heads * t * t;
 
         a.ready_for_backward = false;
@@ -382,19 +362,13 @@ impl Model {
             let xmid = &a.resid[(2 * l + 1) * nd..][..nd];
             let ln1 = &a.ln1[l * nd..][..nd];
             let ln2 = &a.ln2[l * nd..][..nd];
-            let (g, u, h) = (
-                &a.gate[l * nf..][..nf],
-                &a.up[l * nf..][..nf],
-                &a.hid[l * nf..][..nf],
-            );
+            let (gu, h) = (&a.gu[2 * l * nf..][..2 * nf], &a.hid[l * nf..][..nf]);
             // MLP: dres = d(layer output); the residual passes it straight to xmid.
             linear_bwd_input(&mut a.dhid, &a.dres, w(lo.down, d * f), n, f, d, false);
             linear_bwd_weight(&mut gr[lo.down..lo.down + d * f], &a.dres, h, n, f, d);
-            swiglu_bwd(&mut a.dgate, &mut a.dup, &a.dhid, g, u);
-            linear_bwd_input(&mut a.dln, &a.dgate, w(lo.gate, f * d), n, d, f, false);
-            linear_bwd_input(&mut a.dln, &a.dup, w(lo.up, f * d), n, d, f, true);
-            linear_bwd_weight(&mut gr[lo.gate..lo.gate + f * d], &a.dgate, ln2, n, d, f);
-            linear_bwd_weight(&mut gr[lo.up..lo.up + f * d], &a.dup, ln2, n, d, f);
+            swiglu_bwd(&mut a.dgu, &a.dhid, gu, f);
+            linear_bwd_input(&mut a.dln, &a.dgu, w(lo.gate, 2 * f * d), n, d, 2 * f, false);
+            linear_bwd_weight(&mut gr[lo.gate..lo.gate + 2 * f * d], &a.dgu, ln2, n, d, 2 * f);
             rmsnorm_bwd(
                 &mut a.dres,
                 &mut gr[lo.ln2..lo.ln2 + d],
@@ -408,31 +382,13 @@ impl Model {
             let atty = &a.atty[l * nd..][..nd];
             linear_bwd_input(&mut a.datty, &a.dres, w(lo.o, d * d), n, d, d, false);
             linear_bwd_weight(&mut gr[lo.o..lo.o + d * d], &a.dres, atty, n, d, d);
-            let (q, k, vv) = (
-                &a.q[l * nd..][..nd],
-                &a.k[l * nkv..][..nkv],
-                &a.v[l * nkv..][..nkv],
-            );
-            attention_bwd(
-                &mut a.dq,
-                &mut a.dk,
-                &mut a.dv,
-                &mut a.scratch,
-                &a.datty,
-                q,
-                k,
-                vv,
-                &a.probs[l * pl..][..pl],
-                shape,
-            );
-            rope_bwd(&mut a.dq, &self.rope, t, c.num_heads);
-            rope_bwd(&mut a.dk, &self.rope, t, c.num_kv_heads);
-            linear_bwd_input(&mut a.dln, &a.dq, w(lo.q, d * d), n, d, d, false);
-            linear_bwd_input(&mut a.dln, &a.dk, w(lo.k, kv * d), n, d, kv, true);
-            linear_bwd_input(&mut a.dln, &a.dv, w(lo.v, kv * d), n, d, kv, true);
-            linear_bwd_weight(&mut gr[lo.q..lo.q + d * d], &a.dq, ln1, n, d, d);
-            linear_bwd_weight(&mut gr[lo.k..lo.k + kv * d], &a.dk, ln1, n, d, kv);
-            linear_bwd_weight(&mut gr[lo.v..lo.v + kv * d], &a.dv, ln1, n, d, kv);
+            let qkv = &a.qkv[l * n * qs..][..n * qs];
+            let probs = &a.probs[l * pl..][..pl];
+            attention_bwd(&mut a.dqkv, &mut a.scratch, &a.datty, qkv, probs, shape);
+            rope_bwd(&mut a.dqkv, qs, &self.rope, t, c.num_heads);
+            rope_bwd(&mut a.dqkv[d..], qs, &self.rope, t, c.num_kv_heads);
+            linear_bwd_input(&mut a.dln, &a.dqkv, w(lo.q, qs * d), n, d, qs, false);
+            linear_bwd_weight(&mut gr[lo.q..lo.q + qs * d], &a.dqkv, ln1, n, d, qs);
             rmsnorm_bwd(
                 &mut a.dres,
                 &mut gr[lo.ln1..lo.ln1 + d],
