@@ -172,8 +172,8 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
                 println!(
-                    "keel bench: preset {} (batch {} × seq {}, {} params, {} threads)",
-                    r.preset, r.batch, r.seq, r.params, r.threads
+                    "keel bench: preset {} (batch {} × seq {}, {} params, {} threads, matmul {})",
+                    r.preset, r.batch, r.seq, r.params, r.threads, r.matmul
                 );
                 println!("  tokens/s        {:>10.0}", r.tokens_per_s);
                 println!(

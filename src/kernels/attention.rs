@@ -44,7 +44,12 @@ impl AttnShape {
 /// over keys 0..=t, zeros above the diagonal). Returns the largest pre-softmax logit
 /// q·k/√D (a telemetry signal for logit growth).
 pub fn attention_fwd(y: &mut [f32], probs: &mut [f32], qkv: &[f32], s: AttnShape) -> f32 {
-    let AttnShape { t, heads, head_dim: d, .. } = s;
+    let AttnShape {
+        t,
+        heads,
+        head_dim: d,
+        ..
+    } = s;
     let (ys, rs) = (heads * d, s.qkv_stride());
     let (koff, voff) = (heads * d, (heads + s.kv_heads) * d);
     let scale = s.scale();
@@ -59,7 +64,13 @@ pub fn attention_fwd(y: &mut [f32], probs: &mut [f32], qkv: &[f32], s: AttnShape
             let kvh = h / s.group();
             let base = qkv[(b * t) * rs..].as_ptr();
             // SAFETY: all views below are in bounds (asserted) and p is this task's own chunk.
-            let (qh, kh, vh) = unsafe { (base.add(h * d), base.add(koff + kvh * d), base.add(voff + kvh * d)) };
+            let (qh, kh, vh) = unsafe {
+                (
+                    base.add(h * d),
+                    base.add(koff + kvh * d),
+                    base.add(voff + kvh * d),
+                )
+            };
             let mut maxlogit = f32::NEG_INFINITY;
             // Row blocks: block [r0, r1) only sees keys [0, r1), so the masked upper
             // triangle is (almost all) skipped.
@@ -67,7 +78,22 @@ pub fn attention_fwd(y: &mut [f32], probs: &mut [f32], qkv: &[f32], s: AttnShape
                 let r1 = (r0 + BLK).min(t);
                 unsafe {
                     let pr = p.as_mut_ptr().add(r0 * t);
-                    gemm_ptr(r1 - r0, r1, d, pr, t, false, qh.add(r0 * rs), rs, 1, kh, 1, rs, scale, 1);
+                    gemm_ptr(
+                        r1 - r0,
+                        r1,
+                        d,
+                        pr,
+                        t,
+                        false,
+                        qh.add(r0 * rs),
+                        rs,
+                        1,
+                        kh,
+                        1,
+                        rs,
+                        scale,
+                        1,
+                    );
                 }
                 for ti in r0..r1 {
                     let row = &mut p[ti * t..(ti + 1) * t];
@@ -80,7 +106,22 @@ pub fn attention_fwd(y: &mut [f32], probs: &mut [f32], qkv: &[f32], s: AttnShape
                 // SAFETY: task (b, h) alone writes head h's columns of rows b·T..b·T+T of y.
                 unsafe {
                     let yh = { yp }.0.add((b * t + r0) * ys + h * d);
-                    gemm_ptr(r1 - r0, d, r1, yh, ys, false, p.as_ptr().add(r0 * t), t, 1, vh, rs, 1, 1.0, 1);
+                    gemm_ptr(
+                        r1 - r0,
+                        d,
+                        r1,
+                        yh,
+                        ys,
+                        false,
+                        p.as_ptr().add(r0 * t),
+                        t,
+                        1,
+                        vh,
+                        rs,
+                        1,
+                        1.0,
+                        1,
+                    );
                 }
             }
             maxlogit
@@ -92,8 +133,21 @@ pub fn attention_fwd(y: &mut [f32], probs: &mut [f32], qkv: &[f32], s: AttnShape
 /// overwritten. `scratch` holds `s.scratch_len()` floats.
 ///
 /// dV = Pᵀ dY;  dP = dY Vᵀ;  dS = P ⊙ (dP − rowsum(P ⊙ dP)) / √D;  dQ = dS K;  dK = dSᵀ Q.
-pub fn attention_bwd(dqkv: &mut [f32], scratch: &mut [f32], dy: &[f32], qkv: &[f32], probs: &[f32], s: AttnShape) {
-    let AttnShape { t, heads, kv_heads, head_dim: d, .. } = s;
+pub fn attention_bwd(
+    dqkv: &mut [f32],
+    scratch: &mut [f32],
+    dy: &[f32],
+    qkv: &[f32],
+    probs: &[f32],
+    s: AttnShape,
+) {
+    let AttnShape {
+        t,
+        heads,
+        kv_heads,
+        head_dim: d,
+        ..
+    } = s;
     let (ys, rs, g) = (heads * d, s.qkv_stride(), s.group());
     let (koff, voff) = (heads * d, (heads + kv_heads) * d);
     let scale = s.scale();
@@ -122,7 +176,22 @@ pub fn attention_bwd(dqkv: &mut [f32], scratch: &mut [f32], dy: &[f32], qkv: &[f
                     // dP[r0..r1, ..r1] = dY_h[r0..r1] · V[..r1]ᵀ
                     unsafe {
                         let dsr = ds.as_mut_ptr().add(r0 * t);
-                        gemm_ptr(r1 - r0, r1, d, dsr, t, false, dyh.add(r0 * ys), ys, 1, vh, 1, rs, 1.0, 1);
+                        gemm_ptr(
+                            r1 - r0,
+                            r1,
+                            d,
+                            dsr,
+                            t,
+                            false,
+                            dyh.add(r0 * ys),
+                            ys,
+                            1,
+                            vh,
+                            1,
+                            rs,
+                            1.0,
+                            1,
+                        );
                     }
                     for ti in r0..r1 {
                         let pr = &p[ti * t..ti * t + ti + 1];
@@ -136,7 +205,22 @@ pub fn attention_bwd(dqkv: &mut [f32], scratch: &mut [f32], dy: &[f32], qkv: &[f
                     // dQ_h[r0..r1] = dS[r0..r1, ..r1] · K[..r1]
                     unsafe {
                         let src = ds.as_ptr().add(r0 * t);
-                        gemm_ptr(r1 - r0, d, r1, dqh.add(r0 * rs), rs, false, src, t, 1, kh, rs, 1, 1.0, 1);
+                        gemm_ptr(
+                            r1 - r0,
+                            d,
+                            r1,
+                            dqh.add(r0 * rs),
+                            rs,
+                            false,
+                            src,
+                            t,
+                            1,
+                            kh,
+                            rs,
+                            1,
+                            1.0,
+                            1,
+                        );
                     }
                 }
                 // Key blocks [c0, c1) receive from query rows [c0, T) only.
@@ -146,10 +230,40 @@ pub fn attention_bwd(dqkv: &mut [f32], scratch: &mut [f32], dy: &[f32], qkv: &[f
                     unsafe {
                         // dV[c0..c1] [+]= P[c0.., c0..c1]ᵀ · dY_h[c0..]
                         let pt = p.as_ptr().add(c0 * t + c0);
-                        gemm_ptr(m, d, kk, dvh.add(c0 * rs), rs, !first, pt, 1, t, dyh.add(c0 * ys), ys, 1, 1.0, 1);
+                        gemm_ptr(
+                            m,
+                            d,
+                            kk,
+                            dvh.add(c0 * rs),
+                            rs,
+                            !first,
+                            pt,
+                            1,
+                            t,
+                            dyh.add(c0 * ys),
+                            ys,
+                            1,
+                            1.0,
+                            1,
+                        );
                         // dK[c0..c1] [+]= dS[c0.., c0..c1]ᵀ · Q_h[c0..]
                         let st = ds.as_ptr().add(c0 * t + c0);
-                        gemm_ptr(m, d, kk, dkh.add(c0 * rs), rs, !first, st, 1, t, qh.add(c0 * rs), rs, 1, 1.0, 1);
+                        gemm_ptr(
+                            m,
+                            d,
+                            kk,
+                            dkh.add(c0 * rs),
+                            rs,
+                            !first,
+                            st,
+                            1,
+                            t,
+                            qh.add(c0 * rs),
+                            rs,
+                            1,
+                            1.0,
+                            1,
+                        );
                     }
                 }
             }
@@ -162,7 +276,13 @@ mod tests {
     use crate::kernels::testutil::{check_grad, rand_vec};
 
     fn shape() -> AttnShape {
-        AttnShape { b: 2, t: 5, heads: 4, kv_heads: 2, head_dim: 8 }
+        AttnShape {
+            b: 2,
+            t: 5,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 8,
+        }
     }
 
     fn run(qkv: &[f32], s: AttnShape) -> (Vec<f32>, Vec<f32>) {
@@ -188,7 +308,10 @@ mod tests {
         let voff = (s.heads + s.kv_heads) * d;
         for h in 0..s.heads {
             let kvh = h / 2;
-            assert_eq!(&y[h * d..(h + 1) * d], &qkv[voff + kvh * d..voff + (kvh + 1) * d]);
+            assert_eq!(
+                &y[h * d..(h + 1) * d],
+                &qkv[voff + kvh * d..voff + (kvh + 1) * d]
+            );
         }
     }
 
@@ -200,7 +323,13 @@ mod tests {
     #[test]
     fn backward_matches_finite_differences_across_blocks() {
         // T spans three causal blocks, with a ragged last one.
-        grad_check(AttnShape { b: 1, t: 2 * BLK + 3, heads: 2, kv_heads: 1, head_dim: 4 });
+        grad_check(AttnShape {
+            b: 1,
+            t: 2 * BLK + 3,
+            heads: 2,
+            kv_heads: 1,
+            head_dim: 4,
+        });
     }
 
     fn grad_check(s: AttnShape) {

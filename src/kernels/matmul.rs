@@ -1,9 +1,28 @@
 //! Linear layers without bias, HF layout: weight `w` is (out, in) row-major.
 //!
-//! Matrix products go through the `gemm` crate (runtime-dispatched AVX2/AVX-512 micro-kernels,
-//! rayon-parallel). Strides express the transposes, so nothing is copied.
+//! Linear layers use the system OpenBLAS (`cblas_sgemm`) when the build found it (see
+//! build.rs), else the `gemm` crate (runtime-dispatched AVX2/AVX-512 micro-kernels,
+//! rayon-parallel). Attention's per-head products always use `gemm` on strided views.
+//! Strides express the transposes, so nothing is copied.
 
 use gemm::{gemm, Parallelism};
+
+/// Which library computes the linear layers.
+pub const BACKEND: &str = if cfg!(keel_openblas) {
+    "openblas"
+} else {
+    "gemm"
+};
+
+/// Match the BLAS thread count to keel's pool (no-op for the `gemm` backend).
+pub fn set_blas_threads(n: usize) {
+    #[cfg(keel_openblas)]
+    // SAFETY: plain setter of OpenBLAS's global thread count.
+    unsafe {
+        blas::openblas_set_num_threads(n as i32)
+    };
+    let _ = n;
+}
 
 fn par() -> Parallelism {
     Parallelism::Rayon(super::num_threads())
@@ -121,8 +140,62 @@ pub(crate) unsafe fn gemm_ptr(
     );
 }
 
+#[cfg(keel_openblas)]
+mod blas {
+    extern "C" {
+        #[allow(clippy::too_many_arguments)]
+        pub fn cblas_sgemm(
+            order: i32,
+            ta: i32,
+            tb: i32,
+            m: i32,
+            n: i32,
+            k: i32,
+            alpha: f32,
+            a: *const f32,
+            lda: i32,
+            b: *const f32,
+            ldb: i32,
+            beta: f32,
+            c: *mut f32,
+            ldc: i32,
+        );
+    }
+    extern "C" {
+        pub fn openblas_set_num_threads(n: i32);
+    }
+    pub const ROW: i32 = 101;
+    pub const N: i32 = 111;
+    pub const T: i32 = 112;
+}
+
 /// Forward: out (M, N) = x (M, K) · wᵀ, with w (N, K).
 pub fn linear_fwd(out: &mut [f32], x: &[f32], w: &[f32], m: usize, k: usize, n: usize) {
+    #[cfg(keel_openblas)]
+    {
+        assert!(out.len() >= m * n && x.len() >= m * k && w.len() >= n * k);
+        // SAFETY: bounds asserted; row-major dense operands.
+        unsafe {
+            blas::cblas_sgemm(
+                blas::ROW,
+                blas::N,
+                blas::T,
+                m as i32,
+                n as i32,
+                k as i32,
+                1.0,
+                x.as_ptr(),
+                k as i32,
+                w.as_ptr(),
+                k as i32,
+                0.0,
+                out.as_mut_ptr(),
+                n as i32,
+            );
+        }
+        return;
+    }
+    #[allow(unreachable_code)]
     gemm_strided(m, n, k, out, false, x, k, 1, w, 1, k);
 }
 
@@ -137,11 +210,62 @@ pub fn linear_bwd_input(
     n: usize,
     accumulate: bool,
 ) {
+    #[cfg(keel_openblas)]
+    {
+        assert!(dx.len() >= m * k && dout.len() >= m * n && w.len() >= n * k);
+        let beta = if accumulate { 1.0 } else { 0.0 };
+        // SAFETY: bounds asserted; row-major dense operands.
+        unsafe {
+            blas::cblas_sgemm(
+                blas::ROW,
+                blas::N,
+                blas::N,
+                m as i32,
+                k as i32,
+                n as i32,
+                1.0,
+                dout.as_ptr(),
+                n as i32,
+                w.as_ptr(),
+                k as i32,
+                beta,
+                dx.as_mut_ptr(),
+                k as i32,
+            );
+        }
+        return;
+    }
+    #[allow(unreachable_code)]
     gemm_strided(m, k, n, dx, accumulate, dout, n, 1, w, k, 1);
 }
 
 /// Backward to the weight: dw (N, K) += doutᵀ (N, M) · x (M, K).
 pub fn linear_bwd_weight(dw: &mut [f32], dout: &[f32], x: &[f32], m: usize, k: usize, n: usize) {
+    #[cfg(keel_openblas)]
+    {
+        assert!(dw.len() >= n * k && dout.len() >= m * n && x.len() >= m * k);
+        // SAFETY: bounds asserted; row-major dense operands.
+        unsafe {
+            blas::cblas_sgemm(
+                blas::ROW,
+                blas::T,
+                blas::N,
+                n as i32,
+                k as i32,
+                m as i32,
+                1.0,
+                dout.as_ptr(),
+                n as i32,
+                x.as_ptr(),
+                k as i32,
+                1.0,
+                dw.as_mut_ptr(),
+                k as i32,
+            );
+        }
+        return;
+    }
+    #[allow(unreachable_code)]
     gemm_strided(n, k, m, dw, true, dout, 1, n, x, k, 1);
 }
 
@@ -225,6 +349,43 @@ mod tests {
         linear_bwd_input(&mut dx, &g, &w0, m, k, n, true);
         for (a, b) in dx.iter().zip(&dx1) {
             assert!((a - 2.0 * b).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn gemm_crate_path_matches_naive_in_all_three_layouts() {
+        // The fallback used when OpenBLAS is absent, tested whatever this build links.
+        let (m, k, n) = (33, 70, 21);
+        let x = rand_vec(m * k, 8);
+        let w = rand_vec(n * k, 9);
+        let dy = rand_vec(m * n, 10);
+        let mut out = vec![0f32; m * n];
+        gemm_strided(m, n, k, &mut out, false, &x, k, 1, &w, 1, k);
+        let mut blas_out = vec![0f32; m * n];
+        linear_fwd(&mut blas_out, &x, &w, m, k, n);
+        let mut dx = vec![0f32; m * k];
+        gemm_strided(m, k, n, &mut dx, false, &dy, n, 1, &w, k, 1);
+        let mut dw = vec![0f32; n * k];
+        gemm_strided(n, k, m, &mut dw, true, &dy, 1, n, &x, k, 1);
+        let r = naive(&x, &w, m, k, n);
+        for ((a, b), c) in out.iter().zip(&r).zip(&blas_out) {
+            assert!((*a as f64 - b).abs() < 1e-5 * (1.0 + b.abs()) && (a - c).abs() < 1e-5);
+        }
+        for i in 0..m {
+            for p in 0..k {
+                let e: f64 = (0..n)
+                    .map(|j| dy[i * n + j] as f64 * w[j * k + p] as f64)
+                    .sum();
+                assert!((dx[i * k + p] as f64 - e).abs() < 1e-5 * (1.0 + e.abs()));
+            }
+        }
+        for j in 0..n {
+            for p in 0..k {
+                let e: f64 = (0..m)
+                    .map(|i| dy[i * n + j] as f64 * x[i * k + p] as f64)
+                    .sum();
+                assert!((dw[j * k + p] as f64 - e).abs() < 1e-5 * (1.0 + e.abs()));
+            }
         }
     }
 

@@ -98,14 +98,20 @@ mod tests {
         let stride = h * d + 4;
         let mut wide = vec![7f32; b * t * stride + 3];
         for r in 0..b * t {
-            wide[3 + r * stride..3 + r * stride + h * d].copy_from_slice(&x[r * h * d..(r + 1) * h * d]);
+            wide[3 + r * stride..3 + r * stride + h * d]
+                .copy_from_slice(&x[r * h * d..(r + 1) * h * d]);
         }
         rope_fwd(&mut wide[3..], stride, &tab, t, h);
         let mut y = x.clone();
         rope_fwd(&mut y, h * d, &tab, t, h);
         for r in 0..b * t {
-            assert_eq!(&wide[3 + r * stride..3 + r * stride + h * d], &y[r * h * d..(r + 1) * h * d]);
-            assert!(wide[3 + r * stride + h * d..3 + (r + 1) * stride].iter().all(|&v| v == 7.0));
+            assert_eq!(
+                &wide[3 + r * stride..3 + r * stride + h * d],
+                &y[r * h * d..(r + 1) * h * d]
+            );
+            assert!(wide[3 + r * stride + h * d..3 + (r + 1) * stride]
+                .iter()
+                .all(|&v| v == 7.0));
         }
     }
 }

@@ -261,7 +261,10 @@ impl Model {
             add_inplace(xmid, x);
             let ln2 = &mut a.ln2[l * nd..][..nd];
             rmsnorm_fwd(ln2, &mut a.rstd2[l * n..][..n], xmid, w(lo.ln2, d), d, eps);
-            let (gu, h) = (&mut a.gu[2 * l * nf..][..2 * nf], &mut a.hid[l * nf..][..nf]);
+            let (gu, h) = (
+                &mut a.gu[2 * l * nf..][..2 * nf],
+                &mut a.hid[l * nf..][..nf],
+            );
             linear_fwd(gu, ln2, w(lo.gate, 2 * f * d), n, d, 2 * f);
             swiglu_fwd(h, gu, f);
             linear_fwd(xout, h, w(lo.down, d * f), n, f, d);
@@ -367,8 +370,23 @@ impl Model {
             linear_bwd_input(&mut a.dhid, &a.dres, w(lo.down, d * f), n, f, d, false);
             linear_bwd_weight(&mut gr[lo.down..lo.down + d * f], &a.dres, h, n, f, d);
             swiglu_bwd(&mut a.dgu, &a.dhid, gu, f);
-            linear_bwd_input(&mut a.dln, &a.dgu, w(lo.gate, 2 * f * d), n, d, 2 * f, false);
-            linear_bwd_weight(&mut gr[lo.gate..lo.gate + 2 * f * d], &a.dgu, ln2, n, d, 2 * f);
+            linear_bwd_input(
+                &mut a.dln,
+                &a.dgu,
+                w(lo.gate, 2 * f * d),
+                n,
+                d,
+                2 * f,
+                false,
+            );
+            linear_bwd_weight(
+                &mut gr[lo.gate..lo.gate + 2 * f * d],
+                &a.dgu,
+                ln2,
+                n,
+                d,
+                2 * f,
+            );
             rmsnorm_bwd(
                 &mut a.dres,
                 &mut gr[lo.ln2..lo.ln2 + d],
