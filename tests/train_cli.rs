@@ -377,3 +377,45 @@ fn incompatible_run_directory_and_tokenizer_are_refused() {
     ]);
     expect_error(&a, &["tok.json", "400", "vocab_size"]);
 }
+
+#[test]
+fn failed_checkpoint_write_keeps_the_previous_one_and_resumes() {
+    let d = tmpdir("diskfull");
+    // the 2nd checkpoint's weights fail to write, as on a full disk
+    let o = keel()
+        .args(micro_args(&d, 30))
+        .env("KEEL_FAULT_WRITE", "model.safetensors@2")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(
+        e.contains("model.safetensors")
+            && e.contains("disk")
+            && e.contains("earlier checkpoints are intact"),
+        "{e}"
+    );
+    let ck = d.join("checkpoints");
+    let names: Vec<String> = std::fs::read_dir(&ck)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        vec!["step-00000010".to_string()],
+        "no partial checkpoint may remain"
+    );
+    // the surviving checkpoint loads, and the run resumes to the end
+    let o = run(&[
+        "train".into(),
+        "--threads".into(),
+        "2".into(),
+        "--out".into(),
+        d.display().to_string(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(metrics(&d).len(), 30);
+    assert!(d
+        .join("checkpoints/step-00000030/model.safetensors")
+        .exists());
+}

@@ -289,8 +289,31 @@ pub fn save(
     Ok(final_dir)
 }
 
+/// I/O fault injection for tests of the failure path: `KEEL_FAULT_WRITE=NAME@K` makes the
+/// K-th checkpoint write of a file called NAME fail as a full disk would.
+fn injected_fault(path: &Path) -> Option<std::io::Error> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static SEEN: AtomicUsize = AtomicUsize::new(0);
+    let spec = std::env::var("KEEL_FAULT_WRITE").ok()?;
+    let (name, k) = spec.split_once('@')?;
+    let k: usize = k.parse().ok()?;
+    if path.file_name()?.to_str()? != name {
+        return None;
+    }
+    let n = SEEN.fetch_add(1, Ordering::SeqCst) + 1;
+    (n == k).then(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::StorageFull,
+            "No space left on device (injected)",
+        )
+    })
+}
+
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     let name = path.display();
+    if let Some(e) = injected_fault(path) {
+        return Err(anyhow::Error::new(e).context(format!("{name}: write failed (disk full?)")));
+    }
     let mut f = File::create(path).with_context(|| format!("{name}: cannot create"))?;
     f.write_all(bytes)
         .with_context(|| format!("{name}: write failed (disk full?)"))?;

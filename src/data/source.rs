@@ -4,7 +4,7 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
 /// One chunk of text; `end_of_doc` is true on a document's last chunk.
@@ -253,11 +253,123 @@ pub fn sample_text(path: &Path, format: Format, limit: usize) -> Result<Vec<Stri
     Ok(out)
 }
 
-/// Read a whole small file as bytes (used by tests and probes of the format).
-pub fn read_prefix(path: &Path, n: usize) -> Result<Vec<u8>> {
-    let mut f = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
-    let mut buf = vec![0u8; n];
-    let k = f.read(&mut buf)?;
-    buf.truncate(k);
-    Ok(buf)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn collect(path: &Path, format: Format) -> Result<Vec<(String, bool)>> {
+        let mut v = Vec::new();
+        for_each_piece(path, format, &mut |p| {
+            v.push((p.text, p.end_of_doc));
+            Ok(())
+        })?;
+        Ok(v)
+    }
+
+    fn tmp(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("keel-src-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn parquet_text_column() {
+        use parquet::basic::Compression;
+        use parquet::data_type::{ByteArray, ByteArrayType, Int32Type};
+        use parquet::file::properties::WriterProperties;
+        use parquet::file::writer::SerializedFileWriter;
+        use parquet::schema::parser::parse_message_type;
+        use std::sync::Arc;
+        let d = tmp("pq");
+        let path = d.join("docs.parquet");
+        let schema = Arc::new(
+            parse_message_type("message s { REQUIRED INT32 id; REQUIRED BYTE_ARRAY text (UTF8); }")
+                .unwrap(),
+        );
+        let props = Arc::new(
+            WriterProperties::builder()
+                .set_compression(Compression::SNAPPY)
+                .build(),
+        );
+        let mut w = SerializedFileWriter::new(File::create(&path).unwrap(), schema, props).unwrap();
+        let mut rg = w.next_row_group().unwrap();
+        let mut col = rg.next_column().unwrap().unwrap();
+        col.typed::<Int32Type>()
+            .write_batch(&[1, 2, 3], None, None)
+            .unwrap();
+        col.close().unwrap();
+        let texts: Vec<ByteArray> = ["first doc", "second", "third ünïcode"]
+            .iter()
+            .map(|s| ByteArray::from(*s))
+            .collect();
+        let mut col = rg.next_column().unwrap().unwrap();
+        col.typed::<ByteArrayType>()
+            .write_batch(&texts, None, None)
+            .unwrap();
+        col.close().unwrap();
+        rg.close().unwrap();
+        w.close().unwrap();
+        assert_eq!(detect_format(&path, "auto").unwrap(), Format::Parquet);
+        let v = collect(&path, Format::Parquet).unwrap();
+        assert_eq!(
+            v,
+            vec![
+                ("first doc".into(), true),
+                ("second".into(), true),
+                ("third ünïcode".into(), true)
+            ]
+        );
+        // not parquet at all
+        std::fs::write(d.join("fake.parquet"), b"hello").unwrap();
+        assert!(collect(&d.join("fake.parquet"), Format::Parquet)
+            .unwrap_err()
+            .to_string()
+            .contains("fake.parquet"));
+    }
+
+    #[test]
+    fn jsonl_and_folders() {
+        let d = tmp("jl");
+        let p = d.join("a.jsonl");
+        std::fs::write(
+            &p,
+            "{\"text\": \"one\"}\n\n{\"text\": \"two\", \"meta\": 1}\n",
+        )
+        .unwrap();
+        assert_eq!(
+            collect(&p, Format::Jsonl).unwrap(),
+            vec![("one".into(), true), ("two".into(), true)]
+        );
+        std::fs::write(&p, "{\"text\": \"one\"}\n{\"body\": 3}\n").unwrap();
+        let e = collect(&p, Format::Jsonl).unwrap_err().to_string();
+        assert!(e.contains("line 2") && e.contains("\"text\""), "{e}");
+        std::fs::write(&p, "{not json\n").unwrap();
+        assert!(collect(&p, Format::Jsonl)
+            .unwrap_err()
+            .to_string()
+            .contains("line 1"));
+        // folder: files in sorted order, each one document; hidden files skipped
+        let f = d.join("corpus");
+        std::fs::create_dir_all(f.join("sub")).unwrap();
+        std::fs::write(f.join("b.txt"), "bee\n").unwrap();
+        std::fs::write(f.join("a.txt"), "ay\n").unwrap();
+        std::fs::write(f.join("sub/c.txt"), "sea\n").unwrap();
+        std::fs::write(f.join(".hidden"), "no\n").unwrap();
+        let v = collect(&f, Format::Text).unwrap();
+        assert_eq!(
+            v,
+            vec![
+                ("ay\n".into(), true),
+                ("bee\n".into(), true),
+                ("sea\n".into(), true)
+            ]
+        );
+        // large text is cut into pieces at line ends; only the last ends the document
+        let big: String = (0..20000).map(|i| format!("line {i}\n")).collect();
+        std::fs::write(d.join("big.txt"), &big).unwrap();
+        let v = collect(&d.join("big.txt"), Format::Text).unwrap();
+        assert!(v.len() > 1 && v.last().unwrap().1 && v.iter().rev().skip(1).all(|p| !p.1));
+        assert_eq!(v.iter().map(|p| p.0.as_str()).collect::<String>(), big);
+    }
 }
