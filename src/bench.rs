@@ -90,7 +90,7 @@ pub fn run(
         }
         progress(step + 1, total);
     }
-    let peak = measure_peak_flops(1024, 5);
+    let peak = measure_peak_flops(1024, 10);
     times.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let med = if times.is_empty() {
         f64::NAN

@@ -139,3 +139,44 @@ fn out_of_range_tokens_are_an_error_not_a_panic() {
         "backward without forward must be refused"
     );
 }
+
+#[test]
+fn scaled_variants_match_finite_differences() {
+    // μP attention/readout scales and DeepNorm residual scaling change forward and backward;
+    // no PyTorch fixture covers them, so check the whole model's gradient numerically.
+    let mut cfg = ModelConfig::preset("micro").unwrap();
+    cfg.attn_scale = Some(0.3);
+    cfg.logit_scale = 0.5;
+    cfg.residual_scale = 1.3;
+    let (b, t) = (2, 16);
+    let mut m = Model::new(&cfg, b, t);
+    init_hf_normal(&mut m, 11, 0.1);
+    let x = random_tokens(b * t, cfg.vocab_size, 12);
+    let y = random_tokens(b * t, cfg.vocab_size, 13);
+    m.forward(&x, &y).unwrap();
+    m.backward(1.0).unwrap();
+    let grads = m.grads.clone();
+    let h = 1e-2f32;
+    for spec in m.layout.specs.clone() {
+        let g = &grads[spec.offset..spec.offset + spec.len];
+        let (i, &ga) = g
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
+            .unwrap();
+        let at = spec.offset + i;
+        let orig = m.params[at];
+        m.params[at] = orig + h;
+        let lp = m.forward(&x, &y).unwrap() as f64;
+        m.params[at] = orig - h;
+        let lm = m.forward(&x, &y).unwrap() as f64;
+        m.params[at] = orig;
+        let num = (lp - lm) / (2.0 * h as f64);
+        let err = (num - ga as f64).abs();
+        assert!(
+            err < 0.03 * (ga.abs() as f64) + 2e-5,
+            "{}[{i}]: analytic {ga:e} vs numeric {num:e}",
+            spec.name
+        );
+    }
+}

@@ -70,6 +70,9 @@ impl Fixture {
             rms_norm_eps: c["rms_norm_eps"].as_f64().unwrap(),
             tie_embeddings: c["tie_embeddings"].as_bool().unwrap(),
             max_seq_len: self.usize("seq"),
+            attn_scale: None,
+            logit_scale: 1.0,
+            residual_scale: 1.0,
         };
         cfg.validate().unwrap();
         let mut m = Model::new(&cfg, self.usize("batch"), self.usize("seq"));

@@ -42,6 +42,49 @@ pub enum Command {
         #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
         sets: Vec<String>,
     },
+    /// Write a freshly initialised HF model directory; --explain prints the per-tensor plan
+    Init {
+        /// Model preset (micro, tiny, small, llama2-7b, ...)
+        #[arg(long, conflicts_with = "hf")]
+        preset: Option<String>,
+        /// An HF config.json to take the shape from
+        #[arg(long)]
+        hf: Option<PathBuf>,
+        /// Scheme: xavier-uniform, xavier-normal, kaiming-uniform, kaiming-normal, lecun-normal,
+        /// normal, trunc-normal, depth-scaled, megatron, small-init, wang, mitchell, deepnorm,
+        /// mup, orthogonal
+        #[arg(long = "init", default_value = "normal")]
+        scheme: String,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Output directory (config.json + model.safetensors); optional with --explain
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Print the table: tensor, role, shape, fans, formula, target σ, depth scaling
+        #[arg(long)]
+        explain: bool,
+        /// Scheme parameters: --set init.gain=0.5, --set init.roles.head.std=0.001
+        #[arg(long = "set", value_name = "init.KEY=VALUE")]
+        sets: Vec<String>,
+    },
+    /// Audit a model directory's weights against an init scheme (exit 4 on a FAIL)
+    Check {
+        /// HF model directory (config.json + model.safetensors), keel's or PyTorch's
+        #[arg(long)]
+        model: PathBuf,
+        /// The scheme the weights should follow
+        #[arg(long = "init", default_value = "normal")]
+        scheme: String,
+        /// Scheme parameters, as for `keel init`
+        #[arg(long = "set", value_name = "init.KEY=VALUE")]
+        sets: Vec<String>,
+        /// One JSON object per tensor instead of a table
+        #[arg(long)]
+        json: bool,
+        /// Print every tensor, not only those with findings
+        #[arg(long)]
+        all: bool,
+    },
     /// Mean next-token cross-entropy of a model on a token file (JSON on stdout)
     Eval {
         /// HF model directory (config.json + model.safetensors), e.g. a checkpoint
@@ -114,6 +157,22 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             steps,
             sets,
         } => cmd_train(config, preset, data, out, steps, sets, cli.threads),
+        Command::Init {
+            preset,
+            hf,
+            scheme,
+            seed,
+            out,
+            explain,
+            sets,
+        } => cmd_init(preset, hf, &scheme, seed, out, explain, &sets),
+        Command::Check {
+            model,
+            scheme,
+            sets,
+            json,
+            all,
+        } => cmd_check(&model, &scheme, &sets, json, all),
         Command::Eval {
             model,
             tokens,
@@ -342,4 +401,218 @@ fn cmd_sample(
     let text = tok.decode(&gen)?;
     println!("{prompt}{text}");
     Ok(0)
+}
+
+/// `[init]` from a scheme name plus `--set init.KEY=VALUE` assignments.
+fn init_section(
+    scheme: &str,
+    seed: u64,
+    sets: &[String],
+) -> anyhow::Result<crate::init::InitSection> {
+    let mut t = toml::Table::new();
+    crate::config::apply_set(&mut t, &format!("init.scheme={}", quoted(scheme)))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    crate::config::apply_set(&mut t, &format!("init.seed={seed}"))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    for s in sets {
+        let (k, v) = s
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--set {s}: expected init.KEY=VALUE"))?;
+        let path: Vec<&str> = k.trim().split('.').collect();
+        if path.first() != Some(&"init") || path.len() < 2 {
+            anyhow::bail!("--set {s}: only init.* keys apply here (e.g. init.gain=0.5, init.roles.head.std=0.001)");
+        }
+        // nested keys such as init.roles.head.std
+        let mut cur = &mut t;
+        for p in &path[..path.len() - 1] {
+            cur = cur
+                .entry(p.to_string())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                .as_table_mut()
+                .ok_or_else(|| anyhow::anyhow!("--set {s}: {p} is not a table"))?;
+        }
+        let val = format!("v = {}", v.trim())
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut x| x.remove("v"));
+        cur.insert(
+            path[path.len() - 1].to_string(),
+            val.unwrap_or(toml::Value::String(v.trim().to_string())),
+        );
+    }
+    let init = t.remove("init").expect("set above");
+    let doc = toml::Table::from_iter([("init".to_string(), init)]).to_string();
+    #[derive(serde::Deserialize)]
+    struct Wrap {
+        init: crate::init::InitSection,
+    }
+    let w: Wrap =
+        toml::from_str(&doc).map_err(|e| anyhow::anyhow!("init settings: {}", e.message()))?;
+    Ok(w.init)
+}
+
+fn print_plan(plans: &[crate::init::TensorPlan]) {
+    println!(
+        "{:<44} {:<9} {:>12} {:>7} {:>7}  {:>10} {:<14} formula",
+        "tensor", "role", "shape", "fan_in", "fan_out", "target σ", "depth scaling"
+    );
+    for p in plans {
+        let shape = p
+            .shape
+            .iter()
+            .map(|x| x.to_string())
+            .collect::<Vec<_>>()
+            .join("×");
+        let bound = p
+            .dist
+            .bound()
+            .map(|b| format!(" (|w| ≤ {b:.3e})"))
+            .unwrap_or_default();
+        println!(
+            "{:<44} {:<9} {:>12} {:>7} {:>7}  {:>10.3e} {:<14} {}{}",
+            p.name,
+            p.role,
+            shape,
+            p.fan_in,
+            p.fan_out,
+            p.target_std,
+            if p.depth_scaling.is_empty() {
+                "-"
+            } else {
+                &p.depth_scaling
+            },
+            p.formula,
+            bound
+        );
+    }
+}
+
+fn cmd_init(
+    preset: Option<String>,
+    hf: Option<PathBuf>,
+    scheme: &str,
+    seed: u64,
+    out: Option<PathBuf>,
+    explain: bool,
+    sets: &[String],
+) -> anyhow::Result<i32> {
+    use crate::config::ModelConfig;
+    let cfg = match (&preset, &hf) {
+        (_, Some(h)) => ModelConfig::from_hf_json(h),
+        (Some(p), None) => ModelConfig::preset(p),
+        (None, None) => anyhow::bail!("give --preset P or --hf config.json"),
+    }
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let ic = init_section(scheme, seed, sets)?;
+    let mut cfg = cfg;
+    crate::init::implied_model(&mut cfg, &ic);
+    let layout = crate::model::ParamLayout::new(&cfg);
+    let plans = crate::init::plan(&cfg, &layout, &ic).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if explain {
+        print_plan(&plans);
+        if !cfg.is_plain_llama() {
+            println!(
+                "model variant implied by {scheme}: attention scale {}, logit scale {:.4}, residual α {:.4} (recorded in config.json as keel_* keys; transformers ignores them)",
+                cfg.attn_scale.map(|a| format!("{a:.4}")).unwrap_or_else(|| "1/√d_head".into()),
+                cfg.logit_scale,
+                cfg.residual_scale
+            );
+        }
+        if scheme == "mup" {
+            let m = crate::init::lr_multiplier(&ic, &cfg, crate::model::Role::AttnQ);
+            println!("AdamW learning rate × {m:.4} on hidden and readout matrices (μP), × 1 on embeddings and norms");
+        }
+    }
+    let Some(out) = out else {
+        if explain {
+            return Ok(0);
+        }
+        anyhow::bail!("give --out DIR (or --explain to only print the plan)");
+    };
+    let bytes = 4.0 * cfg.num_params() as f64;
+    if bytes > 64e9 {
+        anyhow::bail!(
+            "{:.0} GB of f32 weights is too large to write here; use --explain for the plan",
+            bytes / 1e9
+        );
+    }
+    let mut model = crate::model::Model::new(&cfg, 1, 1);
+    crate::init::initialize(&mut model, &ic).map_err(|e| anyhow::anyhow!("{e}"))?;
+    std::fs::create_dir_all(&out)?;
+    let (c, w) = crate::checkpoint::model_files(&model)?;
+    crate::checkpoint::write_atomic(&out.join("config.json"), &c)?;
+    crate::checkpoint::write_atomic(&out.join("model.safetensors"), &w)?;
+    eprintln!(
+        "wrote {} ({} parameters, init {scheme}, seed {seed})",
+        out.display(),
+        cfg.num_params()
+    );
+    Ok(0)
+}
+
+fn cmd_check(
+    model: &Path,
+    scheme: &str,
+    sets: &[String],
+    json: bool,
+    all: bool,
+) -> anyhow::Result<i32> {
+    use crate::init::audit::{audit_tensor, Verdict};
+    let ic = init_section(scheme, 0, sets)?;
+    let m = crate::checkpoint::load_model_dir(model, 1, 1)?;
+    let plans = crate::init::plan(&m.cfg, &m.layout, &ic).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let audits: Vec<_> = m
+        .layout
+        .specs
+        .iter()
+        .zip(&plans)
+        .map(|(s, p)| audit_tensor(p, &m.params[s.offset..s.offset + s.len]))
+        .collect();
+    let worst = audits
+        .iter()
+        .map(|a| a.verdict)
+        .max()
+        .unwrap_or(Verdict::Pass);
+    if json {
+        for a in &audits {
+            println!("{}", serde_json::to_string(a)?);
+        }
+    } else {
+        println!("init audit of {} against {scheme}", model.display());
+        println!(
+            "{:<44} {:<9} {:>10} {:>10} {:>6} {:>9} {:>7} {:>7}  verdict",
+            "tensor", "role", "std", "target", "ratio", "max/σ", "kurt", "@bound"
+        );
+        for a in audits.iter().filter(|a| all || a.verdict != Verdict::Pass) {
+            let ratio = if a.target_std > 0.0 {
+                a.std / a.target_std
+            } else {
+                f64::NAN
+            };
+            println!(
+                "{:<44} {:<9} {:>10.3e} {:>10.3e} {:>6.3} {:>9.2} {:>7.2} {:>6.2}%  {}",
+                a.name,
+                a.role,
+                a.std,
+                a.target_std,
+                ratio,
+                a.max_over_sigma,
+                a.excess_kurtosis,
+                100.0 * a.frac_at_bound,
+                a.verdict.label()
+            );
+            for r in &a.reasons {
+                println!("    {}: {r}", a.verdict.label());
+            }
+        }
+        let count = |v: Verdict| audits.iter().filter(|a| a.verdict == v).count();
+        println!(
+            "{} tensors: {} PASS, {} WARN, {} FAIL",
+            audits.len(),
+            count(Verdict::Pass),
+            count(Verdict::Warn),
+            count(Verdict::Fail)
+        );
+    }
+    Ok(if worst == Verdict::Fail { 4 } else { 0 })
 }

@@ -21,6 +21,19 @@ pub struct ModelConfig {
     pub tie_embeddings: bool,
     /// Longest sequence the model is built for (HF `max_position_embeddings`).
     pub max_seq_len: usize,
+    /// Attention logit scale; None = 1/√head_dim (LLaMA). μP sets √(base head dim)/head_dim.
+    #[serde(default)]
+    pub attn_scale: Option<f64>,
+    /// Multiplier on the output logits (μP readout: 1/width_mult). 1 = LLaMA.
+    #[serde(default = "one")]
+    pub logit_scale: f64,
+    /// Residual scaling α: x ← α·x + f(x) in every block (DeepNorm). 1 = LLaMA.
+    #[serde(default = "one")]
+    pub residual_scale: f64,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 /// Largest sizes accepted before allocating anything: guards against absurd or hostile configs.
@@ -65,6 +78,9 @@ impl ModelConfig {
             rms_norm_eps: eps,
             tie_embeddings: false,
             max_seq_len: seq,
+            attn_scale: None,
+            logit_scale: 1.0,
+            residual_scale: 1.0,
         }
     }
 
@@ -88,6 +104,11 @@ impl ModelConfig {
             }
         };
         Ok(c)
+    }
+
+    /// True when the model is plain LLaMA (loads identically in transformers).
+    pub fn is_plain_llama(&self) -> bool {
+        self.attn_scale.is_none() && self.logit_scale == 1.0 && self.residual_scale == 1.0
     }
 
     pub fn head_dim(&self) -> usize {
@@ -177,6 +198,20 @@ impl ModelConfig {
                 format!("must be in (0, 1), got {}", self.rms_norm_eps),
                 "use 1e-5 or 1e-6",
             ));
+        }
+        let scales = [
+            ("model.attn_scale", self.attn_scale.unwrap_or(1.0)),
+            ("model.logit_scale", self.logit_scale),
+            ("model.residual_scale", self.residual_scale),
+        ];
+        for (k, v) in scales {
+            if !(v.is_finite() && v > 0.0 && v < 1e4) {
+                return Err(ConfigError::new(
+                    k,
+                    format!("must be a positive finite number, got {v}"),
+                    "leave it unset for LLaMA",
+                ));
+            }
         }
         Ok(())
     }
@@ -349,6 +384,15 @@ impl ModelConfig {
                 None => 2048,
                 Some(_) => req("max_position_embeddings")?,
             },
+            attn_scale: obj.get("keel_attn_scale").and_then(Value::as_f64),
+            logit_scale: obj
+                .get("keel_logit_scale")
+                .and_then(Value::as_f64)
+                .unwrap_or(1.0),
+            residual_scale: obj
+                .get("keel_residual_scale")
+                .and_then(Value::as_f64)
+                .unwrap_or(1.0),
         };
         c.validate()?;
         Ok(c)
@@ -384,6 +428,16 @@ impl ModelConfig {
         ];
         for (k, v) in entries {
             m.insert(k.to_string(), v);
+        }
+        // Variants transformers does not implement: recorded so keel reloads them exactly.
+        if let Some(a) = self.attn_scale {
+            m.insert("keel_attn_scale".into(), json!(a));
+        }
+        if self.logit_scale != 1.0 {
+            m.insert("keel_logit_scale".into(), json!(self.logit_scale));
+        }
+        if self.residual_scale != 1.0 {
+            m.insert("keel_residual_scale".into(), json!(self.residual_scale));
         }
         Value::Object(m)
     }

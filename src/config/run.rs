@@ -2,6 +2,7 @@
 //! overrides, validation, and the resolved `config.toml` a run directory keeps.
 
 use super::{ConfigError, ModelConfig};
+use crate::init::InitSection;
 use crate::optim::{OptimConfig, Schedule};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -23,24 +24,10 @@ pub struct ModelSection {
     pub rms_norm_eps: Option<f64>,
     pub tie_embeddings: Option<bool>,
     pub max_seq_len: Option<usize>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct InitSection {
-    pub scheme: String,
-    pub seed: u64,
-    pub std: f64,
-}
-
-impl Default for InitSection {
-    fn default() -> Self {
-        InitSection {
-            scheme: "normal".into(),
-            seed: 0,
-            std: 0.02,
-        }
-    }
+    /// Stability variants (default: plain LLaMA, or what the init scheme implies).
+    pub attn_scale: Option<f64>,
+    pub logit_scale: Option<f64>,
+    pub residual_scale: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -302,6 +289,11 @@ impl RunConfig {
             intermediate_size
         );
         over!(rope_theta, rms_norm_eps, tie_embeddings, max_seq_len);
+        crate::init::implied_model(&mut c, &self.init);
+        over!(logit_scale, residual_scale);
+        if m.attn_scale.is_some() {
+            c.attn_scale = m.attn_scale;
+        }
         c.validate()?;
         Ok(c)
     }
@@ -399,7 +391,7 @@ impl RunConfig {
                 "set checkpoint.keep = 3",
             ));
         }
-        crate::init::check_scheme(&self.init.scheme)?;
+        crate::init::plan(&mc, &crate::model::ParamLayout::new(&mc), &self.init)?;
         Ok(())
     }
 

@@ -1,7 +1,13 @@
 //! Weight initialisation. Every tensor is filled from its own counter-based stream keyed by
 //! (seed, HF name), so values are independent of thread count and of the other tensors.
 
+pub mod audit;
 pub mod rng;
+mod schemes;
+
+pub use schemes::{
+    erf, fans, plan, trunc_std, Dist, InitSection, RoleOverride, TensorPlan, SCHEMES,
+};
 
 use crate::model::{Model, Role};
 use rayon::prelude::*;
@@ -29,8 +35,31 @@ pub fn init_hf_normal(model: &mut Model, seed: u64, std: f64) {
     }
 }
 
-/// Schemes this build implements (more arrive with role-aware initialisation).
-pub const SCHEMES: &[&str] = &["normal"];
+/// The model variants a scheme implies (μP: attention √(base head dim)/head dim and readout
+/// 1/width_mult; DeepNorm: residual α = (2L)^(1/4)); plain LLaMA for the others.
+pub fn implied_model(cfg: &mut crate::config::ModelConfig, ic: &InitSection) {
+    match ic.scheme.as_str() {
+        "mup" => {
+            let width_mult = cfg.hidden_size as f64 / ic.base_width as f64;
+            let base_head = ic.base_width as f64 / cfg.num_heads as f64;
+            cfg.attn_scale = Some(base_head.sqrt() / cfg.head_dim() as f64);
+            cfg.logit_scale = 1.0 / width_mult;
+        }
+        "deepnorm" => cfg.residual_scale = (2.0 * cfg.num_layers as f64).powf(0.25),
+        _ => {}
+    }
+}
+
+/// AdamW learning-rate multiplier of a tensor under a scheme: μP scales matrix-like
+/// parameters with an infinite fan-in (hidden and readout weights) by 1/width_mult (as
+/// mup's MuAdam); embeddings and norms keep the base LR.
+pub fn lr_multiplier(ic: &InitSection, cfg: &crate::config::ModelConfig, role: Role) -> f64 {
+    match (ic.scheme.as_str(), role) {
+        ("mup", Role::Embed | Role::Norm) => 1.0,
+        ("mup", _) => ic.base_width as f64 / cfg.hidden_size as f64,
+        _ => 1.0,
+    }
+}
 
 /// Refuse an unknown scheme name with the list of known ones.
 pub fn check_scheme(name: &str) -> Result<(), crate::config::ConfigError> {
@@ -45,14 +74,88 @@ pub fn check_scheme(name: &str) -> Result<(), crate::config::ConfigError> {
     }
 }
 
-/// Initialise a model as the run config says.
+/// Fill `out` from `dist`, with tensor `name`'s own stream (independent of the others and of
+/// the thread count). rows × cols is the matrix shape (for orthogonal).
+pub fn sample(out: &mut [f32], dist: Dist, seed: u64, name: &str, rows: usize, cols: usize) {
+    let s = Stream::new(seed, hash_name(name));
+    let n = out.len() as u64;
+    match dist {
+        Dist::Ones => out.fill(1.0),
+        Dist::Zeros => out.fill(0.0),
+        Dist::Normal { std } => fill_normal(out, seed, name, std),
+        Dist::Uniform { bound } => out.par_chunks_mut(4096).enumerate().for_each(|(ci, ch)| {
+            for (j, x) in ch.iter_mut().enumerate() {
+                let u = s.uniform_at((ci * 4096 + j) as u64);
+                *x = ((2.0 * u - 1.0) * bound) as f32;
+            }
+        }),
+        Dist::TruncNormal {
+            std,
+            sigma_bound,
+            corrected,
+        } => {
+            let scale = if corrected {
+                std / trunc_std(sigma_bound)
+            } else {
+                std
+            };
+            out.par_chunks_mut(4096).enumerate().for_each(|(ci, ch)| {
+                for (j, x) in ch.iter_mut().enumerate() {
+                    let i = (ci * 4096 + j) as u64;
+                    // rejection: attempt k of element i uses counter i + k·n
+                    let mut k = 0u64;
+                    let z = loop {
+                        let z = s.normal_at(i + k * n);
+                        if z.abs() <= sigma_bound || k > 1000 {
+                            break z.clamp(-sigma_bound, sigma_bound);
+                        }
+                        k += 1;
+                    };
+                    *x = (z * scale) as f32;
+                }
+            });
+        }
+        Dist::Orthogonal { gain } => orthogonal(out, &s, rows, cols, gain),
+    }
+}
+
+/// (Semi-)orthogonal matrix as torch.nn.init.orthogonal_: QR of a Gaussian matrix in its tall
+/// orientation with the signs of R's diagonal folded in, times `gain`. Modified Gram–Schmidt
+/// in f64.
+fn orthogonal(out: &mut [f32], s: &Stream, rows: usize, cols: usize, gain: f64) {
+    let (tall, short) = (rows.max(cols), rows.min(cols));
+    // column-major tall matrix A (tall × short): column j contiguous
+    let mut a: Vec<f64> = (0..tall * short).map(|i| s.normal_at(i as u64)).collect();
+    for k in 0..short {
+        let (done, rest) = a.split_at_mut((k + 1) * tall);
+        let qk = &mut done[k * tall..];
+        let norm = qk.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-300);
+        qk.iter_mut().for_each(|x| *x /= norm);
+        let qk = &*qk;
+        rest.par_chunks_mut(tall).for_each(|col| {
+            let dot: f64 = col.iter().zip(qk).map(|(a, b)| a * b).sum();
+            col.iter_mut().zip(qk).for_each(|(c, q)| *c -= dot * q);
+        });
+    }
+    // (MGS's R has a positive diagonal, so no sign flip is needed.)
+    for r in 0..rows {
+        for c in 0..cols {
+            let (i, j) = if rows >= cols { (r, c) } else { (c, r) };
+            out[r * cols + c] = (gain * a[j * tall + i]) as f32;
+        }
+    }
+}
+
+/// Initialise every parameter as the `[init]` section says; returns the plan used.
 pub fn initialize(
     model: &mut Model,
-    scheme: &str,
-    seed: u64,
-    std: f64,
-) -> Result<(), crate::config::ConfigError> {
-    check_scheme(scheme)?;
-    init_hf_normal(model, seed, std);
-    Ok(())
+    ic: &InitSection,
+) -> Result<Vec<TensorPlan>, crate::config::ConfigError> {
+    let plans = plan(&model.cfg, &model.layout, ic)?;
+    let specs = model.layout.specs.clone();
+    for (s, p) in specs.iter().zip(&plans) {
+        let out = &mut model.params[s.offset..s.offset + s.len];
+        sample(out, p.dist, ic.seed, &s.name, p.fan_out, p.fan_in);
+    }
+    Ok(plans)
 }

@@ -21,14 +21,13 @@ pub struct AttnShape {
     pub heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
+    /// Logit scale (1/√D for LLaMA).
+    pub scale: f32,
 }
 
 impl AttnShape {
     fn group(&self) -> usize {
         self.heads / self.kv_heads
-    }
-    fn scale(&self) -> f32 {
-        1.0 / (self.head_dim as f32).sqrt()
     }
     /// Row stride of the fused qkv buffer: H·D query, then KV·D key, then KV·D value columns.
     pub fn qkv_stride(&self) -> usize {
@@ -52,7 +51,7 @@ pub fn attention_fwd(y: &mut [f32], probs: &mut [f32], qkv: &[f32], s: AttnShape
     } = s;
     let (ys, rs) = (heads * d, s.qkv_stride());
     let (koff, voff) = (heads * d, (heads + s.kv_heads) * d);
-    let scale = s.scale();
+    let scale = s.scale;
     assert!(y.len() >= s.b * t * ys && probs.len() >= s.b * heads * t * t);
     assert!(qkv.len() >= s.b * t * rs);
     let yp = SendPtr(y.as_mut_ptr());
@@ -150,7 +149,7 @@ pub fn attention_bwd(
     } = s;
     let (ys, rs, g) = (heads * d, s.qkv_stride(), s.group());
     let (koff, voff) = (heads * d, (heads + kv_heads) * d);
-    let scale = s.scale();
+    let scale = s.scale;
     assert!(dqkv.len() >= s.b * t * rs && qkv.len() >= s.b * t * rs && dy.len() >= s.b * t * ys);
     assert!(probs.len() >= s.b * heads * t * t && scratch.len() >= s.scratch_len());
     let dp = SendPtr(dqkv.as_mut_ptr());
@@ -282,6 +281,7 @@ mod tests {
             heads: 4,
             kv_heads: 2,
             head_dim: 8,
+            scale: 0.35,
         }
     }
 
@@ -329,6 +329,7 @@ mod tests {
             heads: 2,
             kv_heads: 1,
             head_dim: 4,
+            scale: 0.5,
         });
     }
 

@@ -269,22 +269,17 @@ pub fn linear_bwd_weight(dw: &mut [f32], dout: &[f32], x: &[f32], m: usize, k: u
     gemm_strided(n, k, m, dw, true, dout, 1, n, x, k, 1);
 }
 
-/// Plain product for benchmarks: c (M, N) = a (M, K) · b (K, N).
-pub fn matmul(c: &mut [f32], a: &[f32], b: &[f32], m: usize, k: usize, n: usize) {
-    gemm_strided(m, n, k, c, false, a, k, 1, b, n, 1);
-}
-
-/// Measured f32 GEMM throughput (FLOP/s) at a square size, best of a few repeats: the peak
-/// MFU is counted against.
+/// Measured f32 GEMM throughput (FLOP/s) at a square size through the same backend the
+/// linear layers use, best of `repeats`: the peak MFU is counted against.
 pub fn measure_peak_flops(size: usize, repeats: usize) -> f64 {
     let a: Vec<f32> = (0..size * size).map(|i| ((i % 7) as f32) * 0.1).collect();
     let b: Vec<f32> = (0..size * size).map(|i| ((i % 5) as f32) * 0.1).collect();
     let mut c = vec![0f32; size * size];
-    matmul(&mut c, &a, &b, size, size, size); // warm-up: page faults, pool start
+    linear_fwd(&mut c, &a, &b, size, size, size); // warm-up: page faults, thread start
     let mut best = f64::INFINITY;
     for _ in 0..repeats.max(1) {
         let t = std::time::Instant::now();
-        matmul(&mut c, &a, &b, size, size, size);
+        linear_fwd(&mut c, &a, &b, size, size, size);
         best = best.min(t.elapsed().as_secs_f64());
     }
     2.0 * (size as f64).powi(3) / best

@@ -59,6 +59,23 @@ pub fn add_inplace(x: &mut [f32], y: &[f32]) {
     }
 }
 
+/// Residual add with scaling α (DeepNorm; 1 for LLaMA), in place: out (N) ← out + α·skip,
+/// out = the branch output, skip = the block input.
+pub fn residual_add(out: &mut [f32], skip: &[f32], alpha: f32) {
+    if alpha == 1.0 {
+        add_inplace(out, skip);
+    } else {
+        axpy(out, alpha, skip);
+    }
+}
+
+/// x (N) ← a·x.
+pub fn scale_inplace(x: &mut [f32], a: f32) {
+    use rayon::prelude::*;
+    x.par_chunks_mut(1 << 14)
+        .for_each(|c| c.iter_mut().for_each(|v| *v *= a));
+}
+
 /// Number of worker threads compute may use (the global rayon pool).
 pub fn num_threads() -> usize {
     rayon::current_num_threads()

@@ -6,7 +6,6 @@ mod params;
 pub use params::{LayerOffsets, ParamLayout, ParamSpec, Role};
 
 use crate::config::ModelConfig;
-use crate::kernels::add_inplace;
 use crate::kernels::attention::{attention_bwd, attention_fwd, AttnShape};
 use crate::kernels::embed::{embed_bwd, embed_fwd};
 use crate::kernels::loss::{cross_entropy_bwd_inplace, cross_entropy_fwd};
@@ -14,6 +13,7 @@ use crate::kernels::matmul::{linear_bwd_input, linear_bwd_weight, linear_fwd};
 use crate::kernels::norm::{rmsnorm_bwd, rmsnorm_fwd};
 use crate::kernels::rope::{rope_bwd, rope_fwd, RopeTables};
 use crate::kernels::swiglu::{swiglu_bwd, swiglu_fwd};
+use crate::kernels::{residual_add, scale_inplace};
 
 /// Activations kept from forward for backward, sized for one (B, T). Per-layer tensors are
 /// stacked: layer l's slice of `q` is `q[l*N*C ..][..N*C]`, and so on.
@@ -232,6 +232,7 @@ impl Model {
             heads: c.num_heads,
             kv_heads: c.num_kv_heads,
             head_dim: c.head_dim(),
+            scale: c.attn_scale.unwrap_or(1.0 / (c.head_dim() as f64).sqrt()) as f32,
         };
         let lay = &self.layout;
         let w = |off: usize, len: usize| &p[off..off + len];
@@ -239,6 +240,7 @@ impl Model {
         a.logits_consumed = false;
         a.ready_for_backward = false;
 
+        let alpha = c.residual_scale as f32;
         embed_fwd(&mut a.resid[..n * d], tokens, w(lay.embed, v * d), d);
         let pl = b * c.num_heads * t * t;
         let qs = d + 2 * kv; // fused q|k|v row
@@ -258,7 +260,7 @@ impl Model {
             let probs = &mut a.probs[l * pl..][..pl];
             self.stats.max_attn_logit[l] = attention_fwd(atty, probs, qkv, shape);
             linear_fwd(xmid, atty, w(lo.o, d * d), n, d, d);
-            add_inplace(xmid, x);
+            residual_add(xmid, x, alpha);
             let ln2 = &mut a.ln2[l * nd..][..nd];
             rmsnorm_fwd(ln2, &mut a.rstd2[l * n..][..n], xmid, w(lo.ln2, d), d, eps);
             let (gu, h) = (
@@ -268,12 +270,15 @@ impl Model {
             linear_fwd(gu, ln2, w(lo.gate, 2 * f * d), n, d, 2 * f);
             swiglu_fwd(h, gu, f);
             linear_fwd(xout, h, w(lo.down, d * f), n, f, d);
-            add_inplace(xout, xmid);
+            residual_add(xout, xmid, alpha);
         }
         let l2 = 2 * c.num_layers;
         let xl = &a.resid[l2 * n * d..][..n * d];
         rmsnorm_fwd(&mut a.lnf, &mut a.rstdf, xl, w(lay.norm, d), d, eps);
         linear_fwd(&mut a.logits, &a.lnf, w(lay.head, v * d), n, d, v);
+        if c.logit_scale != 1.0 {
+            scale_inplace(&mut a.logits, c.logit_scale as f32);
+        }
         Ok(())
     }
 
@@ -328,6 +333,7 @@ impl Model {
             heads: c.num_heads,
             kv_heads: c.num_kv_heads,
             head_dim: c.head_dim(),
+            scale: c.attn_scale.unwrap_or(1.0 / (c.head_dim() as f64).sqrt()) as f32,
         };
         let lay = &self.layout;
         let w = |off: usize, len: usize| &p[off..off + len];
@@ -337,7 +343,10 @@ impl Model {
 
         a.ready_for_backward = false;
         a.logits_consumed = true;
-        cross_entropy_bwd_inplace(&mut a.logits, &a.lse, &a.targets, v, grad_scale / n as f32);
+        // d(raw logits) = logit_scale · d(scaled logits)
+        let ce_scale = grad_scale * c.logit_scale as f32 / n as f32;
+        cross_entropy_bwd_inplace(&mut a.logits, &a.lse, &a.targets, v, ce_scale);
+        let alpha = c.residual_scale as f32;
         linear_bwd_input(&mut a.dln, &a.logits, w(lay.head, v * d), n, d, v, false);
         linear_bwd_weight(
             &mut gr[lay.head..lay.head + v * d],
@@ -387,6 +396,10 @@ impl Model {
                 d,
                 2 * f,
             );
+            // the residual path carries α·d(out); the norm path adds below
+            if alpha != 1.0 {
+                scale_inplace(&mut a.dres, alpha);
+            }
             rmsnorm_bwd(
                 &mut a.dres,
                 &mut gr[lo.ln2..lo.ln2 + d],
@@ -407,6 +420,10 @@ impl Model {
             rope_bwd(&mut a.dqkv[d..], qs, &self.rope, t, c.num_kv_heads);
             linear_bwd_input(&mut a.dln, &a.dqkv, w(lo.q, qs * d), n, d, qs, false);
             linear_bwd_weight(&mut gr[lo.q..lo.q + qs * d], &a.dqkv, ln1, n, d, qs);
+            // the residual path carries α·d(out); the norm path adds below
+            if alpha != 1.0 {
+                scale_inplace(&mut a.dres, alpha);
+            }
             rmsnorm_bwd(
                 &mut a.dres,
                 &mut gr[lo.ln1..lo.ln1 + d],

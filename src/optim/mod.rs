@@ -45,8 +45,8 @@ pub struct AdamW {
     pub m: Vec<f32>,
     pub v: Vec<f32>,
     pub step: u64,
-    /// (offset, len, decays) per tensor
-    groups: Vec<(usize, usize, bool)>,
+    /// (offset, len, decays, lr multiplier) per tensor
+    groups: Vec<(usize, usize, bool, f64)>,
 }
 
 impl AdamW {
@@ -60,7 +60,7 @@ impl AdamW {
                     Role::Embed => cfg.decay_embeddings,
                     _ => true,
                 };
-                (s.offset, s.len, decays)
+                (s.offset, s.len, decays, 1.0)
             })
             .collect();
         AdamW {
@@ -72,6 +72,14 @@ impl AdamW {
         }
     }
 
+    /// Per-tensor learning-rate multipliers (μP's per-group Adam LR), by role.
+    pub fn with_lr_multipliers(mut self, layout: &ParamLayout, f: impl Fn(Role) -> f64) -> Self {
+        for (g, s) in self.groups.iter_mut().zip(&layout.specs) {
+            g.3 = f(s.role);
+        }
+        self
+    }
+
     /// One update with learning rate `lr` (the schedule's value for this step).
     /// Mirrors torch.optim.AdamW (single-tensor path) operation by operation in f32.
     pub fn update(&mut self, params: &mut [f32], grads: &[f32], lr: f64) {
@@ -79,7 +87,6 @@ impl AdamW {
         let c = &self.cfg;
         let bc1 = 1.0 - c.beta1.powi(self.step as i32);
         let bc2 = 1.0 - c.beta2.powi(self.step as i32);
-        let step_size = (lr / bc1) as f32;
         let bc2_sqrt = bc2.sqrt() as f32;
         let (b1, b2, eps) = (c.beta1 as f32, c.beta2 as f32, c.eps as f32);
         let (pp, mp, vp) = (
@@ -90,29 +97,33 @@ impl AdamW {
         let wd = c.weight_decay;
         const CH: usize = 1 << 14;
         // Work items: (offset, len, decay factor), chunked for the pool.
-        self.groups.par_iter().for_each(|&(off, len, decays)| {
-            let keep = if decays { (1.0 - lr * wd) as f32 } else { 1.0 };
-            (0..len.div_ceil(CH)).into_par_iter().for_each(|ci| {
-                let s = off + ci * CH;
-                let e = (s + CH).min(off + len);
-                // SAFETY: tensors and chunks are disjoint ranges of the three buffers.
-                let (p, m, v) = unsafe {
-                    (
-                        std::slice::from_raw_parts_mut({ pp }.0.add(s), e - s),
-                        std::slice::from_raw_parts_mut({ mp }.0.add(s), e - s),
-                        std::slice::from_raw_parts_mut({ vp }.0.add(s), e - s),
-                    )
-                };
-                let g = &grads[s..e];
-                for i in 0..p.len() {
-                    p[i] *= keep;
-                    m[i] += (g[i] - m[i]) * (1.0 - b1);
-                    v[i] = v[i] * b2 + g[i] * g[i] * (1.0 - b2);
-                    let denom = v[i].sqrt() / bc2_sqrt + eps;
-                    p[i] -= step_size * (m[i] / denom);
-                }
+        self.groups
+            .par_iter()
+            .for_each(|&(off, len, decays, mult)| {
+                let lr = lr * mult;
+                let step_size = (lr / bc1) as f32;
+                let keep = if decays { (1.0 - lr * wd) as f32 } else { 1.0 };
+                (0..len.div_ceil(CH)).into_par_iter().for_each(|ci| {
+                    let s = off + ci * CH;
+                    let e = (s + CH).min(off + len);
+                    // SAFETY: tensors and chunks are disjoint ranges of the three buffers.
+                    let (p, m, v) = unsafe {
+                        (
+                            std::slice::from_raw_parts_mut({ pp }.0.add(s), e - s),
+                            std::slice::from_raw_parts_mut({ mp }.0.add(s), e - s),
+                            std::slice::from_raw_parts_mut({ vp }.0.add(s), e - s),
+                        )
+                    };
+                    let g = &grads[s..e];
+                    for i in 0..p.len() {
+                        p[i] *= keep;
+                        m[i] += (g[i] - m[i]) * (1.0 - b1);
+                        v[i] = v[i] * b2 + g[i] * g[i] * (1.0 - b2);
+                        let denom = v[i].sqrt() / bc2_sqrt + eps;
+                        p[i] -= step_size * (m[i] / denom);
+                    }
+                });
             });
-        });
     }
 }
 

@@ -150,9 +150,11 @@ pub fn run(opts: &TrainOptions) -> Result<Summary> {
     );
 
     let mut model = Model::new(&mc, b, t);
-    crate::init::initialize(&mut model, &cfg.init.scheme, cfg.init.seed, cfg.init.std)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut opt = AdamW::new(cfg.optim.clone(), &model.layout);
+    crate::init::initialize(&mut model, &cfg.init).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut opt = AdamW::new(cfg.optim.clone(), &model.layout)
+        .with_lr_multipliers(&model.layout, |r| {
+            crate::init::lr_multiplier(&cfg.init, &mc, r)
+        });
     let ck_root = out.join("checkpoints");
     checkpoint::prune(&ck_root, usize::MAX)?; // clears leftovers of interrupted saves
     let mut state = TrainerState {
