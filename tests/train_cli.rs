@@ -419,3 +419,102 @@ fn failed_checkpoint_write_keeps_the_previous_one_and_resumes() {
         .join("checkpoints/step-00000030/model.safetensors")
         .exists());
 }
+
+#[test]
+fn a_second_trainer_on_the_same_run_directory_is_refused() {
+    let d = tmpdir("locked");
+    let mut args = micro_args(&d, 100_000);
+    args.extend(["--set".into(), "checkpoint.every=0".into()]);
+    let mut child = keel()
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_steps(&d, 3, &mut child);
+    expect_error(
+        &micro_args(&d, 10),
+        &["in use by keel process", &child.id().to_string()],
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // the lock of the killed process is stale: the next run takes over and resumes
+    let o = run(&micro_args(&d, 10));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        !d.join("keel.lock").exists(),
+        "lock left behind after a clean exit"
+    );
+}
+
+#[test]
+fn survives_twenty_sigkills_including_during_checkpoint_writes() {
+    let steps = 40;
+    let a = tmpdir("kills-ref");
+    let mut args_a = micro_args(&a, steps);
+    args_a.extend(["--set".into(), "checkpoint.every=1".into()]);
+    let o = run(&args_a);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let b = tmpdir("kills");
+    let mut args = micro_args(&b, steps);
+    args.extend(["--set".into(), "checkpoint.every=1".into()]);
+    // pseudo-random kill delays (fixed seed), mostly landing inside checkpoint writes since
+    // every step writes one
+    let mut x: u64 = 0x2545F4914F6CDD1D;
+    let mut kills = 0;
+    while kills < 20 {
+        let mut child = keel()
+            .args(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        std::thread::sleep(Duration::from_millis(20 + x % 150));
+        if child.try_wait().unwrap().is_some() {
+            break; // finished before this kill
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        kills += 1;
+        // never a partial checkpoint under a final name
+        for (_, p) in keel::checkpoint::list(&b.join("checkpoints")) {
+            for f in [
+                "config.json",
+                "model.safetensors",
+                "trainer_state.safetensors",
+                "state.json",
+                "tokenizer.json",
+            ] {
+                assert!(
+                    p.join(f).exists(),
+                    "{} lacks {f} after kill {kills}",
+                    p.display()
+                );
+            }
+        }
+    }
+    let o = run(&[
+        "train".into(),
+        "--threads".into(),
+        "2".into(),
+        "--out".into(),
+        b.display().to_string(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        kills >= 10,
+        "only {kills} kills landed before the run finished"
+    );
+    eprintln!("survived {kills} SIGKILLs");
+    assert_eq!(
+        fields(&metrics(&a)),
+        fields(&metrics(&b)),
+        "metrics differ after {kills} kills"
+    );
+    let wa = std::fs::read(a.join("checkpoints/step-00000040/model.safetensors")).unwrap();
+    let wb = std::fs::read(b.join("checkpoints/step-00000040/model.safetensors")).unwrap();
+    assert!(wa == wb, "final weights differ after {kills} kills");
+}

@@ -1,5 +1,6 @@
 //! `keel train`: the training loop, run directory, checkpoints and exact resume.
 
+mod lock;
 mod log;
 
 pub use log::{read_jsonl, JsonlWriter};
@@ -116,6 +117,7 @@ pub fn run(opts: &TrainOptions) -> Result<Summary> {
     let out = &opts.out;
     std::fs::create_dir_all(out)
         .with_context(|| format!("{}: cannot create run directory", out.display()))?;
+    let _lock = lock::RunLock::acquire(out)?;
     let (cfg, resuming) = resolve_config(opts)?;
     let mc = cfg.model_config().map_err(|e| anyhow::anyhow!("{e}"))?;
     let t = cfg.seq_len(&mc);
