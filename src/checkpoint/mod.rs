@@ -271,8 +271,8 @@ pub fn save(
         write_synced(&tmp.join("state.json"), &serde_json::to_vec_pretty(state)?)?;
         sync_dir(&tmp);
         if final_dir.exists() {
-            // a re-save of the same step (e.g. after a resume): replace it
-            std::fs::remove_dir_all(&final_dir)?;
+            // a re-save of the same step: move the old one aside atomically first
+            remove_atomically(&final_dir)?;
         }
         std::fs::rename(&tmp, &final_dir)
             .with_context(|| format!("{}: cannot rename into place", final_dir.display()))?;
@@ -322,6 +322,30 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Delete a checkpoint directory so that no crash can leave it half-deleted under its name:
+/// rename it to a hidden `.tmp-` name (atomic), then remove that.
+fn remove_atomically(dir: &Path) -> Result<()> {
+    let name = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("checkpoint");
+    let trash = dir.with_file_name(format!(".tmp-delete-{name}-{}", std::process::id()));
+    std::fs::rename(dir, &trash)
+        .with_context(|| format!("{}: cannot move aside", dir.display()))?;
+    if let Some(parent) = dir.parent() {
+        sync_dir(parent);
+    }
+    std::fs::remove_dir_all(&trash).with_context(|| format!("{}: cannot remove", trash.display()))
+}
+
+/// Files every complete checkpoint has.
+const CHECKPOINT_FILES: [&str; 4] = [
+    "config.json",
+    "model.safetensors",
+    "trainer_state.safetensors",
+    "state.json",
+];
+
 /// Complete checkpoints under `root`, oldest first (temporary directories are ignored).
 pub fn list(root: &Path) -> Vec<(u64, PathBuf)> {
     let mut out: Vec<(u64, PathBuf)> = std::fs::read_dir(root)
@@ -331,30 +355,29 @@ pub fn list(root: &Path) -> Vec<(u64, PathBuf)> {
         .filter_map(|e| {
             let name = e.file_name().to_str()?.to_string();
             let step = name.strip_prefix("step-")?.parse().ok()?;
-            e.path()
-                .join("state.json")
-                .exists()
-                .then_some((step, e.path()))
+            let complete = CHECKPOINT_FILES.iter().all(|f| e.path().join(f).exists());
+            complete.then_some((step, e.path()))
         })
         .collect();
     out.sort();
     out
 }
 
-/// Remove leftovers of interrupted saves and all but the newest `keep` checkpoints.
+/// Remove leftovers of interrupted saves and deletes, and all but the newest `keep`
+/// checkpoints (each moved aside atomically before it is deleted).
 pub fn prune(root: &Path, keep: usize) -> Result<()> {
     for e in std::fs::read_dir(root).into_iter().flatten().flatten() {
-        if e.file_name()
+        let leftover = e
+            .file_name()
             .to_str()
-            .is_some_and(|n| n.starts_with(".tmp-step-"))
-        {
+            .is_some_and(|n| n.starts_with(".tmp-step-") || n.starts_with(".tmp-delete-"));
+        if leftover {
             let _ = std::fs::remove_dir_all(e.path());
         }
     }
     let all = list(root);
     for (_, p) in all.iter().take(all.len().saturating_sub(keep)) {
-        std::fs::remove_dir_all(p)
-            .with_context(|| format!("{}: cannot remove old checkpoint", p.display()))?;
+        remove_atomically(p)?;
     }
     Ok(())
 }
