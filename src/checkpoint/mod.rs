@@ -126,6 +126,15 @@ fn read_f32(file: &str, name: &str, t: &TensorView<'_>, out: &mut [f32]) -> Resu
     Ok(())
 }
 
+/// Memory-map a file read-only: a huge or hostile file is never read into memory whole;
+/// safetensors validates the header against the mapped length before any tensor is touched.
+fn map_file(path: &Path) -> Result<memmap2::Mmap> {
+    let f = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    // SAFETY: read-only map of a file keel does not modify while it is mapped.
+    unsafe { memmap2::Mmap::map(&f) }
+        .with_context(|| format!("{}: cannot memory-map", path.display()))
+}
+
 /// Load named tensors from a safetensors file into the parameter layout (`prefix` + HF name).
 /// Every tensor of the layout must be present with its shape. Extra tensors are an error,
 /// except `lm_head.weight` of a tied model and rotary buffers.
@@ -137,7 +146,7 @@ pub fn load_tensors(
     tied: bool,
 ) -> Result<()> {
     let file = path.display().to_string();
-    let bytes = std::fs::read(path).with_context(|| format!("{file}: cannot read"))?;
+    let bytes = map_file(path)?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| {
         anyhow!("{file}: not a valid safetensors file ({e}); fix: re-save the checkpoint")
     })?;
@@ -397,7 +406,7 @@ pub fn load(dir: &Path, model: &mut Model, m: &mut [f32], v: &mut [f32]) -> Resu
         load_tensors(&dir.join("model.safetensors"), layout, "", params, tied)?;
     }
     let ts = dir.join("trainer_state.safetensors");
-    let bytes = std::fs::read(&ts).with_context(|| format!("{}: cannot read", ts.display()))?;
+    let bytes = map_file(&ts)?;
     let st =
         SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("{}: invalid ({e})", ts.display()))?;
     let file = ts.display().to_string();
