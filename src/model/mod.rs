@@ -98,6 +98,18 @@ impl Activations {
     }
 }
 
+/// Attention sizes and logit scale (1/√head_dim unless the config overrides it).
+fn attn_shape(c: &ModelConfig, b: usize, t: usize) -> AttnShape {
+    AttnShape {
+        b,
+        t,
+        heads: c.num_heads,
+        kv_heads: c.num_kv_heads,
+        head_dim: c.head_dim(),
+        scale: c.attn_scale.unwrap_or(1.0 / (c.head_dim() as f64).sqrt()) as f32,
+    }
+}
+
 /// Cheap statistics gathered by every forward pass (telemetry reads them).
 #[derive(Debug, Clone, Default)]
 pub struct ForwardStats {
@@ -226,14 +238,7 @@ impl Model {
         let n = b * t;
         let (d, f, v, kv) = (c.hidden_size, c.intermediate_size, c.vocab_size, c.kv_dim());
         let eps = c.rms_norm_eps as f32;
-        let shape = AttnShape {
-            b,
-            t,
-            heads: c.num_heads,
-            kv_heads: c.num_kv_heads,
-            head_dim: c.head_dim(),
-            scale: c.attn_scale.unwrap_or(1.0 / (c.head_dim() as f64).sqrt()) as f32,
-        };
+        let shape = attn_shape(c, b, t);
         let lay = &self.layout;
         let w = |off: usize, len: usize| &p[off..off + len];
         a.tokens.copy_from_slice(tokens);
@@ -327,14 +332,7 @@ impl Model {
         let (b, t) = (a.b, a.t);
         let n = b * t;
         let (d, f, v, kv) = (c.hidden_size, c.intermediate_size, c.vocab_size, c.kv_dim());
-        let shape = AttnShape {
-            b,
-            t,
-            heads: c.num_heads,
-            kv_heads: c.num_kv_heads,
-            head_dim: c.head_dim(),
-            scale: c.attn_scale.unwrap_or(1.0 / (c.head_dim() as f64).sqrt()) as f32,
-        };
+        let shape = attn_shape(c, b, t);
         let lay = &self.layout;
         let w = |off: usize, len: usize| &p[off..off + len];
         let (nd, nf) = (n * d, n * f);
