@@ -91,7 +91,7 @@ pub fn run(
         progress(step + 1, total);
     }
     let peak = measure_peak_flops(1024, 10);
-    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    times.sort_by(f64::total_cmp);
     let med = if times.is_empty() {
         f64::NAN
     } else {
