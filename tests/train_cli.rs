@@ -124,6 +124,28 @@ fn trains_on_tinyshakespeare() {
     assert_loss_falls(&metrics(&d), 0.5);
 }
 
+/// A trainer that runs until stopped (no periodic checkpoints), output discarded.
+fn spawn_endless(d: &Path) -> std::process::Child {
+    let mut args = micro_args(d, 100_000);
+    args.extend(["--set".into(), "checkpoint.every=0".into()]);
+    keel()
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Both runs ended with byte-identical weights at `step`.
+fn assert_same_weights(a: &Path, b: &Path, step: u64, what: &str) {
+    let f = format!("checkpoints/step-{step:08}/model.safetensors");
+    let (wa, wb) = (
+        std::fs::read(a.join(&f)).unwrap(),
+        std::fs::read(b.join(&f)).unwrap(),
+    );
+    assert!(wa == wb, "final weights differ {what}");
+}
+
 fn wait_for_steps(dir: &Path, n: usize, child: &mut std::process::Child) {
     let t = Instant::now();
     loop {
@@ -193,23 +215,14 @@ fn resume_after_sigkill_is_bit_identical() {
     );
     let events = keel::train::read_jsonl(&b.join("events.jsonl")).unwrap();
     assert!(events.iter().filter(|e| e["kind"] == "resume").count() >= 2);
-    let wa = std::fs::read(a.join("checkpoints/step-00000060/model.safetensors")).unwrap();
-    let wb = std::fs::read(b.join("checkpoints/step-00000060/model.safetensors")).unwrap();
-    assert!(wa == wb, "final weights differ");
+    assert_same_weights(&a, &b, steps, "after resume");
 }
 
 #[cfg(unix)]
 #[test]
 fn ctrl_c_saves_a_checkpoint_and_exits_3() {
     let d = tmpdir("sigint");
-    let mut args = micro_args(&d, 100_000);
-    args.extend(["--set".into(), "checkpoint.every=0".into()]);
-    let mut child = keel()
-        .args(&args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_endless(&d);
     wait_for_steps(&d, 5, &mut child);
     let st = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
@@ -423,14 +436,7 @@ fn failed_checkpoint_write_keeps_the_previous_one_and_resumes() {
 #[test]
 fn a_second_trainer_on_the_same_run_directory_is_refused() {
     let d = tmpdir("locked");
-    let mut args = micro_args(&d, 100_000);
-    args.extend(["--set".into(), "checkpoint.every=0".into()]);
-    let mut child = keel()
-        .args(&args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_endless(&d);
     wait_for_steps(&d, 3, &mut child);
     expect_error(
         &micro_args(&d, 10),
@@ -523,7 +529,5 @@ fn survives_twenty_sigkills_including_during_checkpoint_writes() {
         fields(&metrics(&b)),
         "metrics differ after {kills} kills"
     );
-    let wa = std::fs::read(a.join("checkpoints/step-00000040/model.safetensors")).unwrap();
-    let wb = std::fs::read(b.join("checkpoints/step-00000040/model.safetensors")).unwrap();
-    assert!(wa == wb, "final weights differ after {kills} kills");
+    assert_same_weights(&a, &b, steps, &format!("after {kills} kills"));
 }

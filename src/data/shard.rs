@@ -81,7 +81,7 @@ impl TokenFile {
             }
             Layout::Auto => {
                 let magic = if size >= 4 {
-                    i32::from_le_bytes(map[0..4].try_into().unwrap())
+                    i32::from_le_bytes([map[0], map[1], map[2], map[3]])
                 } else {
                     0
                 };
@@ -94,7 +94,7 @@ impl TokenFile {
                     } else {
                         TokenDtype::U32
                     };
-                    let count = i32::from_le_bytes(map[8..12].try_into().unwrap());
+                    let count = i32::from_le_bytes([map[8], map[9], map[10], map[11]]);
                     if count < 0 {
                         bail!(
                             "{name}: header token count {count} is negative; the file is damaged"
