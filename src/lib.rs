@@ -11,6 +11,8 @@ pub mod data;
 pub mod init;
 pub mod kernels;
 pub mod model;
+pub mod monitor;
 pub mod optim;
 pub mod sample;
 pub mod train;
+pub mod watch;

@@ -231,6 +231,9 @@ pub struct TrainerState {
     pub elapsed_s: f64,
     pub best_val_loss: Option<f64>,
     pub keel_version: String,
+    /// Detector windows and policy state, so a resumed run guards exactly as before.
+    #[serde(default)]
+    pub guard: crate::monitor::GuardSnapshot,
 }
 
 /// Write a complete checkpoint atomically as `root/step-NNNNNNNN`; returns its path.

@@ -41,6 +41,41 @@ pub enum Command {
         /// Override any config key: --set optim.lr=3e-4 (repeatable)
         #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
         sets: Vec<String>,
+        /// Inject a fault to see the guard work: nan@STEP, spike@STEP (a 100× update) or
+        /// bad-batch@STEP (repeated junk tokens); repeatable
+        #[arg(long, value_name = "KIND@STEP")]
+        inject: Vec<crate::train::Injection>,
+    },
+    /// Run the guard's detectors over any trainer's metrics log (JSONL or CSV); exit 2 on
+    /// divergence, so it can stop a job as a sidecar
+    Watch {
+        /// Metrics file: JSON lines, or CSV with a header row
+        file: PathBuf,
+        /// Keep reading as the file grows (until divergence or Ctrl-C)
+        #[arg(long)]
+        follow: bool,
+        /// One JSON event per line: step, kind, detector, value, threshold
+        #[arg(long)]
+        json: bool,
+        /// Field names in the log, as NAME=FIELD: step, loss, grad_norm, max_attn_logit,
+        /// logit_z (e.g. --field loss=train/loss --field grad_norm=grad_norm)
+        #[arg(long = "field", value_name = "NAME=FIELD")]
+        fields: Vec<String>,
+        /// Detector thresholds: --set guard.loss_z=5 (keys of the [guard] section)
+        #[arg(long = "set", value_name = "guard.KEY=VALUE")]
+        sets: Vec<String>,
+    },
+    /// Re-run one recorded training step (same weights, same batch) and say whether its loss
+    /// and gradient reproduce: data and numerics, or nondeterminism and faults
+    Replay {
+        /// Run directory of `keel train`
+        #[arg(long)]
+        run: PathBuf,
+        /// The step to re-run (as numbered in metrics.jsonl)
+        #[arg(long)]
+        step: u64,
+        #[arg(long)]
+        json: bool,
     },
     /// Write a freshly initialised HF model directory; --explain prints the per-tensor plan
     Init {
@@ -156,7 +191,16 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             out,
             steps,
             sets,
-        } => cmd_train(config, preset, data, out, steps, sets, cli.threads),
+            inject,
+        } => cmd_train(config, preset, data, out, steps, sets, inject, cli.threads),
+        Command::Watch {
+            file,
+            follow,
+            json,
+            fields,
+            sets,
+        } => crate::watch::cmd_watch(&file, follow, json, &fields, &sets),
+        Command::Replay { run, step, json } => crate::train::replay::cmd_replay(&run, step, json),
         Command::Init {
             preset,
             hf,
@@ -257,6 +301,7 @@ fn quoted(s: &str) -> String {
     toml::Value::String(s.to_string()).to_string()
 }
 
+#[allow(clippy::too_many_arguments)] // one per CLI flag
 fn cmd_train(
     config: Option<PathBuf>,
     preset: Option<String>,
@@ -264,6 +309,7 @@ fn cmd_train(
     out: Option<PathBuf>,
     steps: Option<u64>,
     sets: Vec<String>,
+    inject: Vec<crate::train::Injection>,
     threads: usize,
 ) -> anyhow::Result<i32> {
     use crate::train::{Outcome, TrainOptions};
@@ -303,10 +349,12 @@ fn cmd_train(
         out: out.clone(),
         explicit_config: explicit,
         progress,
+        inject,
     })?;
     let status = match s.outcome {
         Outcome::Finished => "finished",
         Outcome::Interrupted => "interrupted (checkpoint saved; resume with the same --out)",
+        Outcome::Diverged => "diverged: the guard could not recover",
     };
     println!("run {status}: {} steps", s.steps);
     println!("  final train loss   {:.4}", s.final_loss);
@@ -326,10 +374,14 @@ fn cmd_train(
         "  metrics            {}",
         out.join("metrics.jsonl").display()
     );
-    Ok(if s.outcome == Outcome::Interrupted {
-        3
-    } else {
-        0
+    if let Some(d) = &s.diagnosis {
+        println!("  diagnosis          {d}");
+        println!("  events             {}", out.join("events.jsonl").display());
+    }
+    Ok(match s.outcome {
+        Outcome::Finished => 0,
+        Outcome::Diverged => 2,
+        Outcome::Interrupted => 3,
     })
 }
 

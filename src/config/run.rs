@@ -148,6 +148,7 @@ pub struct RunConfig {
     pub checkpoint: CheckpointSection,
     pub eval: EvalSection,
     pub telemetry: TelemetrySection,
+    pub guard: crate::monitor::GuardConfig,
 }
 
 /// Parse a `--set section.key=value` value: TOML syntax if it parses (numbers, bools,
@@ -337,6 +338,13 @@ impl RunConfig {
                 "model",
                 format!("training needs ~{:.0} GB of memory", bytes / 1e9),
                 "use a smaller model, batch_size or seq_len",
+            ));
+        }
+        if let Err((field, why)) = self.guard.validate() {
+            return Err(ConfigError::new(
+                &field,
+                why,
+                "fix the value or remove it to use the default",
             ));
         }
         let o = &self.optim;

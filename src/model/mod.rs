@@ -314,6 +314,17 @@ impl Model {
         Ok(loss as f32)
     }
 
+    /// RMS of the residual stream at each of its 2L+1 points (embedding output, after each
+    /// attention and each MLP) in the last forward; computed on demand (telemetry, check).
+    pub fn residual_rms(&self) -> Vec<f64> {
+        let a = &self.acts;
+        let nd = a.b * a.t * self.cfg.hidden_size;
+        a.resid
+            .chunks(nd)
+            .map(|x| (x.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / nd as f64).sqrt())
+            .collect()
+    }
+
     /// Per-position losses (B·T) of the last `forward`.
     pub fn position_losses(&self) -> &[f32] {
         &self.acts.losses

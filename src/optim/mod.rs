@@ -47,7 +47,21 @@ pub struct AdamW {
     pub step: u64,
     /// (offset, len, decays, lr multiplier) per tensor
     groups: Vec<(usize, usize, bool, f64)>,
+    /// Telemetry of the last update, per tensor: (Σ Δ², Σ w² before the update).
+    pub update_sq: Vec<(f64, f64)>,
+    /// Per-chunk partial sums for `update_sq` (preallocated; chunk c of tensor i at
+    /// `chunk_base[i] + c`).
+    partial: Vec<(f32, f32)>,
+    chunk_base: Vec<usize>,
 }
+
+const CH: usize = 1 << 14;
+
+#[derive(Clone, Copy)]
+struct PartPtr(*mut (f32, f32));
+// SAFETY: writers touch disjoint slots (one per chunk).
+unsafe impl Send for PartPtr {}
+unsafe impl Sync for PartPtr {}
 
 impl AdamW {
     pub fn new(cfg: OptimConfig, layout: &ParamLayout) -> Self {
@@ -63,10 +77,19 @@ impl AdamW {
                 (s.offset, s.len, decays, 1.0)
             })
             .collect();
+        let mut chunk_base = Vec::with_capacity(layout.specs.len());
+        let mut nchunks = 0;
+        for s in &layout.specs {
+            chunk_base.push(nchunks);
+            nchunks += s.len.div_ceil(CH);
+        }
         AdamW {
             m: vec![0.0; layout.total],
             v: vec![0.0; layout.total],
             step: 0,
+            update_sq: vec![(0.0, 0.0); layout.specs.len()],
+            partial: vec![(0.0, 0.0); nchunks],
+            chunk_base,
             groups,
             cfg,
         }
@@ -95,11 +118,12 @@ impl AdamW {
             SendPtr(self.v.as_mut_ptr()),
         );
         let wd = c.weight_decay;
-        const CH: usize = 1 << 14;
+        let part = PartPtr(self.partial.as_mut_ptr());
         // Work items: (offset, len, decay factor), chunked for the pool.
         self.groups
             .par_iter()
-            .for_each(|&(off, len, decays, mult)| {
+            .zip(&self.chunk_base)
+            .for_each(|(&(off, len, decays, mult), &base)| {
                 let lr = lr * mult;
                 let step_size = (lr / bc1) as f32;
                 let keep = if decays { (1.0 - lr * wd) as f32 } else { 1.0 };
@@ -115,16 +139,55 @@ impl AdamW {
                         )
                     };
                     let g = &grads[s..e];
+                    // the update/weight telemetry rides along: two fused sums per element
+                    let (mut du, mut ww) = (0f32, 0f32);
                     for i in 0..p.len() {
+                        let p0 = p[i];
                         p[i] *= keep;
                         m[i] += (g[i] - m[i]) * (1.0 - b1);
                         v[i] = v[i] * b2 + g[i] * g[i] * (1.0 - b2);
                         let denom = v[i].sqrt() / bc2_sqrt + eps;
                         p[i] -= step_size * (m[i] / denom);
+                        let dlt = p[i] - p0;
+                        du += dlt * dlt;
+                        ww += p0 * p0;
                     }
+                    // SAFETY: one slot per chunk, written by this chunk only.
+                    unsafe { *{ part }.0.add(base + ci) = (du, ww) };
                 });
             });
+        for (i, (&(_, len, _, _), &base)) in self.groups.iter().zip(&self.chunk_base).enumerate()
+        {
+            let mut acc = (0f64, 0f64);
+            for &(a, b) in &self.partial[base..base + len.div_ceil(CH)] {
+                acc.0 += a as f64;
+                acc.1 += b as f64;
+            }
+            self.update_sq[i] = acc;
+        }
     }
+
+    /// ‖ΔW‖ / ‖W‖ over all parameters for the last update.
+    pub fn update_ratio(&self) -> f64 {
+        let (d, w) = self
+            .update_sq
+            .iter()
+            .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
+        (d / w.max(1e-30)).sqrt()
+    }
+}
+
+/// Sum of squares per tensor of a parameter-layout buffer (deterministic: fixed chunks,
+/// each summed in f64). `out` has one slot per tensor.
+pub fn tensor_sumsq(buf: &[f32], layout: &ParamLayout, out: &mut [f64]) {
+    out.par_iter_mut()
+        .zip(&layout.specs)
+        .for_each(|(o, s)| {
+            *o = buf[s.offset..s.offset + s.len]
+                .chunks(1 << 12)
+                .map(|c| c.iter().map(|&g| g * g).sum::<f32>() as f64)
+                .sum();
+        });
 }
 
 /// Global L2 norm of the gradients, summed in f64 over fixed chunks (deterministic).

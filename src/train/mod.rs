@@ -2,6 +2,7 @@
 
 mod lock;
 mod log;
+pub mod replay;
 
 pub use log::{read_jsonl, JsonlWriter};
 
@@ -9,7 +10,9 @@ use crate::checkpoint::{self, TrainerState};
 use crate::config::RunConfig;
 use crate::data::{self, Batcher, Dataset};
 use crate::model::Model;
-use crate::optim::{clip_grad_norm, AdamW};
+use crate::model::Role;
+use crate::monitor::{Action, Monitor, Policy, Severity, StepMetrics};
+use crate::optim::AdamW;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
@@ -24,12 +27,19 @@ pub fn install_interrupt_handler() {
     let _ = ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst));
 }
 
+/// True once Ctrl-C / SIGTERM arrived (for loops outside `run`, e.g. `keel watch --follow`).
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
 /// How a run ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Finished,
     /// Interrupted by a signal after saving a checkpoint (exit code 3).
     Interrupted,
+    /// The guard could not recover (exit code 2); the summary carries the diagnosis.
+    Diverged,
 }
 
 pub struct TrainOptions {
@@ -40,6 +50,8 @@ pub struct TrainOptions {
     pub explicit_config: bool,
     /// Show a progress bar (stderr is a terminal).
     pub progress: bool,
+    /// Faults to inject (`--inject`).
+    pub inject: Vec<Injection>,
 }
 
 /// Summary printed at the end of a run.
@@ -54,6 +66,8 @@ pub struct Summary {
     pub events: usize,
     /// Loss of a context-free (unigram) model on the training tokens, for reference.
     pub unigram_entropy: f64,
+    /// Why the guard gave up (Outcome::Diverged).
+    pub diagnosis: Option<String>,
 }
 
 fn now_s() -> f64 {
@@ -113,21 +127,502 @@ fn validate(
     Ok(Some(sum / n as f64))
 }
 
-pub fn run(opts: &TrainOptions) -> Result<Summary> {
-    let out = &opts.out;
-    std::fs::create_dir_all(out)
-        .with_context(|| format!("{}: cannot create run directory", out.display()))?;
-    let _lock = lock::RunLock::acquire(out)?;
-    let (cfg, resuming) = resolve_config(opts)?;
-    let mc = cfg.model_config().map_err(|e| anyhow::anyhow!("{e}"))?;
-    let t = cfg.seq_len(&mc);
-    let b = cfg.train.batch_size;
-    crate::kernels::init_threads(cfg.train.threads);
-    if !resuming {
-        checkpoint::write_atomic(&out.join("config.toml"), cfg.to_toml().as_bytes())?;
+/// A fault to inject (`--inject KIND@STEP`), for tests and demos of the guard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InjectKind {
+    /// The step's loss and gradient become NaN (a numerics or hardware fault).
+    Nan,
+    /// The step's update is applied at 100× the learning rate (a bad update).
+    Spike,
+    /// The step's batches are replaced by repeated junk tokens (bad data).
+    BadBatch,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Injection {
+    pub kind: InjectKind,
+    pub step: u64,
+}
+
+impl std::str::FromStr for Injection {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let usage = "expected KIND@STEP with KIND nan, spike or bad-batch, e.g. --inject nan@120";
+        let (k, n) = s
+            .split_once('@')
+            .ok_or_else(|| format!("--inject {s}: {usage}"))?;
+        let kind = match k {
+            "nan" => InjectKind::Nan,
+            "spike" => InjectKind::Spike,
+            "bad-batch" => InjectKind::BadBatch,
+            _ => return Err(format!("--inject {s}: unknown kind {k:?}; {usage}")),
+        };
+        let step = n
+            .parse::<u64>()
+            .ok()
+            .filter(|&n| n >= 1)
+            .ok_or_else(|| format!("--inject {s}: step must be a number ≥ 1; {usage}"))?;
+        Ok(Injection { kind, step })
+    }
+}
+
+impl InjectKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            InjectKind::Nan => "nan",
+            InjectKind::Spike => "spike",
+            InjectKind::BadBatch => "bad-batch",
+        }
+    }
+}
+
+/// What one optimizer step did (returned to the loop and to `keel replay`).
+#[derive(Debug, Clone)]
+pub struct StepReport {
+    pub step: u64,
+    pub loss: f64,
+    pub grad_norm: f64,
+    pub skipped: bool,
+    pub detections: Vec<crate::monitor::Detection>,
+    pub actions: Vec<crate::monitor::Action>,
+    pub gave_up: Option<String>,
+}
+
+/// The training state machine: model, optimizer, data cursor and guard, one step at a time.
+/// `record` off (replay) writes nothing to the run directory.
+pub(crate) struct Trainer {
+    pub cfg: RunConfig,
+    pub ds: Dataset,
+    pub model: Model,
+    pub opt: AdamW,
+    pub state: TrainerState,
+    batcher: Batcher,
+    x: Vec<u32>,
+    y: Vec<u32>,
+    pub monitor: Monitor,
+    pub policy: Policy,
+    pub inject: Vec<Injection>,
+    ck_root: PathBuf,
+    record: bool,
+    metrics: Option<JsonlWriter>,
+    events: Option<JsonlWriter>,
+    telemetry: Option<JsonlWriter>,
+    sumsq: Vec<f64>,
+    pub n_events: usize,
+    ckpt_pending: bool,
+    t_start: Instant,
+    elapsed0: f64,
+    pub last_ckpt: Option<PathBuf>,
+    pub tps: f64,
+}
+
+fn fresh_state() -> TrainerState {
+    TrainerState {
+        step: 0,
+        data_cursor: 0,
+        adam_step: 0,
+        tokens_seen: 0,
+        elapsed_s: 0.0,
+        best_val_loss: None,
+        keel_version: env!("CARGO_PKG_VERSION").to_string(),
+        guard: Default::default(),
+    }
+}
+
+/// JSON for a float that may be non-finite (null then).
+fn num(x: f64) -> serde_json::Value {
+    if x.is_finite() {
+        json!(x)
+    } else {
+        serde_json::Value::Null
+    }
+}
+
+impl Trainer {
+    /// Model and optimizer for `cfg`, at init or restored from checkpoint `from`.
+    pub fn new(
+        cfg: RunConfig,
+        ds: Dataset,
+        out: &Path,
+        from: Option<&Path>,
+        record: bool,
+    ) -> Result<Trainer> {
+        let mc = cfg.model_config().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let t = cfg.seq_len(&mc);
+        let b = cfg.train.batch_size;
+        let mut model = Model::new(&mc, b, t);
+        crate::init::initialize(&mut model, &cfg.init).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut opt = AdamW::new(cfg.optim.clone(), &model.layout).with_lr_multipliers(
+            &model.layout,
+            |r| crate::init::lr_multiplier(&cfg.init, &mc, r),
+        );
+        let mut state = fresh_state();
+        if let Some(dir) = from {
+            state = checkpoint::load(dir, &mut model, &mut opt.m, &mut opt.v)?;
+            opt.step = state.adam_step;
+        }
+        let monitor = Monitor::with_state(cfg.guard.clone(), state.guard.monitor.clone());
+        let policy = Policy::with_state(cfg.guard.clone(), state.guard.policy.clone());
+        let open = |name: &str| -> Result<Option<JsonlWriter>> {
+            Ok(if record {
+                Some(JsonlWriter::open(&out.join(name))?)
+            } else {
+                None
+            })
+        };
+        let nspecs = model.layout.specs.len();
+        Ok(Trainer {
+            batcher: Batcher {
+                seed: cfg.train.seed,
+                batch: b,
+                seq: t,
+            },
+            x: vec![0u32; b * t],
+            y: vec![0u32; b * t],
+            monitor,
+            policy,
+            inject: Vec::new(),
+            ck_root: out.join("checkpoints"),
+            metrics: open("metrics.jsonl")?,
+            events: open("events.jsonl")?,
+            telemetry: if cfg.telemetry.every > 0 {
+                open("telemetry.jsonl")?
+            } else {
+                None
+            },
+            record,
+            sumsq: vec![0.0; nspecs],
+            n_events: 0,
+            ckpt_pending: false,
+            t_start: Instant::now(),
+            elapsed0: state.elapsed_s,
+            last_ckpt: None,
+            tps: 0.0,
+            cfg,
+            ds,
+            model,
+            opt,
+            state,
+        })
     }
 
-    let bar = if opts.progress {
+    pub fn event(&mut self, kind: &str, detail: serde_json::Value) -> Result<()> {
+        self.event_at(self.state.step, kind, detail)
+    }
+
+    fn event_at(&mut self, step: u64, kind: &str, detail: serde_json::Value) -> Result<()> {
+        self.n_events += 1;
+        if let Some(e) = &mut self.events {
+            e.write(&json!({"step": step, "kind": kind, "detail": detail, "time": now_s()}))?;
+        }
+        Ok(())
+    }
+
+    fn injected(&self, step: u64, kind: InjectKind) -> bool {
+        self.inject.iter().any(|i| i.step == step && i.kind == kind)
+    }
+
+    /// Repeated junk: a fixed 7-token pattern of arbitrary ids, over the whole batch.
+    fn junk_batch(&mut self) {
+        let v = self.model.cfg.vocab_size as u64;
+        let pat: Vec<u32> = (0..8u64)
+            .map(|i| ((i * 0x9E37_79B9_7F4A_7C15 + 12345) % v) as u32)
+            .collect();
+        for (i, (x, y)) in self.x.iter_mut().zip(self.y.iter_mut()).enumerate() {
+            *x = pat[i % 7];
+            *y = pat[(i + 1) % 7];
+        }
+    }
+
+    /// Mean loss of the batches step `step` trains on (forward only; grads untouched).
+    pub fn batch_loss(&mut self, step: u64) -> Result<f64> {
+        let accum = self.cfg.train.grad_accum as u64;
+        let mut loss = 0f64;
+        for k in 0..accum {
+            if self.injected(step, InjectKind::BadBatch) {
+                self.junk_batch();
+            } else {
+                let c = (step - 1) * accum + k;
+                self.batcher.train_batch(&self.ds, c, &mut self.x, &mut self.y);
+            }
+            loss += self.model.forward(&self.x, &self.y)? as f64 / accum as f64;
+        }
+        Ok(loss)
+    }
+
+    /// Roll back to the newest checkpoint that predates the incident (or the initial
+    /// weights); the step count and data cursor keep going, so the batches since are skipped.
+    fn rollback(&mut self, before_step: u64) -> Result<()> {
+        let target = checkpoint::list(&self.ck_root)
+            .into_iter()
+            .rfind(|(s, _)| s + 1 < before_step);
+        let restored = match &target {
+            Some((s, dir)) => {
+                let st = checkpoint::load(dir, &mut self.model, &mut self.opt.m, &mut self.opt.v)?;
+                self.opt.step = st.adam_step;
+                (*s, st.data_cursor, dir.display().to_string())
+            }
+            None => {
+                crate::init::initialize(&mut self.model, &self.cfg.init)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                self.opt.m.fill(0.0);
+                self.opt.v.fill(0.0);
+                self.opt.step = 0;
+                (0, 0, "initial weights".to_string())
+            }
+        };
+        self.event(
+            "rollback",
+            json!({"to_step": restored.0, "from": restored.2,
+                   "skipped_batches": [restored.1, self.state.data_cursor],
+                   "reason": format!("incident began at step {before_step}")}),
+        )
+    }
+
+    /// One optimizer step under the guard.
+    pub fn step(&mut self) -> Result<StepReport> {
+        let t0 = Instant::now();
+        let total = self.cfg.train.steps;
+        let accum = self.cfg.train.grad_accum;
+        let s = self.state.step + 1; // the step being taken (as logged)
+        let guard_on = self.cfg.guard.enabled;
+        if let Some(a) = self.policy.begin_step(s) {
+            if guard_on {
+                self.event_at(s, "lr_restore", serde_json::to_value(&a)?)?;
+            }
+        }
+        let factor = if guard_on {
+            self.policy.lr_factor()
+        } else {
+            1.0
+        };
+        let lr = self.cfg.schedule.lr_at(self.state.step, total, self.cfg.optim.lr) * factor;
+        self.model.zero_grad();
+        let mut loss = 0f64;
+        let bad_batch = self.injected(s, InjectKind::BadBatch);
+        for _ in 0..accum {
+            if bad_batch {
+                self.junk_batch();
+            } else {
+                self.batcher
+                    .train_batch(&self.ds, self.state.data_cursor, &mut self.x, &mut self.y);
+            }
+            self.state.data_cursor += 1;
+            loss += self.model.forward(&self.x, &self.y)? as f64 / accum as f64;
+            self.model.backward(1.0 / accum as f32)?;
+        }
+        if self.injected(s, InjectKind::Nan) {
+            loss = f64::NAN;
+            self.model.grads[0] = f32::NAN;
+        }
+        let tel_now = self.telemetry.is_some() && s.is_multiple_of(self.cfg.telemetry.every);
+        if tel_now {
+            crate::optim::tensor_sumsq(&self.model.grads, &self.model.layout, &mut self.sumsq);
+        }
+        let gnorm = crate::optim::grad_norm(&self.model.grads);
+        let st = &self.model.stats;
+        let max_attn = st
+            .max_attn_logit
+            .iter()
+            .fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let (logit_z, lse_max) = (st.lse_mean, st.lse_max);
+        let m = StepMetrics {
+            step: s,
+            loss,
+            grad_norm: Some(gnorm),
+            max_attn_logit: Some(max_attn as f64),
+            logit_z: Some(logit_z as f64),
+        };
+        let detections = self.monitor.observe(&m);
+        let decision = if guard_on {
+            self.policy.decide(s, &detections)
+        } else {
+            let diverged = detections.iter().find(|d| d.kind == Severity::Divergence);
+            crate::monitor::Decision {
+                skip: false,
+                actions: diverged
+                    .map(|d| Action::GiveUp {
+                        diagnosis: format!(
+                            "diverged ({}: {}) and the guard is off (guard.enabled = false)",
+                            d.detector, d.reason
+                        ),
+                    })
+                    .into_iter()
+                    .collect(),
+            }
+        };
+        let mut update_ratio = None;
+        if !decision.skip {
+            crate::optim::clip_grad_norm(&mut self.model.grads, self.cfg.optim.grad_clip);
+            let mult = if self.injected(s, InjectKind::Spike) {
+                100.0
+            } else {
+                1.0
+            };
+            self.opt
+                .update(&mut self.model.params, &self.model.grads, lr * mult);
+            self.state.adam_step = self.opt.step;
+            update_ratio = Some(self.opt.update_ratio());
+        }
+        self.state.step = s;
+        self.state.tokens_seen += (self.batcher.batch * self.batcher.seq * accum) as u64;
+        self.tps = (self.batcher.batch * self.batcher.seq * accum) as f64 / t0.elapsed().as_secs_f64();
+        self.state.elapsed_s = self.elapsed0 + self.t_start.elapsed().as_secs_f64();
+        let mut line = json!({
+            "step": s,
+            "tokens": self.state.tokens_seen,
+            "loss": num(loss),
+            "lr": lr,
+            "grad_norm": num(gnorm),
+            "tokens_per_s": self.tps,
+            "elapsed_s": self.state.elapsed_s,
+            "max_attn_logit": num(max_attn as f64),
+            "logit_z": num(logit_z as f64),
+            "skipped": decision.skip,
+        });
+        if let Some(r) = update_ratio {
+            line["update_ratio"] = num(r);
+        }
+        let eval_now =
+            (self.cfg.eval.every > 0 && s.is_multiple_of(self.cfg.eval.every)) || s == total;
+        if eval_now && self.record {
+            let (mut x, mut y) = (std::mem::take(&mut self.x), std::mem::take(&mut self.y));
+            let v = validate(
+                &mut self.model,
+                &self.ds,
+                &self.batcher,
+                self.cfg.eval.batches,
+                &mut x,
+                &mut y,
+            );
+            (self.x, self.y) = (x, y);
+            if let Some(v) = v? {
+                line["val_loss"] = json!(v);
+                self.state.best_val_loss =
+                    Some(self.state.best_val_loss.map_or(v, |b: f64| b.min(v)));
+            }
+        }
+        if let Some(w) = &mut self.metrics {
+            w.write(&line)?;
+        }
+        if tel_now {
+            self.write_telemetry(s, update_ratio.is_some(), lse_max)?;
+        }
+        for d in &detections {
+            let kind = match d.kind {
+                Severity::Warning => "warning",
+                Severity::Spike => "spike",
+                Severity::Divergence => "divergence",
+            };
+            self.event(kind, serde_json::to_value(d)?)?;
+        }
+        let mut gave_up = None;
+        for a in &decision.actions {
+            match a {
+                Action::Skip => self.event(
+                    "skip",
+                    json!({"batches": [self.state.data_cursor - accum as u64, self.state.data_cursor]}),
+                )?,
+                Action::LrBackoff { factor, until_step } => self.event(
+                    "lr_backoff",
+                    json!({"factor": factor, "until_step": until_step}),
+                )?,
+                Action::LrRestore => self.event("lr_restore", json!({}))?,
+                Action::Rollback { before_step } => self.rollback(*before_step)?,
+                Action::GiveUp { diagnosis } => {
+                    self.event("give_up", json!({"diagnosis": diagnosis}))?;
+                    gave_up = Some(diagnosis.clone());
+                }
+            }
+        }
+        self.state.guard = crate::monitor::GuardSnapshot {
+            monitor: self.monitor.state.clone(),
+            policy: self.policy.state.clone(),
+        };
+        Ok(StepReport {
+            step: s,
+            loss,
+            grad_norm: gnorm,
+            skipped: decision.skip,
+            detections,
+            actions: decision.actions,
+            gave_up,
+        })
+    }
+
+    /// Per-layer statistics: grad norms, update/weight ratio per tensor group, attention
+    /// logit max, residual RMS, output log-partition.
+    fn write_telemetry(&mut self, step: u64, updated: bool, lse_max: f32) -> Result<()> {
+        let lay = &self.model.layout;
+        let nl = self.model.cfg.num_layers;
+        let mut layer_g = vec![0f64; nl];
+        let mut groups: std::collections::BTreeMap<&str, (f64, f64)> = Default::default();
+        for (i, sp) in lay.specs.iter().enumerate() {
+            if let Some(l) = sp.layer {
+                layer_g[l] += self.sumsq[i];
+            }
+            let g = match sp.role {
+                Role::Embed => "embed",
+                Role::AttnQ | Role::AttnK | Role::AttnV | Role::AttnO => "attn",
+                Role::MlpGate | Role::MlpUp | Role::MlpDown => "mlp",
+                Role::Norm => "norm",
+                Role::Head => "head",
+            };
+            let e = groups.entry(g).or_default();
+            e.0 += self.opt.update_sq[i].0;
+            e.1 += self.opt.update_sq[i].1;
+        }
+        let ratios: serde_json::Map<String, serde_json::Value> = groups
+            .iter()
+            .map(|(k, (d, w))| (k.to_string(), num((d / w.max(1e-30)).sqrt())))
+            .collect();
+        let line = json!({
+            "step": step,
+            "grad_norm_per_layer": layer_g.iter().map(|g| num(g.sqrt())).collect::<Vec<_>>(),
+            "update_ratio": if updated { serde_json::Value::Object(ratios) } else { serde_json::Value::Null },
+            "max_attn_logit_per_layer": self.model.stats.max_attn_logit.iter().map(|&x| num(x as f64)).collect::<Vec<_>>(),
+            "residual_rms": self.model.residual_rms().into_iter().map(num).collect::<Vec<_>>(),
+            "logit_z_mean": num(self.model.stats.lse_mean as f64),
+            "logit_z_max": num(lse_max as f64),
+        });
+        if let Some(w) = &mut self.telemetry {
+            w.write(&line)?;
+        }
+        Ok(())
+    }
+
+    /// Save a checkpoint (and prune), unless a guard incident is open: then it waits for the
+    /// first quiet step, so a rollback target never holds damaged weights.
+    pub fn maybe_checkpoint(&mut self, force: bool) -> Result<()> {
+        let s = self.state.step;
+        let every = self.cfg.checkpoint.every;
+        if every > 0 && s.is_multiple_of(every) {
+            self.ckpt_pending = true;
+        }
+        let incident = self.cfg.guard.enabled && self.policy.state.incident_start.is_some();
+        if !(force || (self.ckpt_pending && !incident)) {
+            return Ok(());
+        }
+        self.ckpt_pending = false;
+        let dir = checkpoint::save(
+            &self.ck_root,
+            &self.model,
+            &self.opt.m,
+            &self.opt.v,
+            &self.state,
+            self.ds.tokenizer.as_deref(),
+        )?;
+        checkpoint::prune(&self.ck_root, self.cfg.checkpoint.keep)?;
+        self.event("checkpoint", json!({"path": dir.display().to_string()}))?;
+        self.last_ckpt = Some(dir);
+        Ok(())
+    }
+}
+
+/// Prepare the dataset of a run (tokenise or load the cache) with a progress bar.
+pub(crate) fn prepare_data(cfg: &RunConfig, out: &Path, progress: bool) -> Result<Dataset> {
+    let mc = cfg.model_config().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let bar = if progress {
         ProgressBar::new(1)
     } else {
         ProgressBar::hidden()
@@ -137,12 +632,26 @@ pub fn run(opts: &TrainOptions) -> Result<Summary> {
             .expect("static template")
             .progress_chars("=> "),
     );
-    let ds = data::prepare(&cfg, out, mc.vocab_size, t, &mut |what, done, total| {
+    let ds = data::prepare(cfg, out, mc.vocab_size, cfg.seq_len(&mc), &mut |what, done, total| {
         bar.set_length(total.max(1));
         bar.set_position(done);
         bar.set_message(what.to_string());
     })?;
     bar.finish_and_clear();
+    Ok(ds)
+}
+
+pub fn run(opts: &TrainOptions) -> Result<Summary> {
+    let out = &opts.out;
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("{}: cannot create run directory", out.display()))?;
+    let _lock = lock::RunLock::acquire(out)?;
+    let (cfg, resuming) = resolve_config(opts)?;
+    crate::kernels::init_threads(cfg.train.threads);
+    if !resuming {
+        checkpoint::write_atomic(&out.join("config.toml"), cfg.to_toml().as_bytes())?;
+    }
+    let ds = prepare_data(&cfg, out, opts.progress)?;
     let unigram = ds.unigram_entropy();
     eprintln!(
         "data: {} — {} train / {} val tokens, unigram entropy {unigram:.3} nats/token",
@@ -150,46 +659,39 @@ pub fn run(opts: &TrainOptions) -> Result<Summary> {
         ds.train.len(),
         ds.val.len()
     );
-
-    let mut model = Model::new(&mc, b, t);
-    crate::init::initialize(&mut model, &cfg.init).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut opt = AdamW::new(cfg.optim.clone(), &model.layout)
-        .with_lr_multipliers(&model.layout, |r| {
-            crate::init::lr_multiplier(&cfg.init, &mc, r)
-        });
     let ck_root = out.join("checkpoints");
     checkpoint::prune(&ck_root, usize::MAX)?; // clears leftovers of interrupted saves
-    let mut state = TrainerState {
-        step: 0,
-        data_cursor: 0,
-        adam_step: 0,
-        tokens_seen: 0,
-        elapsed_s: 0.0,
-        best_val_loss: None,
-        keel_version: env!("CARGO_PKG_VERSION").to_string(),
-    };
-    let mut events = JsonlWriter::open(&out.join("events.jsonl"))?;
     let metrics_path = out.join("metrics.jsonl");
-    if let Some((_, dir)) = checkpoint::list(&ck_root).pop() {
-        state = checkpoint::load(&dir, &mut model, &mut opt.m, &mut opt.v)?;
-        opt.step = state.adam_step;
-        log::truncate_after_step(&metrics_path, state.step)?;
-        events.write(&json!({"step": state.step, "kind": "resume", "detail": {"checkpoint": dir.display().to_string()}, "time": now_s()}))?;
+    let latest = checkpoint::list(&ck_root).pop().map(|(_, d)| d);
+    if let Some(dir) = &latest {
+        let st: TrainerState = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("state.json"))
+                .with_context(|| format!("{}: cannot read state.json", dir.display()))?,
+        )
+        .with_context(|| format!("{}/state.json: invalid state file", dir.display()))?;
+        log::truncate_after_step(&metrics_path, st.step)?;
+        log::truncate_after_step(&out.join("telemetry.jsonl"), st.step)?;
     } else if resuming || metrics_path.exists() {
         // a run that died before its first checkpoint starts over
         log::truncate_after_step(&metrics_path, 0)?;
+        log::truncate_after_step(&out.join("telemetry.jsonl"), 0)?;
     }
-    let mut metrics = JsonlWriter::open(&metrics_path)?;
-    let batcher = Batcher {
-        seed: cfg.train.seed,
-        batch: b,
-        seq: t,
-    };
-    let (mut x, mut y) = (vec![0u32; b * t], vec![0u32; b * t]);
+    let mut tr = Trainer::new(cfg.clone(), ds, out, latest.as_deref(), true)?;
+    tr.inject = opts.inject.clone();
+    if let Some(dir) = &latest {
+        tr.event(
+            "resume",
+            json!({"checkpoint": dir.display().to_string()}),
+        )?;
+        tr.n_events -= 1;
+    }
+    for i in &opts.inject {
+        if i.step > tr.state.step {
+            tr.event("inject", json!({"kind": i.kind.name(), "at_step": i.step}))?;
+            tr.n_events -= 1;
+        }
+    }
     let total = cfg.train.steps;
-    let accum = cfg.train.grad_accum;
-    let tokens_per_step = (b * t * accum) as u64;
-
     let bar = if opts.progress {
         ProgressBar::new(total)
     } else {
@@ -201,112 +703,88 @@ pub fn run(opts: &TrainOptions) -> Result<Summary> {
             .progress_chars("=> "),
     );
     bar.set_prefix("train");
-    bar.set_position(state.step);
-    let t_start = Instant::now();
-    let elapsed0 = state.elapsed_s;
+    bar.set_position(tr.state.step);
     let mut last_loss = f64::NAN;
-    let mut tps = 0f64;
-    let mut last_ckpt: Option<PathBuf> = None;
-    let mut n_events = 0usize;
-
-    while state.step < total {
-        let t0 = Instant::now();
-        let lr = cfg.schedule.lr_at(state.step, total, cfg.optim.lr);
-        model.zero_grad();
-        let mut loss = 0f64;
-        for _ in 0..accum {
-            batcher.train_batch(&ds, state.data_cursor, &mut x, &mut y);
-            state.data_cursor += 1;
-            loss += model.forward(&x, &y)? as f64 / accum as f64;
-            model.backward(1.0 / accum as f32)?;
+    let summary = |tr: &Trainer, outcome, last_loss, diagnosis| Summary {
+        outcome,
+        steps: tr.state.step,
+        final_loss: last_loss,
+        best_val_loss: tr.state.best_val_loss,
+        tokens_per_s: tr.tps,
+        checkpoint: tr.last_ckpt.clone(),
+        events: tr.n_events,
+        unigram_entropy: unigram,
+        diagnosis,
+    };
+    while tr.state.step < total {
+        let r = tr.step()?;
+        if !r.skipped {
+            last_loss = r.loss;
         }
-        let gnorm = clip_grad_norm(&mut model.grads, cfg.optim.grad_clip);
-        opt.update(&mut model.params, &model.grads, lr);
-        state.adam_step = opt.step;
-        state.step += 1;
-        state.tokens_seen += tokens_per_step;
-        let dt = t0.elapsed().as_secs_f64();
-        tps = tokens_per_step as f64 / dt;
-        last_loss = loss;
-        state.elapsed_s = elapsed0 + t_start.elapsed().as_secs_f64();
-        let mut line = json!({
-            "step": state.step,
-            "tokens": state.tokens_seen,
-            "loss": loss,
-            "lr": lr,
-            "grad_norm": gnorm,
-            "tokens_per_s": tps,
-            "elapsed_s": state.elapsed_s,
-            "max_attn_logit": model.stats.max_attn_logit.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)),
-            "logit_z": model.stats.lse_mean,
-            "skipped": false,
-        });
-        let eval_now = (cfg.eval.every > 0 && state.step.is_multiple_of(cfg.eval.every))
-            || state.step == total;
-        if eval_now {
-            if let Some(v) = validate(&mut model, &ds, &batcher, cfg.eval.batches, &mut x, &mut y)?
-            {
-                line["val_loss"] = json!(v);
-                state.best_val_loss = Some(state.best_val_loss.map_or(v, |b: f64| b.min(v)));
-            }
+        let step = r.step;
+        for d in &r.detections {
+            bar.suspend(|| {
+                eprintln!(
+                    "guard: step {step} {} {}: {}",
+                    match d.kind {
+                        Severity::Warning => "warning",
+                        Severity::Spike => "spike",
+                        Severity::Divergence => "divergence",
+                    },
+                    d.detector,
+                    d.reason
+                )
+            });
         }
-        metrics.write(&line)?;
-        bar.set_position(state.step);
-        bar.set_message(format!("loss {loss:.4} | {tps:.0} tok/s"));
+        for a in &r.actions {
+            bar.suspend(|| eprintln!("guard: step {step} → {}", describe(a)));
+        }
+        if let Some(diag) = r.gave_up {
+            bar.abandon();
+            return Ok(summary(&tr, Outcome::Diverged, last_loss, Some(diag)));
+        }
+        bar.set_position(step);
+        bar.set_message(format!("loss {:.4} | {:.0} tok/s", r.loss, tr.tps));
         if !opts.progress
             && cfg.train.log_every > 0
-            && (state.step.is_multiple_of(cfg.train.log_every) || state.step == total)
+            && (step.is_multiple_of(cfg.train.log_every) || step == total)
         {
-            eprintln!("step {:>6}/{total}  loss {loss:.4}  lr {lr:.2e}  grad_norm {gnorm:.3}  {tps:.0} tok/s", state.step);
+            eprintln!(
+                "step {step:>6}/{total}  loss {:.4}  grad_norm {:.3}  {:.0} tok/s{}",
+                r.loss,
+                r.grad_norm,
+                tr.tps,
+                if r.skipped { "  (skipped)" } else { "" }
+            );
         }
         let interrupted = INTERRUPTED.load(Ordering::SeqCst);
-        let ck_now = (cfg.checkpoint.every > 0 && state.step.is_multiple_of(cfg.checkpoint.every))
-            || state.step == total;
-        if ck_now || interrupted {
-            let dir = checkpoint::save(
-                &ck_root,
-                &model,
-                &opt.m,
-                &opt.v,
-                &state,
-                ds.tokenizer.as_deref(),
-            )?;
-            checkpoint::prune(&ck_root, cfg.checkpoint.keep)?;
-            events.write(&json!({"step": state.step, "kind": "checkpoint", "detail": {"path": dir.display().to_string()}, "time": now_s()}))?;
-            n_events += 1;
-            last_ckpt = Some(dir);
-        }
+        tr.maybe_checkpoint(interrupted || step == total)?;
         if interrupted {
-            events.write(
-                &json!({"step": state.step, "kind": "interrupted", "detail": {}, "time": now_s()}),
-            )?;
+            tr.event("interrupted", json!({}))?;
             bar.abandon();
-            return Ok(Summary {
-                outcome: Outcome::Interrupted,
-                steps: state.step,
-                final_loss: last_loss,
-                best_val_loss: state.best_val_loss,
-                tokens_per_s: tps,
-                checkpoint: last_ckpt,
-                events: n_events + 1,
-                unigram_entropy: unigram,
-            });
+            return Ok(summary(&tr, Outcome::Interrupted, last_loss, None));
         }
     }
     bar.finish_and_clear();
-    if last_ckpt.is_none() {
-        last_ckpt = checkpoint::list(&ck_root).pop().map(|(_, p)| p);
+    if tr.last_ckpt.is_none() {
+        tr.last_ckpt = checkpoint::list(&ck_root).pop().map(|(_, p)| p);
     }
-    Ok(Summary {
-        outcome: Outcome::Finished,
-        steps: state.step,
-        final_loss: last_loss,
-        best_val_loss: state.best_val_loss,
-        tokens_per_s: tps,
-        checkpoint: last_ckpt,
-        events: n_events,
-        unigram_entropy: unigram,
-    })
+    Ok(summary(&tr, Outcome::Finished, last_loss, None))
+}
+
+/// One line for a guard action.
+pub fn describe(a: &Action) -> String {
+    match a {
+        Action::Skip => "skipped the update".into(),
+        Action::LrBackoff { factor, until_step } => {
+            format!("LR × {factor} until step {until_step}")
+        }
+        Action::LrRestore => "LR restored".into(),
+        Action::Rollback { before_step } => {
+            format!("rolled back to the last checkpoint before step {before_step}")
+        }
+        Action::GiveUp { diagnosis } => format!("gave up: {diagnosis}"),
+    }
 }
 
 /// Mean next-token cross-entropy of a model on a flat token array, windows as in DESIGN.md:

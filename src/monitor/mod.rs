@@ -1,0 +1,491 @@
+//! Guarded training, the pure part: detectors over a stream of per-step metrics and the
+//! escalating recovery policy. No I/O here: `train` (the live guard) and `keel watch` (any
+//! trainer's log) feed the same `Monitor`, so both see the same events.
+//!
+//! Detectors (thresholds in `[guard]`, defaults from the anchors):
+//! - `nonfinite`: loss or gradient norm is NaN/inf.
+//! - `loss_spike`: robust z-score of the loss over the last `window` accepted steps
+//!   ((x − median) / (1.4826·MAD), σ floored at `sigma_floor`·median) ≥ `loss_z` (OLMo-core
+//!   and Levanter use mean + 6σ over 128), or loss ≥ `loss_ratio` × the window mean
+//!   (llm-foundry's 2×).
+//! - `grad_spike`: robust z of ln(gradient norm) over the last `grad_window` accepted steps
+//!   ≥ `grad_z`, and the norm ≥ `grad_ratio` × its median. Gradient norms trend up early in
+//!   training and vary multiplicatively, hence the log scale and the shorter window.
+//! - `divergence`: the mean of the last `diverge_window` accepted losses exceeds the best such
+//!   mean by `diverge_ratio`; or `persist` consecutive steps were all flagged (the weights,
+//!   not one batch, are bad).
+//! - `attn_logit` / `logit_drift` (warnings): max attention logit above `attn_logit_max`;
+//!   |mean output log-partition| above `logit_z_max`.
+//!
+//! Flagged steps never enter the windows (they are skipped by the live guard), so one
+//! spike cannot raise the bar for the next.
+
+mod policy;
+
+pub use policy::{Action, Decision, Policy, PolicyState};
+
+use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
+
+/// `[guard]`: detector thresholds and policy limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GuardConfig {
+    /// Act on detections (skip / LR back-off / rollback / give up). Off: detect and log only.
+    pub enabled: bool,
+    /// Accepted steps the spike statistics look back over.
+    pub window: usize,
+    /// Accepted steps needed before the windowed detectors speak.
+    pub min_history: usize,
+    pub loss_z: f64,
+    pub loss_ratio: f64,
+    pub grad_z: f64,
+    pub grad_ratio: f64,
+    pub grad_window: usize,
+    /// Floor on the robust σ, relative to the median (keeps a flat series from flagging noise).
+    pub sigma_floor: f64,
+    pub diverge_window: usize,
+    pub diverge_ratio: f64,
+    /// Consecutive flagged steps that count as divergence.
+    pub persist: usize,
+    pub attn_logit_max: f64,
+    pub logit_z_max: f64,
+    /// Skips within `incident_window` steps before the LR is lowered.
+    pub skips_before_backoff: usize,
+    pub incident_window: u64,
+    /// LR multiplier while backed off, and for how many steps.
+    pub lr_backoff: f64,
+    pub backoff_steps: u64,
+    pub max_rollbacks: u32,
+    /// Total skipped steps before giving up.
+    pub max_skips: u64,
+}
+
+impl Default for GuardConfig {
+    fn default() -> Self {
+        GuardConfig {
+            enabled: true,
+            window: 128,
+            min_history: 16,
+            loss_z: 6.0,
+            loss_ratio: 2.0,
+            grad_z: 6.0,
+            grad_ratio: 3.0,
+            grad_window: 32,
+            sigma_floor: 0.01,
+            diverge_window: 20,
+            diverge_ratio: 1.3,
+            persist: 3,
+            attn_logit_max: 100.0,
+            logit_z_max: 50.0,
+            skips_before_backoff: 3,
+            incident_window: 50,
+            lr_backoff: 0.5,
+            backoff_steps: 100,
+            max_rollbacks: 3,
+            max_skips: 200,
+        }
+    }
+}
+
+impl GuardConfig {
+    /// Check ranges; the error names the `guard.` key and the fix.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let bad = |k: &str, why: &str| Err((format!("guard.{k}"), why.to_string()));
+        if self.window < 4 {
+            return bad("window", "must be at least 4 steps");
+        }
+        if self.min_history < 4 || self.min_history > self.window.min(self.grad_window) {
+            return bad(
+                "min_history",
+                "must be between 4 and the smaller of guard.window and guard.grad_window",
+            );
+        }
+        for (k, v) in [
+            ("loss_z", self.loss_z),
+            ("grad_z", self.grad_z),
+            ("attn_logit_max", self.attn_logit_max),
+            ("logit_z_max", self.logit_z_max),
+        ] {
+            if !(v > 0.0) {
+                return bad(k, "must be a positive number");
+            }
+        }
+        for (k, v) in [
+            ("loss_ratio", self.loss_ratio),
+            ("grad_ratio", self.grad_ratio),
+            ("diverge_ratio", self.diverge_ratio),
+        ] {
+            if !(v > 1.0) {
+                return bad(k, "must be greater than 1");
+            }
+        }
+        if !(self.lr_backoff > 0.0 && self.lr_backoff < 1.0) {
+            return bad("lr_backoff", "must be in (0, 1)");
+        }
+        if self.persist < 2 {
+            return bad("persist", "must be at least 2");
+        }
+        if self.diverge_window < 2 {
+            return bad("diverge_window", "must be at least 2");
+        }
+        if self.skips_before_backoff < 1 {
+            return bad("skips_before_backoff", "must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+/// One step's scalars, as logged (absent fields are simply not checked).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepMetrics {
+    pub step: u64,
+    /// NaN for a non-finite or missing loss (a logged `null`).
+    pub loss: f64,
+    pub grad_norm: Option<f64>,
+    pub max_attn_logit: Option<f64>,
+    /// Mean log-partition of the output logits.
+    pub logit_z: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    /// Early signal: logged, no action.
+    Warning,
+    /// This step is bad: skip its update.
+    Spike,
+    /// The run is going wrong beyond one batch.
+    Divergence,
+}
+
+/// A detector firing: what, at which step, the value, the threshold and the window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Detection {
+    pub step: u64,
+    pub kind: Severity,
+    pub detector: String,
+    /// NaN is written as null.
+    pub value: f64,
+    pub threshold: f64,
+    pub window: usize,
+    /// The condition in words, e.g. "robust z 9.3 ≥ 6 (median 2.41, σ 0.05)".
+    pub reason: String,
+}
+
+/// Detector state: windows of accepted values and the flags that stop warnings repeating.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MonitorState {
+    pub losses: VecDeque<f64>,
+    pub grads: VecDeque<f64>,
+    /// Accepted losses for the divergence mean (the last `diverge_window`).
+    pub recent: VecDeque<f64>,
+    pub best_recent_mean: Option<f64>,
+    pub consecutive_flagged: usize,
+    pub diverging: bool,
+    pub attn_warned: bool,
+    pub logit_warned: bool,
+}
+
+/// Everything the guard remembers, saved with each checkpoint.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct GuardSnapshot {
+    pub monitor: MonitorState,
+    pub policy: PolicyState,
+}
+
+pub struct Monitor {
+    pub cfg: GuardConfig,
+    pub state: MonitorState,
+    scratch: Vec<f64>,
+}
+
+/// Median and robust σ (1.4826·MAD) of a window, reusing `scratch`.
+fn robust_stats(w: &VecDeque<f64>, scratch: &mut Vec<f64>) -> (f64, f64) {
+    scratch.clear();
+    scratch.extend(w.iter().copied());
+    scratch.sort_by(|a, b| a.total_cmp(b));
+    let med = median_sorted(scratch);
+    for x in scratch.iter_mut() {
+        *x = (*x - med).abs();
+    }
+    scratch.sort_by(|a, b| a.total_cmp(b));
+    (med, 1.4826 * median_sorted(scratch))
+}
+
+fn median_sorted(s: &[f64]) -> f64 {
+    let n = s.len();
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        0.5 * (s[n / 2 - 1] + s[n / 2])
+    }
+}
+
+fn push_bounded(w: &mut VecDeque<f64>, x: f64, cap: usize) {
+    if w.len() == cap {
+        w.pop_front();
+    }
+    w.push_back(x);
+}
+
+impl Monitor {
+    pub fn new(cfg: GuardConfig) -> Self {
+        Monitor {
+            scratch: Vec::with_capacity(cfg.window),
+            cfg,
+            state: MonitorState::default(),
+        }
+    }
+
+    pub fn with_state(cfg: GuardConfig, state: MonitorState) -> Self {
+        let mut m = Monitor::new(cfg);
+        m.state = state;
+        m
+    }
+
+    /// Feed one step; returns what fired (empty on a healthy step).
+    pub fn observe(&mut self, m: &StepMetrics) -> Vec<Detection> {
+        let c = self.cfg.clone();
+        let mut out = Vec::new();
+        let det = |kind, detector: &str, value: f64, threshold: f64, window, reason: String| {
+            Detection {
+                step: m.step,
+                kind,
+                detector: detector.to_string(),
+                value,
+                threshold,
+                window,
+                reason,
+            }
+        };
+        let g = m.grad_norm.unwrap_or(0.0);
+        if !m.loss.is_finite() || !g.is_finite() {
+            let (what, v) = if !m.loss.is_finite() {
+                ("loss", m.loss)
+            } else {
+                ("gradient norm", g)
+            };
+            out.push(det(
+                Severity::Spike,
+                "nonfinite",
+                v,
+                f64::INFINITY,
+                1,
+                format!("{what} is not finite"),
+            ));
+        } else {
+            let s = &mut self.state;
+            if s.losses.len() >= c.min_history {
+                let (med, sd) = robust_stats(&s.losses, &mut self.scratch);
+                let sd = sd.max(c.sigma_floor * med.abs()).max(1e-12);
+                let z = (m.loss - med) / sd;
+                let mean = s.losses.iter().sum::<f64>() / s.losses.len() as f64;
+                if z >= c.loss_z {
+                    out.push(det(
+                        Severity::Spike,
+                        "loss_spike",
+                        m.loss,
+                        med + c.loss_z * sd,
+                        s.losses.len(),
+                        format!(
+                            "robust z {z:.1} ≥ {} (median {med:.4}, σ {sd:.4})",
+                            c.loss_z
+                        ),
+                    ));
+                } else if m.loss >= c.loss_ratio * mean {
+                    out.push(det(
+                        Severity::Spike,
+                        "loss_spike",
+                        m.loss,
+                        c.loss_ratio * mean,
+                        s.losses.len(),
+                        format!("{:.2}× the running mean {mean:.4}", m.loss / mean),
+                    ));
+                }
+            }
+            if let Some(g) = m.grad_norm {
+                if s.grads.len() >= c.min_history && g > 0.0 {
+                    // the window holds ln(norm)
+                    let (lmed, lsd) = robust_stats(&s.grads, &mut self.scratch);
+                    let lsd = lsd.max(c.sigma_floor).max(1e-12);
+                    let z = (g.ln() - lmed) / lsd;
+                    let (med, sd) = (lmed.exp(), lsd);
+                    if z >= c.grad_z && g >= c.grad_ratio * med {
+                        out.push(det(
+                            Severity::Spike,
+                            "grad_spike",
+                            g,
+                            (lmed + c.grad_z * sd).exp().max(c.grad_ratio * med),
+                            s.grads.len(),
+                            format!(
+                                "robust z {z:.1} ≥ {} and {:.1}× the median {med:.4}",
+                                c.grad_z,
+                                g / med
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        let s = &mut self.state;
+        if out.is_empty() {
+            s.consecutive_flagged = 0;
+            push_bounded(&mut s.losses, m.loss, c.window);
+            if let Some(g) = m.grad_norm.filter(|&g| g > 0.0) {
+                push_bounded(&mut s.grads, g.ln(), c.grad_window);
+            }
+            push_bounded(&mut s.recent, m.loss, c.diverge_window);
+            if s.recent.len() == c.diverge_window {
+                let mean = s.recent.iter().sum::<f64>() / s.recent.len() as f64;
+                let best = s.best_recent_mean.map_or(mean, |b| b.min(mean));
+                s.best_recent_mean = Some(best);
+                if mean > c.diverge_ratio * best {
+                    if !s.diverging {
+                        s.diverging = true;
+                        out.push(det(
+                            Severity::Divergence,
+                            "divergence",
+                            mean,
+                            c.diverge_ratio * best,
+                            c.diverge_window,
+                            format!(
+                                "mean loss of the last {} steps {mean:.4} is {:.2}× the best {best:.4}",
+                                c.diverge_window,
+                                mean / best
+                            ),
+                        ));
+                    }
+                } else {
+                    s.diverging = false;
+                }
+            }
+        } else {
+            s.consecutive_flagged += 1;
+            if s.consecutive_flagged == c.persist {
+                out.push(det(
+                    Severity::Divergence,
+                    "persistent",
+                    s.consecutive_flagged as f64,
+                    c.persist as f64,
+                    c.persist,
+                    format!(
+                        "{} consecutive steps flagged: the weights, not one batch, are bad",
+                        c.persist
+                    ),
+                ));
+            }
+        }
+        if let Some(a) = m.max_attn_logit {
+            if a.is_finite() && a > c.attn_logit_max {
+                if !s.attn_warned {
+                    s.attn_warned = true;
+                    out.push(det(
+                        Severity::Warning,
+                        "attn_logit",
+                        a,
+                        c.attn_logit_max,
+                        1,
+                        "max attention logit is growing: softmax saturates (consider qk-norm, lower LR or smaller init)".to_string(),
+                    ));
+                }
+            } else {
+                s.attn_warned = false;
+            }
+        }
+        if let Some(z) = m.logit_z {
+            if z.is_finite() && z.abs() > c.logit_z_max {
+                if !s.logit_warned {
+                    s.logit_warned = true;
+                    out.push(det(
+                        Severity::Warning,
+                        "logit_drift",
+                        z,
+                        c.logit_z_max,
+                        1,
+                        "output log-partition drifts from 0 (consider z-loss or a smaller head init)".to_string(),
+                    ));
+                }
+            } else {
+                s.logit_warned = false;
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(step: u64, loss: f64, g: f64) -> StepMetrics {
+        StepMetrics {
+            step,
+            loss,
+            grad_norm: Some(g),
+            max_attn_logit: None,
+            logit_z: None,
+        }
+    }
+
+    /// A decreasing noisy loss, as a healthy run gives.
+    fn healthy(i: u64) -> (f64, f64) {
+        let noise = ((i * 2654435761) % 1000) as f64 / 1000.0 - 0.5;
+        (2.0 + 3.0 * (-(i as f64) / 50.0).exp() + 0.05 * noise, 1.0 + 0.1 * noise)
+    }
+
+    #[test]
+    fn healthy_stream_is_quiet() {
+        let mut m = Monitor::new(GuardConfig::default());
+        for i in 1..2000 {
+            let (l, g) = healthy(i);
+            assert!(m.observe(&step(i, l, g)).is_empty(), "false alarm at {i}");
+        }
+    }
+
+    #[test]
+    fn each_detector_fires_on_its_signal() {
+        let mut m = Monitor::new(GuardConfig::default());
+        for i in 1..200 {
+            let (l, g) = healthy(i);
+            m.observe(&step(i, l, g));
+        }
+        let d = m.observe(&step(200, f64::NAN, 1.0));
+        assert_eq!(d[0].detector, "nonfinite", "{d:?}");
+        let d = m.observe(&step(201, 3.5, 1.0));
+        assert_eq!(d[0].detector, "loss_spike", "{d:?}");
+        assert!(d[0].reason.contains("robust z"));
+        let d = m.observe(&step(202, 2.0, 30.0));
+        assert_eq!(d[0].detector, "grad_spike");
+        // third consecutive flagged step: persistent
+        assert!(d.iter().any(|d| d.detector == "persistent"));
+        assert!(m.observe(&step(203, 2.0, 1.0)).is_empty());
+        // a slow climb that never spikes is divergence
+        let mut fired = false;
+        for i in 0..200u64 {
+            let d = m.observe(&step(204 + i, 2.0 * 1.003f64.powi(i as i32), 1.0));
+            assert!(d.iter().all(|d| d.detector != "loss_spike"), "{d:?}");
+            fired |= d.iter().any(|d| d.detector == "divergence");
+        }
+        assert!(fired);
+        let w = m.observe(&StepMetrics {
+            max_attn_logit: Some(500.0),
+            logit_z: Some(-80.0),
+            ..step(500, 2.0, 1.0)
+        });
+        assert!(w.iter().any(|d| d.detector == "attn_logit"));
+        assert!(w.iter().any(|d| d.detector == "logit_drift"));
+    }
+
+    #[test]
+    fn ratio_rule_catches_a_spike_in_a_noisy_window() {
+        let mut m = Monitor::new(GuardConfig::default());
+        for i in 1..=100 {
+            // very noisy: z alone would need a huge jump
+            m.observe(&step(i, if i % 2 == 0 { 1.0 } else { 3.0 }, 1.0));
+        }
+        let d = m.observe(&step(101, 4.5, 1.0));
+        assert_eq!(d[0].detector, "loss_spike");
+        assert!(d[0].reason.contains("running mean"), "{d:?}");
+    }
+}

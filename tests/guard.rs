@@ -1,0 +1,279 @@
+//! The guard end to end: each injected fault is detected at its step and recovered by the
+//! right rung; the run finishes; clean runs raise nothing; `keel watch` on the metrics log
+//! reports what the live guard saw; `keel replay` tells data from transient faults.
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn keel() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_keel"))
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("keel-guard-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A micro run (batch 8 × 64, 2 threads) with extra flags.
+fn train(out: &Path, steps: u64, extra: &[&str]) -> Output {
+    let mut c = keel();
+    c.args(["train", "--preset", "micro", "--threads", "2", "--steps"])
+        .arg(steps.to_string())
+        .arg("--out")
+        .arg(out)
+        .args(["--set", "data.builtin_bytes=400000", "--set", "checkpoint.every=50"])
+        .args(extra);
+    c.output().expect("spawn keel")
+}
+
+fn events(dir: &Path) -> Vec<Value> {
+    keel::train::read_jsonl(&dir.join("events.jsonl")).unwrap()
+}
+
+fn of_kind<'a>(ev: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    ev.iter().filter(|e| e["kind"] == kind).collect()
+}
+
+/// (step, detector) of every detection the live guard logged.
+fn live_detections(ev: &[Value]) -> Vec<(u64, String)> {
+    ev.iter()
+        .filter(|e| matches!(e["kind"].as_str(), Some("spike" | "divergence" | "warning")))
+        .map(|e| {
+            (
+                e["step"].as_u64().unwrap(),
+                e["detail"]["detector"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// `keel watch --json` over a run's metrics: (step, detector) list and exit code.
+fn watch(dir: &Path) -> (Vec<(u64, String)>, i32) {
+    let o = keel()
+        .args(["watch", "--json"])
+        .arg(dir.join("metrics.jsonl"))
+        .output()
+        .unwrap();
+    let list = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            (
+                v["step"].as_u64().unwrap(),
+                v["detector"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    (list, o.status.code().unwrap())
+}
+
+fn replay(dir: &Path, step: u64) -> Value {
+    let o = keel()
+        .args(["replay", "--json", "--step", &step.to_string(), "--run"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+fn ok(o: &Output) {
+    assert!(
+        o.status.success(),
+        "exit {:?}\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+#[test]
+fn nan_and_bad_batch_are_skipped_and_replay_tells_them_apart() {
+    let d = tmpdir("skip");
+    let o = train(&d, 160, &["--inject", "nan@60", "--inject", "bad-batch@120"]);
+    ok(&o);
+    let ev = events(&d);
+    let det = live_detections(&ev);
+    assert!(det.contains(&(60, "nonfinite".into())), "{det:?}");
+    assert!(det.iter().any(|(s, k)| *s == 120 && k == "loss_spike"), "{det:?}");
+    assert!(det.iter().all(|(s, _)| *s == 60 || *s == 120), "{det:?}");
+    let skips: Vec<u64> = of_kind(&ev, "skip")
+        .iter()
+        .map(|e| e["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(skips, vec![60, 120]);
+    assert!(of_kind(&ev, "lr_backoff").is_empty() && of_kind(&ev, "rollback").is_empty());
+    let m = keel::train::read_jsonl(&d.join("metrics.jsonl")).unwrap();
+    assert_eq!(m.len(), 160);
+    assert!(m[59]["loss"].is_null() && m[59]["skipped"] == true);
+    assert!(m.last().unwrap()["loss"].as_f64().unwrap().is_finite());
+    // the sidecar sees what the live guard saw
+    assert_eq!(watch(&d), (det, 0));
+    // the NaN was a transient fault: it does not reproduce; the junk batch does, and is data
+    let r = replay(&d, 60);
+    assert_eq!(r["reproduces"], false, "{r}");
+    let r = replay(&d, 120);
+    assert_eq!(r["reproduces"], true, "{r}");
+    assert!(r["verdict"].as_str().unwrap().contains("DATA"), "{r}");
+    let r = replay(&d, 100);
+    assert_eq!(r["reproduces"], true, "{r}");
+}
+
+#[test]
+fn repeated_spikes_back_off_the_lr_then_restore_it() {
+    let d = tmpdir("backoff");
+    let o = train(
+        &d,
+        200,
+        &[
+            "--inject",
+            "bad-batch@60",
+            "--inject",
+            "bad-batch@70",
+            "--inject",
+            "bad-batch@80",
+            "--set",
+            "guard.backoff_steps=50",
+            "--set",
+            "schedule.kind=\"constant\"",
+        ],
+    );
+    ok(&o);
+    let ev = events(&d);
+    let b = of_kind(&ev, "lr_backoff");
+    assert_eq!(b.len(), 1, "{ev:?}");
+    assert_eq!(b[0]["step"], 80);
+    assert_eq!(b[0]["detail"]["factor"], 0.5);
+    let r = of_kind(&ev, "lr_restore");
+    assert_eq!(r[0]["step"], 131);
+    let m = keel::train::read_jsonl(&d.join("metrics.jsonl")).unwrap();
+    let lr = |s: usize| m[s - 1]["lr"].as_f64().unwrap();
+    // steps 81..=130 run at half the (constant) LR; before and after at the full LR
+    assert_eq!(lr(81), 0.5 * lr(80));
+    assert_eq!(lr(130), lr(81));
+    assert_eq!(lr(131), lr(80));
+    assert!(of_kind(&ev, "rollback").is_empty());
+    assert_eq!(watch(&d).0, live_detections(&ev));
+}
+
+#[test]
+fn a_bad_update_is_rolled_back_past_the_damage() {
+    let d = tmpdir("rollback");
+    let o = train(&d, 200, &["--inject", "spike@120"]);
+    ok(&o);
+    let ev = events(&d);
+    let rb = of_kind(&ev, "rollback");
+    assert_eq!(rb.len(), 1, "{ev:?}");
+    let at = rb[0]["step"].as_u64().unwrap();
+    assert!((121..=124).contains(&at), "rollback at {at}");
+    // to the last checkpoint before the bad update, past the batches since
+    assert_eq!(rb[0]["detail"]["to_step"], 100);
+    assert_eq!(rb[0]["detail"]["skipped_batches"][1], at);
+    let det = live_detections(&ev);
+    assert!(det.iter().all(|(s, _)| (121..=at).contains(s)), "{det:?}");
+    let m = keel::train::read_jsonl(&d.join("metrics.jsonl")).unwrap();
+    let before = m[118]["loss"].as_f64().unwrap();
+    let end = m.last().unwrap()["loss"].as_f64().unwrap();
+    assert!(end < before + 0.3, "recovered: {before} → {end}");
+    // watch flags the divergence the guard acted on, and exits 2
+    let (w, code) = watch(&d);
+    assert_eq!(code, 2);
+    assert_eq!(w, det[..w.len()].to_vec());
+    assert_eq!(w.last().unwrap(), &(at, "persistent".to_string()));
+}
+
+#[test]
+fn the_guard_gives_up_with_exit_2_when_out_of_rungs() {
+    let d = tmpdir("giveup");
+    let o = train(&d, 200, &["--inject", "spike@120", "--set", "guard.max_rollbacks=0"]);
+    assert_eq!(o.status.code(), Some(2), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("diagnosis"), "{out}");
+    let ev = events(&d);
+    assert_eq!(of_kind(&ev, "give_up").len(), 1);
+    assert!(ev.last().unwrap()["kind"] == "give_up");
+    // no checkpoint of the damaged weights was written
+    let ck = keel::train::latest_checkpoint(&d).unwrap();
+    assert!(ck.ends_with("step-00000100"), "{}", ck.display());
+}
+
+#[test]
+fn clean_micro_runs_raise_no_events_over_five_seeds() {
+    for seed in 1..=5 {
+        let d = tmpdir(&format!("clean{seed}"));
+        let s = seed.to_string();
+        let o = train(
+            &d,
+            300,
+            &[
+                "--set",
+                &format!("train.seed={s}"),
+                "--set",
+                &format!("init.seed={s}"),
+            ],
+        );
+        ok(&o);
+        let det = live_detections(&events(&d));
+        assert!(det.is_empty(), "seed {seed}: {det:?}");
+        assert_eq!(watch(&d), (vec![], 0));
+    }
+}
+
+/// Clean tiny runs (a few minutes): `cargo test --release -- --ignored clean_tiny`.
+#[test]
+#[ignore]
+fn clean_tiny_runs_raise_no_events_over_five_seeds() {
+    for seed in 1..=5 {
+        let d = tmpdir(&format!("tiny{seed}"));
+        let o = keel()
+            .args(["train", "--preset", "tiny", "--steps", "150", "--out"])
+            .arg(&d)
+            .args(["--set", &format!("train.seed={seed}")])
+            .args(["--set", &format!("init.seed={seed}")])
+            .args(["--set", "train.batch_size=4"])
+            .output()
+            .unwrap();
+        ok(&o);
+        let det = live_detections(&events(&d));
+        assert!(det.is_empty(), "seed {seed}: {det:?}");
+    }
+}
+
+#[test]
+fn watch_reads_csv_and_other_trainers_field_names() {
+    let d = tmpdir("watch");
+    let mut csv = String::from("iter,train_loss,gnorm\n");
+    for i in 1..=100 {
+        let l = 3.0 - i as f64 * 0.005 + if i % 3 == 0 { 0.02 } else { 0.0 };
+        let l = if i == 70 { 9.0 } else { l };
+        csv += &format!("{i},{l},1.0\n");
+    }
+    std::fs::write(d.join("log.csv"), &csv).unwrap();
+    let o = keel()
+        .args(["watch", "--json"])
+        .arg(d.join("log.csv"))
+        .args(["--field", "step=iter", "--field", "loss=train_loss", "--field", "grad_norm=gnorm"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let v: Vec<Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(v.len(), 1, "{out}");
+    assert_eq!((v[0]["step"].as_u64(), v[0]["detector"].as_str()), (Some(70), Some("loss_spike")));
+    // a run that blows up: exit 2
+    let mut j = String::new();
+    for i in 1..=100 {
+        let l = if i < 60 { 3.0 - i as f64 * 0.01 } else { 50.0 };
+        j += &format!("{{\"step\": {i}, \"loss\": {l}}}\n");
+    }
+    std::fs::write(d.join("m.jsonl"), &j).unwrap();
+    let o = keel().arg("watch").arg(d.join("m.jsonl")).output().unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("DIVERGENCE"));
+    // bad input: a clear error, not a panic
+    let o = keel().args(["watch", "/nonexistent/log.jsonl"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("cannot open"));
+}
