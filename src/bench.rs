@@ -38,6 +38,9 @@ pub struct BenchResult {
     pub mfu: f64,
     pub first_loss: f32,
     pub last_loss: f32,
+    /// Step time with the guard's telemetry (detectors every step; update/weight sums and
+    /// per-layer statistics every 10th step) over the step without, minus 1; steps alternate.
+    pub telemetry_overhead: f64,
 }
 
 /// Default batch per preset, as in CONFIGS.md (tiny 8 × 256, small 4 × 512).
@@ -66,6 +69,9 @@ pub fn run(
     let n = b * t;
     let total = opts.warmup + opts.steps;
     let mut times = Vec::with_capacity(opts.steps);
+    let mut times_off = Vec::with_capacity(opts.steps);
+    let mut monitor = crate::monitor::Monitor::new(Default::default());
+    let mut sumsq = vec![0f64; model.layout.specs.len()];
     let (mut first, mut last) = (f32::NAN, f32::NAN);
     let mut tokens = vec![0u32; n];
     let mut targets = vec![0u32; n];
@@ -74,29 +80,56 @@ pub fn run(
             tokens[i] = (s.u64_at((step * 2 * n + i) as u64) % cfg.vocab_size as u64) as u32;
             targets[i] = (s.u64_at((step * 2 * n + n + i) as u64) % cfg.vocab_size as u64) as u32;
         }
+        // even steps as `keel train` runs them (telemetry on), odd ones bare
+        let tel = step % 2 == 0;
         let t0 = Instant::now();
         model.zero_grad();
         let loss = model.forward(&tokens, &targets)?;
         model.backward(1.0)?;
-        clip_grad_norm(&mut model.grads, 1.0);
+        // per-layer statistics on every 10th step, as with the default telemetry.every
+        let per_layer = tel && step % 20 == 0;
+        if per_layer {
+            crate::optim::tensor_sumsq(&model.grads, &model.layout, &mut sumsq);
+            std::hint::black_box(model.residual_rms());
+        }
+        let g = clip_grad_norm(&mut model.grads, 1.0);
+        opt.track = per_layer;
         opt.update(&mut model.params, &model.grads, 1e-3);
+        if tel {
+            let d = monitor.observe(&crate::monitor::StepMetrics {
+                step: step as u64,
+                loss: loss as f64,
+                grad_norm: Some(g),
+                max_attn_logit: Some(model.stats.max_attn_logit[0] as f64),
+                logit_z: Some(model.stats.lse_mean as f64),
+            });
+            std::hint::black_box((d, opt.update_ratio()));
+        }
         let dt = t0.elapsed().as_secs_f64();
         if step == 0 {
             first = loss;
         }
         last = loss;
         if step >= opts.warmup {
-            times.push(dt);
+            if tel {
+                times.push(dt)
+            } else {
+                times_off.push(dt)
+            }
         }
         progress(step + 1, total);
     }
     let peak = measure_peak_flops(1024, 10);
-    times.sort_by(f64::total_cmp);
-    let med = if times.is_empty() {
-        f64::NAN
-    } else {
-        times[times.len() / 2]
+    let median = |t: &mut Vec<f64>| {
+        t.sort_by(f64::total_cmp);
+        if t.is_empty() {
+            f64::NAN
+        } else {
+            t[t.len() / 2]
+        }
     };
+    let med_off = median(&mut times_off);
+    let med = median(&mut times);
     let tps = n as f64 / med;
     let fpt = cfg.flops_per_token(t);
     Ok(BenchResult {
@@ -117,5 +150,6 @@ pub fn run(
         mfu: fpt * tps / peak,
         first_loss: first,
         last_loss: last,
+        telemetry_overhead: med / med_off - 1.0,
     })
 }

@@ -186,7 +186,10 @@ pub fn cmd_watch(
             .with_context(|| format!("{}: cannot stat", file.display()))?
             .len();
         if len < pos {
-            eprintln!("keel watch: {} was truncated; reading from the start", file.display());
+            eprintln!(
+                "keel watch: {} was truncated; reading from the start",
+                file.display()
+            );
             pos = 0;
             pending.clear();
         }

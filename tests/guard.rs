@@ -24,7 +24,12 @@ fn train(out: &Path, steps: u64, extra: &[&str]) -> Output {
         .arg(steps.to_string())
         .arg("--out")
         .arg(out)
-        .args(["--set", "data.builtin_bytes=400000", "--set", "checkpoint.every=50"])
+        .args([
+            "--set",
+            "data.builtin_bytes=400000",
+            "--set",
+            "checkpoint.every=50",
+        ])
         .args(extra);
     c.output().expect("spawn keel")
 }
@@ -92,12 +97,19 @@ fn ok(o: &Output) {
 #[test]
 fn nan_and_bad_batch_are_skipped_and_replay_tells_them_apart() {
     let d = tmpdir("skip");
-    let o = train(&d, 160, &["--inject", "nan@60", "--inject", "bad-batch@120"]);
+    let o = train(
+        &d,
+        160,
+        &["--inject", "nan@60", "--inject", "bad-batch@120"],
+    );
     ok(&o);
     let ev = events(&d);
     let det = live_detections(&ev);
     assert!(det.contains(&(60, "nonfinite".into())), "{det:?}");
-    assert!(det.iter().any(|(s, k)| *s == 120 && k == "loss_spike"), "{det:?}");
+    assert!(
+        det.iter().any(|(s, k)| *s == 120 && k == "loss_spike"),
+        "{det:?}"
+    );
     assert!(det.iter().all(|(s, _)| *s == 60 || *s == 120), "{det:?}");
     let skips: Vec<u64> = of_kind(&ev, "skip")
         .iter()
@@ -187,8 +199,17 @@ fn a_bad_update_is_rolled_back_past_the_damage() {
 #[test]
 fn the_guard_gives_up_with_exit_2_when_out_of_rungs() {
     let d = tmpdir("giveup");
-    let o = train(&d, 200, &["--inject", "spike@120", "--set", "guard.max_rollbacks=0"]);
-    assert_eq!(o.status.code(), Some(2), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = train(
+        &d,
+        200,
+        &["--inject", "spike@120", "--set", "guard.max_rollbacks=0"],
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("diagnosis"), "{out}");
     let ev = events(&d);
@@ -254,14 +275,27 @@ fn watch_reads_csv_and_other_trainers_field_names() {
     let o = keel()
         .args(["watch", "--json"])
         .arg(d.join("log.csv"))
-        .args(["--field", "step=iter", "--field", "loss=train_loss", "--field", "grad_norm=gnorm"])
+        .args([
+            "--field",
+            "step=iter",
+            "--field",
+            "loss=train_loss",
+            "--field",
+            "grad_norm=gnorm",
+        ])
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(0));
     let out = String::from_utf8_lossy(&o.stdout);
-    let v: Vec<Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let v: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(v.len(), 1, "{out}");
-    assert_eq!((v[0]["step"].as_u64(), v[0]["detector"].as_str()), (Some(70), Some("loss_spike")));
+    assert_eq!(
+        (v[0]["step"].as_u64(), v[0]["detector"].as_str()),
+        (Some(70), Some("loss_spike"))
+    );
     // a run that blows up: exit 2
     let mut j = String::new();
     for i in 1..=100 {
@@ -273,7 +307,10 @@ fn watch_reads_csv_and_other_trainers_field_names() {
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stdout).contains("DIVERGENCE"));
     // bad input: a clear error, not a panic
-    let o = keel().args(["watch", "/nonexistent/log.jsonl"]).output().unwrap();
+    let o = keel()
+        .args(["watch", "/nonexistent/log.jsonl"])
+        .output()
+        .unwrap();
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("cannot open"));
 }

@@ -291,6 +291,10 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 );
                 println!("  MFU             {:>10.1} %", 100.0 * r.mfu);
                 println!("  loss            {:.4} → {:.4}", r.first_loss, r.last_loss);
+                println!(
+                    "  telemetry cost  {:>+10.1} % of step time (guard statistics on vs off)",
+                    100.0 * r.telemetry_overhead
+                );
             }
             Ok(0)
         }
@@ -376,7 +380,10 @@ fn cmd_train(
     );
     if let Some(d) = &s.diagnosis {
         println!("  diagnosis          {d}");
-        println!("  events             {}", out.join("events.jsonl").display());
+        println!(
+            "  events             {}",
+            out.join("events.jsonl").display()
+        );
     }
     Ok(match s.outcome {
         Outcome::Finished => 0,

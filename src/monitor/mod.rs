@@ -70,7 +70,7 @@ impl Default for GuardConfig {
             loss_z: 6.0,
             loss_ratio: 2.0,
             grad_z: 6.0,
-            grad_ratio: 3.0,
+            grad_ratio: 5.0,
             grad_window: 32,
             sigma_floor: 0.01,
             diverge_window: 20,
@@ -107,7 +107,7 @@ impl GuardConfig {
             ("attn_logit_max", self.attn_logit_max),
             ("logit_z_max", self.logit_z_max),
         ] {
-            if !(v > 0.0) {
+            if v.is_nan() || v <= 0.0 {
                 return bad(k, "must be a positive number");
             }
         }
@@ -116,7 +116,7 @@ impl GuardConfig {
             ("grad_ratio", self.grad_ratio),
             ("diverge_ratio", self.diverge_ratio),
         ] {
-            if !(v > 1.0) {
+            if v.is_nan() || v <= 1.0 {
                 return bad(k, "must be greater than 1");
             }
         }
@@ -248,8 +248,8 @@ impl Monitor {
     pub fn observe(&mut self, m: &StepMetrics) -> Vec<Detection> {
         let c = self.cfg.clone();
         let mut out = Vec::new();
-        let det = |kind, detector: &str, value: f64, threshold: f64, window, reason: String| {
-            Detection {
+        let det =
+            |kind, detector: &str, value: f64, threshold: f64, window, reason: String| Detection {
                 step: m.step,
                 kind,
                 detector: detector.to_string(),
@@ -257,8 +257,7 @@ impl Monitor {
                 threshold,
                 window,
                 reason,
-            }
-        };
+            };
         let g = m.grad_norm.unwrap_or(0.0);
         if !m.loss.is_finite() || !g.is_finite() {
             let (what, v) = if !m.loss.is_finite() {
@@ -276,12 +275,14 @@ impl Monitor {
             ));
         } else {
             let s = &mut self.state;
-            if s.losses.len() >= c.min_history {
+            // the ratio rule speaks from the first accepted step (blow-ups can be immediate);
+            // the z rule needs a window to estimate σ
+            if !s.losses.is_empty() {
                 let (med, sd) = robust_stats(&s.losses, &mut self.scratch);
                 let sd = sd.max(c.sigma_floor * med.abs()).max(1e-12);
                 let z = (m.loss - med) / sd;
                 let mean = s.losses.iter().sum::<f64>() / s.losses.len() as f64;
-                if z >= c.loss_z {
+                if z >= c.loss_z && s.losses.len() >= c.min_history {
                     out.push(det(
                         Severity::Spike,
                         "loss_spike",
@@ -431,7 +432,10 @@ mod tests {
     /// A decreasing noisy loss, as a healthy run gives.
     fn healthy(i: u64) -> (f64, f64) {
         let noise = ((i * 2654435761) % 1000) as f64 / 1000.0 - 0.5;
-        (2.0 + 3.0 * (-(i as f64) / 50.0).exp() + 0.05 * noise, 1.0 + 0.1 * noise)
+        (
+            2.0 + 3.0 * (-(i as f64) / 50.0).exp() + 0.05 * noise,
+            1.0 + 0.1 * noise,
+        )
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! - every Spike (one bad step) is skipped;
 //! - `skips_before_backoff` skips within `incident_window` steps: LR × `lr_backoff` for
 //!   `backoff_steps`, then restored;
-//! - that many skips again while backed off, or a Divergence: roll back (and back off);
+//! - that many skips again while backed off, or a Divergence: roll back, and back off for
+//!   2^k × `backoff_steps` after the k-th rollback;
 //! - more than `max_rollbacks` rollbacks or `max_skips` skips: give up.
 
 use super::{Detection, GuardConfig, Severity};
@@ -109,11 +110,13 @@ impl Policy {
         d.actions.push(Action::Rollback { before_step: start });
         s.recent_skips.clear();
         // resume past the damage more gently; the back-off window restarts
+        // each rollback backs off longer (2^k × backoff_steps): retries with exponential backoff
         s.lr_factor *= c.lr_backoff;
-        s.backoff_until = Some(step + c.backoff_steps);
+        let until = step + (c.backoff_steps << s.rollbacks.min(8));
+        s.backoff_until = Some(until);
         d.actions.push(Action::LrBackoff {
             factor: s.lr_factor,
-            until_step: step + c.backoff_steps,
+            until_step: until,
         });
     }
 
@@ -124,7 +127,9 @@ impl Policy {
         let diverged = detections.iter().find(|x| x.kind == Severity::Divergence);
         if !spike && diverged.is_none() {
             let s = &mut self.state;
-            if s.last_flag.is_some_and(|l| step >= l + self.cfg.incident_window) {
+            if s.last_flag
+                .is_some_and(|l| step >= l + self.cfg.incident_window)
+            {
                 s.incident_start = None;
             }
             return d;
@@ -221,8 +226,12 @@ mod tests {
         let d = p.decide(150, &[det(150, Severity::Spike)]);
         assert!(d.actions.contains(&Action::Rollback { before_step: 100 }));
         assert_eq!(p.lr_factor(), 0.25);
-        // LR restored once the back-off ends
-        assert_eq!(p.begin_step(150 + cfg.backoff_steps + 1), Some(Action::LrRestore));
+        // after the first rollback the back-off lasts twice as long, then the LR is restored
+        assert_eq!(p.begin_step(150 + 2 * cfg.backoff_steps), None);
+        assert_eq!(
+            p.begin_step(150 + 2 * cfg.backoff_steps + 1),
+            Some(Action::LrRestore)
+        );
         assert_eq!(p.lr_factor(), 1.0);
         // divergences: rollbacks up to the limit, then give up
         let mut gave_up = false;

@@ -49,6 +49,8 @@ pub struct AdamW {
     groups: Vec<(usize, usize, bool, f64)>,
     /// Telemetry of the last update, per tensor: (Σ Δ², Σ w² before the update).
     pub update_sq: Vec<(f64, f64)>,
+    /// Gather `update_sq` (on by default; `keel bench` turns it off to price it).
+    pub track: bool,
     /// Per-chunk partial sums for `update_sq` (preallocated; chunk c of tensor i at
     /// `chunk_base[i] + c`).
     partial: Vec<(f32, f32)>,
@@ -88,6 +90,7 @@ impl AdamW {
             v: vec![0.0; layout.total],
             step: 0,
             update_sq: vec![(0.0, 0.0); layout.specs.len()],
+            track: true,
             partial: vec![(0.0, 0.0); nchunks],
             chunk_base,
             groups,
@@ -119,11 +122,10 @@ impl AdamW {
         );
         let wd = c.weight_decay;
         let part = PartPtr(self.partial.as_mut_ptr());
+        let track = self.track;
         // Work items: (offset, len, decay factor), chunked for the pool.
-        self.groups
-            .par_iter()
-            .zip(&self.chunk_base)
-            .for_each(|(&(off, len, decays, mult), &base)| {
+        self.groups.par_iter().zip(&self.chunk_base).for_each(
+            |(&(off, len, decays, mult), &base)| {
                 let lr = lr * mult;
                 let step_size = (lr / bc1) as f32;
                 let keep = if decays { (1.0 - lr * wd) as f32 } else { 1.0 };
@@ -140,24 +142,54 @@ impl AdamW {
                     };
                     let g = &grads[s..e];
                     // the update/weight telemetry rides along: two fused sums per element
-                    let (mut du, mut ww) = (0f32, 0f32);
-                    for i in 0..p.len() {
-                        let p0 = p[i];
-                        p[i] *= keep;
-                        m[i] += (g[i] - m[i]) * (1.0 - b1);
-                        v[i] = v[i] * b2 + g[i] * g[i] * (1.0 - b2);
-                        let denom = v[i].sqrt() / bc2_sqrt + eps;
-                        p[i] -= step_size * (m[i] / denom);
-                        let dlt = p[i] - p0;
-                        du += dlt * dlt;
-                        ww += p0 * p0;
+                    let adam = |p: &mut f32, m: &mut f32, v: &mut f32, g: f32| {
+                        *p *= keep;
+                        *m += (g - *m) * (1.0 - b1);
+                        *v = *v * b2 + g * g * (1.0 - b2);
+                        let denom = v.sqrt() / bc2_sqrt + eps;
+                        *p -= step_size * (*m / denom);
+                    };
+                    if !track {
+                        for i in 0..p.len() {
+                            adam(&mut p[i], &mut m[i], &mut v[i], g[i]);
+                        }
+                        return;
                     }
+                    // Eight independent partial sums so the loop still vectorises (a single
+                    // f32 accumulator is a serial dependency the compiler must keep).
+                    let (mut du, mut ww) = ([0f32; 8], [0f32; 8]);
+                    let n8 = p.len() / 8 * 8;
+                    for (((pc, mc), vc), gc) in p[..n8]
+                        .chunks_exact_mut(8)
+                        .zip(m[..n8].chunks_exact_mut(8))
+                        .zip(v[..n8].chunks_exact_mut(8))
+                        .zip(g[..n8].chunks_exact(8))
+                    {
+                        for k in 0..8 {
+                            let p0 = pc[k];
+                            adam(&mut pc[k], &mut mc[k], &mut vc[k], gc[k]);
+                            let dlt = pc[k] - p0;
+                            du[k] += dlt * dlt;
+                            ww[k] += p0 * p0;
+                        }
+                    }
+                    for i in n8..p.len() {
+                        let p0 = p[i];
+                        adam(&mut p[i], &mut m[i], &mut v[i], g[i]);
+                        let dlt = p[i] - p0;
+                        du[0] += dlt * dlt;
+                        ww[0] += p0 * p0;
+                    }
+                    let (du, ww) = (du.iter().sum::<f32>(), ww.iter().sum::<f32>());
                     // SAFETY: one slot per chunk, written by this chunk only.
                     unsafe { *{ part }.0.add(base + ci) = (du, ww) };
                 });
-            });
-        for (i, (&(_, len, _, _), &base)) in self.groups.iter().zip(&self.chunk_base).enumerate()
-        {
+            },
+        );
+        if !track {
+            return;
+        }
+        for (i, (&(_, len, _, _), &base)) in self.groups.iter().zip(&self.chunk_base).enumerate() {
             let mut acc = (0f64, 0f64);
             for &(a, b) in &self.partial[base..base + len.div_ceil(CH)] {
                 acc.0 += a as f64;
@@ -180,14 +212,12 @@ impl AdamW {
 /// Sum of squares per tensor of a parameter-layout buffer (deterministic: fixed chunks,
 /// each summed in f64). `out` has one slot per tensor.
 pub fn tensor_sumsq(buf: &[f32], layout: &ParamLayout, out: &mut [f64]) {
-    out.par_iter_mut()
-        .zip(&layout.specs)
-        .for_each(|(o, s)| {
-            *o = buf[s.offset..s.offset + s.len]
-                .chunks(1 << 12)
-                .map(|c| c.iter().map(|&g| g * g).sum::<f32>() as f64)
-                .sum();
-        });
+    out.par_iter_mut().zip(&layout.specs).for_each(|(o, s)| {
+        *o = buf[s.offset..s.offset + s.len]
+            .chunks(1 << 12)
+            .map(|c| c.iter().map(|&g| g * g).sum::<f32>() as f64)
+            .sum();
+    });
 }
 
 /// Global L2 norm of the gradients, summed in f64 over fixed chunks (deterministic).

@@ -252,10 +252,10 @@ impl Trainer {
         let b = cfg.train.batch_size;
         let mut model = Model::new(&mc, b, t);
         crate::init::initialize(&mut model, &cfg.init).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let mut opt = AdamW::new(cfg.optim.clone(), &model.layout).with_lr_multipliers(
-            &model.layout,
-            |r| crate::init::lr_multiplier(&cfg.init, &mc, r),
-        );
+        let mut opt = AdamW::new(cfg.optim.clone(), &model.layout)
+            .with_lr_multipliers(&model.layout, |r| {
+                crate::init::lr_multiplier(&cfg.init, &mc, r)
+            });
         let mut state = fresh_state();
         if let Some(dir) = from {
             state = checkpoint::load(dir, &mut model, &mut opt.m, &mut opt.v)?;
@@ -343,7 +343,8 @@ impl Trainer {
                 self.junk_batch();
             } else {
                 let c = (step - 1) * accum + k;
-                self.batcher.train_batch(&self.ds, c, &mut self.x, &mut self.y);
+                self.batcher
+                    .train_batch(&self.ds, c, &mut self.x, &mut self.y);
             }
             loss += self.model.forward(&self.x, &self.y)? as f64 / accum as f64;
         }
@@ -396,7 +397,11 @@ impl Trainer {
         } else {
             1.0
         };
-        let lr = self.cfg.schedule.lr_at(self.state.step, total, self.cfg.optim.lr) * factor;
+        let lr = self
+            .cfg
+            .schedule
+            .lr_at(self.state.step, total, self.cfg.optim.lr)
+            * factor;
         self.model.zero_grad();
         let mut loss = 0f64;
         let bad_batch = self.injected(s, InjectKind::BadBatch);
@@ -404,8 +409,12 @@ impl Trainer {
             if bad_batch {
                 self.junk_batch();
             } else {
-                self.batcher
-                    .train_batch(&self.ds, self.state.data_cursor, &mut self.x, &mut self.y);
+                self.batcher.train_batch(
+                    &self.ds,
+                    self.state.data_cursor,
+                    &mut self.x,
+                    &mut self.y,
+                );
             }
             self.state.data_cursor += 1;
             loss += self.model.forward(&self.x, &self.y)? as f64 / accum as f64;
@@ -459,14 +468,19 @@ impl Trainer {
             } else {
                 1.0
             };
+            // the update/weight sums cost a few % of a step: gathered on telemetry steps
+            self.opt.track = tel_now;
             self.opt
                 .update(&mut self.model.params, &self.model.grads, lr * mult);
             self.state.adam_step = self.opt.step;
-            update_ratio = Some(self.opt.update_ratio());
+            if tel_now {
+                update_ratio = Some(self.opt.update_ratio());
+            }
         }
         self.state.step = s;
         self.state.tokens_seen += (self.batcher.batch * self.batcher.seq * accum) as u64;
-        self.tps = (self.batcher.batch * self.batcher.seq * accum) as f64 / t0.elapsed().as_secs_f64();
+        self.tps =
+            (self.batcher.batch * self.batcher.seq * accum) as f64 / t0.elapsed().as_secs_f64();
         self.state.elapsed_s = self.elapsed0 + self.t_start.elapsed().as_secs_f64();
         let mut line = json!({
             "step": s,
@@ -632,11 +646,17 @@ pub(crate) fn prepare_data(cfg: &RunConfig, out: &Path, progress: bool) -> Resul
             .expect("static template")
             .progress_chars("=> "),
     );
-    let ds = data::prepare(cfg, out, mc.vocab_size, cfg.seq_len(&mc), &mut |what, done, total| {
-        bar.set_length(total.max(1));
-        bar.set_position(done);
-        bar.set_message(what.to_string());
-    })?;
+    let ds = data::prepare(
+        cfg,
+        out,
+        mc.vocab_size,
+        cfg.seq_len(&mc),
+        &mut |what, done, total| {
+            bar.set_length(total.max(1));
+            bar.set_position(done);
+            bar.set_message(what.to_string());
+        },
+    )?;
     bar.finish_and_clear();
     Ok(ds)
 }
@@ -679,10 +699,7 @@ pub fn run(opts: &TrainOptions) -> Result<Summary> {
     let mut tr = Trainer::new(cfg.clone(), ds, out, latest.as_deref(), true)?;
     tr.inject = opts.inject.clone();
     if let Some(dir) = &latest {
-        tr.event(
-            "resume",
-            json!({"checkpoint": dir.display().to_string()}),
-        )?;
+        tr.event("resume", json!({"checkpoint": dir.display().to_string()}))?;
         tr.n_events -= 1;
     }
     for i in &opts.inject {

@@ -35,7 +35,11 @@ pub fn cmd_replay(run: &Path, step: u64, as_json: bool) -> Result<i32> {
             format!(
                 "{}: step {step} is not recorded; fix: pick a step between 1 and {}",
                 run.join("metrics.jsonl").display(),
-                metrics.iter().filter_map(|m| m["step"].as_u64()).max().unwrap_or(0)
+                metrics
+                    .iter()
+                    .filter_map(|m| m["step"].as_u64())
+                    .max()
+                    .unwrap_or(0)
             )
         })?;
     let num = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
@@ -73,7 +77,10 @@ pub fn cmd_replay(run: &Path, step: u64, as_json: bool) -> Result<i32> {
     while tr.state.step + 1 < step {
         let r = tr.step()?;
         if r.gave_up.is_some() {
-            bail!("the guard gave up at step {} while replaying; nothing to compare", r.step);
+            bail!(
+                "the guard gave up at step {} while replaying; nothing to compare",
+                r.step
+            );
         }
         bar.inc(1);
     }
@@ -118,9 +125,15 @@ pub fn cmd_replay(run: &Path, step: u64, as_json: bool) -> Result<i32> {
             })
         );
     } else {
-        println!("keel replay: step {step} of {} (from checkpoint step {from_step})", run.display());
+        println!(
+            "keel replay: step {step} of {} (from checkpoint step {from_step})",
+            run.display()
+        );
         println!("  recorded   loss {rec_loss:.6}  grad_norm {rec_g:.6}");
-        println!("  replayed   loss {:.6}  grad_norm {:.6}", r.loss, r.grad_norm);
+        println!(
+            "  replayed   loss {:.6}  grad_norm {:.6}",
+            r.loss, r.grad_norm
+        );
         if !flagged.is_empty() {
             println!("  flagged by {}", flagged.join(", "));
         }
