@@ -13,6 +13,7 @@ pub mod kernels;
 pub mod model;
 pub mod monitor;
 pub mod optim;
+pub mod probe;
 pub mod sample;
 pub mod train;
 pub mod watch;

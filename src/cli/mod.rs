@@ -104,19 +104,46 @@ pub enum Command {
     },
     /// Audit a model directory's weights against an init scheme (exit 4 on a FAIL)
     Check {
-        /// HF model directory (config.json + model.safetensors), keel's or PyTorch's
+        /// Model preset to check (default: tiny)
+        #[arg(long, conflicts_with_all = ["hf", "model"])]
+        preset: Option<String>,
+        /// An HF config.json (e.g. a 70B Llama): theory at full size, measurement on a
+        /// width-reduced proxy of the same depth
+        #[arg(long, conflicts_with = "model")]
+        hf: Option<PathBuf>,
+        /// A run configuration (TOML) to take model, init and optim from
         #[arg(long)]
-        model: PathBuf,
-        /// The scheme the weights should follow
+        config: Option<PathBuf>,
+        /// Init scheme, or `all` for every scheme side by side
         #[arg(long = "init", default_value = "normal")]
         scheme: String,
-        /// Scheme parameters, as for `keel init`
-        #[arg(long = "set", value_name = "init.KEY=VALUE")]
+        /// Override config keys: --set init.std=0.01 --set model.num_layers=48 --set optim.lr=3e-3
+        #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
         sets: Vec<String>,
-        /// One JSON object per tensor instead of a table
+        /// Batch and sequence length of the measurement (random tokens)
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        #[arg(long, default_value_t = 128)]
+        seq: usize,
+        /// Also run this many optimizer steps (update/weight ratios, logit growth)
+        #[arg(long, default_value_t = 1)]
+        steps: usize,
+        /// Learning rate for the steps (default: optim.lr)
+        #[arg(long)]
+        lr: Option<f64>,
+        /// Measure a proxy of about this width for models over 60M parameters
+        #[arg(long, default_value_t = 256)]
+        proxy_width: usize,
+        /// Directory for plots (SVG and PNG) and check.json
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// One JSON object instead of the table
         #[arg(long)]
         json: bool,
-        /// Print every tensor, not only those with findings
+        /// Audit instead: an HF model directory's weights against the scheme (exit 4 on a FAIL)
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// With --model: print every tensor, not only those with findings
         #[arg(long)]
         all: bool,
     },
@@ -211,12 +238,37 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             sets,
         } => cmd_init(preset, hf, &scheme, seed, out, explain, &sets),
         Command::Check {
-            model,
+            preset,
+            hf,
+            config,
             scheme,
             sets,
+            batch,
+            seq,
+            steps,
+            lr,
+            proxy_width,
+            out,
             json,
+            model,
             all,
-        } => cmd_check(&model, &scheme, &sets, json, all),
+        } => match model {
+            Some(m) => cmd_check(&m, &scheme, &sets, json, all),
+            None => crate::probe::cli::cmd_probe(&crate::probe::cli::ProbeArgs {
+                preset,
+                hf,
+                config,
+                scheme,
+                sets,
+                batch,
+                seq,
+                steps,
+                lr,
+                proxy_width,
+                out,
+                json,
+            }),
+        },
         Command::Eval {
             model,
             tokens,

@@ -173,24 +173,28 @@ pub fn apply_set(table: &mut toml::Table, assignment: &str) -> Result<(), Config
         )
     })?;
     let parts: Vec<&str> = key.trim().split('.').collect();
-    if parts.len() != 2 || parts.iter().any(|p| p.is_empty()) {
+    if parts.len() < 2 || parts.iter().any(|p| p.is_empty()) {
         return Err(ConfigError::new(
             "--set",
             format!("key '{key}' must be section.key"),
             "write e.g. --set train.steps=500",
         ));
     }
-    let sec = table
-        .entry(parts[0].to_string())
-        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-    let sec = sec.as_table_mut().ok_or_else(|| {
-        ConfigError::new(
-            parts[0],
-            "is not a section",
-            "use section.key with a section name from DESIGN.md",
-        )
-    })?;
-    sec.insert(parts[1].to_string(), parse_value(raw.trim()));
+    // nested tables (init.roles.head.std) are created on the way
+    let mut cur = table;
+    for (i, part) in parts[..parts.len() - 1].iter().enumerate() {
+        let next = cur
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cur = next.as_table_mut().ok_or_else(|| {
+            ConfigError::new(
+                &parts[..=i].join("."),
+                "is not a section",
+                "use section.key with a section name from DESIGN.md",
+            )
+        })?;
+    }
+    cur.insert(parts[parts.len() - 1].to_string(), parse_value(raw.trim()));
     Ok(())
 }
 
@@ -219,6 +223,14 @@ fn key_at(doc: &str, pos: usize) -> Option<String> {
 impl RunConfig {
     /// Build from an optional TOML file plus `--set` overrides (applied in order).
     pub fn load(file: Option<&Path>, sets: &[String]) -> Result<Self, ConfigError> {
+        let cfg = Self::parse(file, sets)?;
+        cfg.validate()
+            .map_err(|e| e.in_file(&file.map_or("(command line)".into(), |p| p.display().to_string())))?;
+        Ok(cfg)
+    }
+
+    /// Parse without the training checks (`keel check` takes 70B shapes it never allocates).
+    pub fn parse(file: Option<&Path>, sets: &[String]) -> Result<Self, ConfigError> {
         let (mut table, name) = match file {
             Some(p) => {
                 let name = p.display().to_string();
@@ -259,7 +271,6 @@ impl RunConfig {
                 "see the [section] keys in README.md / DESIGN.md",
             )
         })?;
-        cfg.validate()?;
         Ok(cfg)
     }
 

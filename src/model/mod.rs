@@ -118,6 +118,27 @@ pub struct ForwardStats {
     /// Mean and max log-partition (logsumexp of the output logits) over positions.
     pub lse_mean: f32,
     pub lse_max: f32,
+    /// RMS of d(loss)/d(residual stream) at its 2L+1 points, filled by `backward` when
+    /// `capture_grads` is set (`keel check`); same slots as `residual_rms`.
+    pub resid_grad_rms: Vec<f64>,
+    pub capture_grads: bool,
+}
+
+fn rms(x: &[f32]) -> f64 {
+    (x.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / x.len().max(1) as f64).sqrt()
+}
+
+/// See `Model::probe_stats`.
+#[derive(Debug, Clone, Default)]
+pub struct ProbeStats {
+    pub attn_out_rms: Vec<f64>,
+    pub mlp_out_rms: Vec<f64>,
+    pub attn_logit_std: Vec<f64>,
+    /// Mean attention entropy (nats) over heads and query positions.
+    pub attn_entropy: Vec<f64>,
+    /// Std of the output logits over the vocabulary, averaged over positions (NaN-free; 0
+    /// once backward consumed the logits).
+    pub logit_std: f64,
 }
 
 /// Errors of a forward call: bad token ids or shapes (the caller's input).
@@ -325,6 +346,72 @@ impl Model {
             .collect()
     }
 
+    /// Per-layer statistics of the last forward for `keel check`: output RMS of each attention
+    /// and MLP sublayer (the residual increments), attention logit std and entropy (from the
+    /// stored probabilities: a row's logits are ln p up to a shift), and the output logits' std.
+    pub fn probe_stats(&self) -> ProbeStats {
+        let a = &self.acts;
+        let c = &self.cfg;
+        let (b, t, d) = (a.b, a.t, c.hidden_size);
+        let nd = b * t * d;
+        let alpha = c.residual_scale as f32;
+        let inc = |slot: usize| {
+            let (x, y) = (&a.resid[(slot - 1) * nd..][..nd], &a.resid[slot * nd..][..nd]);
+            let s: f64 = x
+                .iter()
+                .zip(y)
+                .map(|(&x, &y)| {
+                    let v = (y - alpha * x) as f64;
+                    v * v
+                })
+                .sum();
+            (s / nd as f64).sqrt()
+        };
+        let h = c.num_heads;
+        let pl = b * h * t * t;
+        let mut out = ProbeStats::default();
+        for l in 0..c.num_layers {
+            out.attn_out_rms.push(inc(2 * l + 1));
+            out.mlp_out_rms.push(inc(2 * l + 2));
+            let probs = &a.probs[l * pl..][..pl];
+            let (mut sd_sum, mut ent_sum, mut rows) = (0f64, 0f64, 0usize);
+            for (r, row) in probs.chunks(t).enumerate() {
+                let i = r % t; // query position: keys 0..=i
+                let row = &row[..=i];
+                let mut ent = 0f64;
+                let (mut m1, mut m2, mut k) = (0f64, 0f64, 0usize);
+                for &p in row {
+                    if p > 0.0 {
+                        let lp = (p as f64).ln();
+                        ent -= p as f64 * lp;
+                        m1 += lp;
+                        m2 += lp * lp;
+                        k += 1;
+                    }
+                }
+                ent_sum += ent;
+                if i > 0 && k > 1 {
+                    // unbiased variance: early rows have only a few keys
+                    let mean = m1 / k as f64;
+                    sd_sum += ((m2 - k as f64 * mean * mean) / (k - 1) as f64).max(0.0).sqrt();
+                    rows += 1;
+                }
+            }
+            out.attn_logit_std.push(sd_sum / rows.max(1) as f64);
+            out.attn_entropy.push(ent_sum / (probs.len() / t) as f64);
+        }
+        if !a.logits_consumed {
+            let v = c.vocab_size;
+            let mut acc = 0f64;
+            for row in a.logits.chunks(v) {
+                let mean = row.iter().map(|&x| x as f64).sum::<f64>() / v as f64;
+                acc += row.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / v as f64;
+            }
+            out.logit_std = (acc / (a.logits.len() / v) as f64).sqrt();
+        }
+        out
+    }
+
     /// Per-position losses (B·T) of the last `forward`.
     pub fn position_losses(&self) -> &[f32] {
         &self.acts.losses
@@ -377,6 +464,11 @@ impl Model {
             &a.rstdf,
             d,
         );
+        let cap = self.stats.capture_grads;
+        if cap {
+            self.stats.resid_grad_rms = vec![0.0; l2 + 1];
+            self.stats.resid_grad_rms[l2] = rms(&a.dres);
+        }
 
         for (l, lo) in lay.layers.iter().enumerate().rev() {
             let x = &a.resid[2 * l * nd..][..nd];
@@ -418,6 +510,9 @@ impl Model {
                 &a.rstd2[l * n..][..n],
                 d,
             );
+            if cap {
+                self.stats.resid_grad_rms[2 * l + 1] = rms(&a.dres);
+            }
             // Attention: dres = d(xmid); the residual passes it to x.
             let atty = &a.atty[l * nd..][..nd];
             linear_bwd_input(&mut a.datty, &a.dres, w(lo.o, d * d), n, d, d, false);
@@ -442,6 +537,9 @@ impl Model {
                 &a.rstd1[l * n..][..n],
                 d,
             );
+            if cap {
+                self.stats.resid_grad_rms[2 * l] = rms(&a.dres);
+            }
         }
         embed_bwd(&mut gr[lay.embed..lay.embed + v * d], &a.tokens, &a.dres, d);
         Ok(())

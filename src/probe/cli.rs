@@ -1,0 +1,219 @@
+//! `keel check` (signal propagation): argument handling and the terminal table.
+
+use super::{check, CheckOptions, CheckReport};
+use crate::config::RunConfig;
+use crate::init::audit::Verdict;
+use anyhow::Result;
+use std::path::PathBuf;
+use std::time::Instant;
+
+pub struct ProbeArgs {
+    pub preset: Option<String>,
+    pub hf: Option<PathBuf>,
+    pub config: Option<PathBuf>,
+    pub scheme: String,
+    pub sets: Vec<String>,
+    pub batch: usize,
+    pub seq: usize,
+    pub steps: usize,
+    pub lr: Option<f64>,
+    pub proxy_width: usize,
+    pub out: Option<PathBuf>,
+    pub json: bool,
+}
+
+fn quoted(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
+}
+
+/// Resolve the run configuration for one scheme.
+fn resolve(a: &ProbeArgs, scheme: &str) -> Result<RunConfig> {
+    let mut sets = Vec::new();
+    if let Some(p) = &a.preset {
+        sets.push(format!("model.preset={}", quoted(p)));
+    }
+    if let Some(h) = &a.hf {
+        sets.push(format!("model.hf_config={}", quoted(&h.display().to_string())));
+    }
+    if scheme != "(config)" {
+        sets.push(format!("init.scheme={}", quoted(scheme)));
+    }
+    sets.extend(a.sets.iter().cloned());
+    RunConfig::parse(a.config.as_deref(), &sets).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+fn options(a: &ProbeArgs, rc: &RunConfig) -> CheckOptions {
+    let mut optim = rc.optim.clone();
+    if let Some(lr) = a.lr {
+        optim.lr = lr;
+    }
+    CheckOptions {
+        batch: a.batch.max(1),
+        seq: a.seq.max(2),
+        seed: rc.train.seed,
+        steps: a.steps.max(1),
+        optim,
+        proxy_width: a.proxy_width.max(16),
+        ..Default::default()
+    }
+}
+
+fn run_one(a: &ProbeArgs, scheme: &str) -> Result<CheckReport> {
+    let rc = resolve(a, scheme)?;
+    let mc = rc.model_config().map_err(|e| anyhow::anyhow!("{e}"))?;
+    mc.validate()?;
+    crate::init::check_scheme(&rc.init.scheme).map_err(|e| anyhow::anyhow!("{e}"))?;
+    check(&mc, &rc.init, &options(a, &rc))
+}
+
+fn f(x: f64) -> String {
+    if x == 0.0 {
+        "0".into()
+    } else if !(1e-3..1e4).contains(&x.abs()) {
+        format!("{x:.2e}")
+    } else {
+        format!("{x:.4}")
+    }
+}
+
+/// Rows to show for a deep model: all up to 12 layers, else a spread including both ends.
+fn shown_layers(l: usize) -> Vec<usize> {
+    if l <= 12 {
+        (0..l).collect()
+    } else {
+        let mut v: Vec<usize> = (0..10).map(|i| i * (l - 1) / 9).collect();
+        v.dedup();
+        v
+    }
+}
+
+pub fn print_report(r: &CheckReport, elapsed: f64) {
+    println!(
+        "keel check: {} params, {} layers, d {}, vocab {}; init {}; batch {} × seq {}; lr {:.2e}",
+        r.params, r.layers, r.hidden_size, r.vocab_size, r.scheme, r.batch, r.seq, r.lr
+    );
+    if let Some(p) = &r.proxy {
+        println!("proxy ({} params): {}", p.params, p.how);
+    }
+    let (t, m) = (&r.theory, &r.measured);
+    println!(
+        "\n{:>6} {:>21} {:>21} {:>21} {:>21} {:>8} {:>7} {:>21}",
+        "layer",
+        "resid RMS th/meas",
+        "attn out th/meas",
+        "mlp out th/meas",
+        "attn logit σ th/meas",
+        "max",
+        "entropy",
+        "∂resid RMS th/meas"
+    );
+    let pair = |a: f64, b: f64| format!("{} / {}", f(a), f(b));
+    println!(
+        "{:>6} {:>21} {:>21} {:>21} {:>21} {:>8} {:>7} {:>21}",
+        "embed",
+        pair(t.resid_rms[0], m.resid_rms[0]),
+        "",
+        "",
+        "",
+        "",
+        "",
+        pair(t.resid_grad_rms[0], m.resid_grad_rms[0])
+    );
+    for l in shown_layers(r.layers) {
+        println!(
+            "{:>6} {:>21} {:>21} {:>21} {:>21} {:>8.2} {:>7.2} {:>21}",
+            l,
+            pair(t.resid_rms[2 * l + 2], m.resid_rms[2 * l + 2]),
+            pair(t.attn_out_rms[l], m.attn_out_rms[l]),
+            pair(t.mlp_out_rms[l], m.mlp_out_rms[l]),
+            pair(t.attn_logit_std[l], m.attn_logit_std[l]),
+            m.attn_logit_max[l],
+            m.attn_entropy[l],
+            pair(t.resid_grad_rms[2 * l + 2], m.resid_grad_rms[2 * l + 2]),
+        );
+    }
+    println!(
+        "\noutput logits σ {}   log-partition {}   initial loss {} (ln V {:.4})",
+        pair(t.logit_std, m.logit_std),
+        pair(t.logz_mean, m.logz_mean),
+        pair(t.init_loss, m.loss),
+        (r.vocab_size as f64).ln()
+    );
+    if r.steps.len() > 1 {
+        println!("\n{:>5} {:>9} {:>10} {:>10}  update/weight per group", "step", "loss", "max logit", "out σ");
+        for s in &r.steps {
+            let u: Vec<String> = s
+                .update_ratio
+                .iter()
+                .map(|(k, v)| format!("{k} {v:.3}"))
+                .collect();
+            println!(
+                "{:>5} {:>9.4} {:>10.2} {:>10.3}  {}",
+                s.step,
+                s.loss,
+                s.max_attn_logit,
+                s.logit_std,
+                u.join("  ")
+            );
+        }
+    }
+    println!();
+    for g in &r.gates {
+        println!("  {}  {:<22} {}", g.verdict.label(), g.name, g.reason);
+        if g.verdict != Verdict::Pass {
+            println!("        → {}", g.suggestion);
+        }
+    }
+    println!("verdict: {} ({elapsed:.1} s)", r.verdict.label());
+}
+
+pub fn cmd_probe(a: &ProbeArgs) -> Result<i32> {
+    let t0 = Instant::now();
+    if a.scheme == "all" {
+        let mut reports = Vec::new();
+        for s in crate::init::SCHEMES {
+            reports.push(run_one(a, s)?);
+        }
+        if a.json {
+            println!("{}", serde_json::to_string(&reports)?);
+        } else {
+            print_comparison(&reports);
+        }
+        if let Some(out) = &a.out {
+            super::plot::write_all(out, &reports)?;
+            eprintln!("plots in {}", out.display());
+        }
+        return Ok(0);
+    }
+    let r = run_one(a, &a.scheme)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        print_report(&r, t0.elapsed().as_secs_f64());
+    }
+    if let Some(out) = &a.out {
+        super::plot::write_all(out, std::slice::from_ref(&r))?;
+        eprintln!("plots in {}", out.display());
+    }
+    Ok(if r.verdict == Verdict::Fail { 4 } else { 0 })
+}
+
+fn print_comparison(rs: &[CheckReport]) {
+    let Some(r0) = rs.first() else { return };
+    println!(
+        "keel check --init all: {} params, {} layers, d {}, vocab {}; batch {} × seq {}; lr {:.2e}",
+        r0.params, r0.layers, r0.hidden_size, r0.vocab_size, r0.batch, r0.seq, r0.lr
+    );
+    print!("{:<16}", "scheme");
+    for g in &r0.gates {
+        print!(" {:>22}", g.name);
+    }
+    println!("  verdict");
+    for r in rs {
+        print!("{:<16}", r.scheme);
+        for g in &r.gates {
+            print!(" {:>15} {:>6}", f(g.value), g.verdict.label());
+        }
+        println!("  {}", r.verdict.label());
+    }
+}
