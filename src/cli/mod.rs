@@ -134,6 +134,13 @@ pub enum Command {
         /// Measure a proxy of about this width for models over 60M parameters
         #[arg(long, default_value_t = 256)]
         proxy_width: usize,
+        /// μP coordinate check: activation size vs width over the first steps (--steps, 5 by
+        /// default; --lr, 1e-2 by default), standard parametrisation against μP
+        #[arg(long)]
+        coord_check: bool,
+        /// Widths for --coord-check (multiples of 8)
+        #[arg(long, value_delimiter = ',', default_value = "64,128,256,512")]
+        widths: Vec<usize>,
         /// Directory for plots (SVG and PNG) and check.json
         #[arg(long)]
         out: Option<PathBuf>,
@@ -248,6 +255,8 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             steps,
             lr,
             proxy_width,
+            coord_check,
+            widths,
             out,
             json,
             model,
@@ -265,6 +274,8 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 steps,
                 lr,
                 proxy_width,
+                coord_check,
+                widths,
                 out,
                 json,
             }),

@@ -224,8 +224,9 @@ impl RunConfig {
     /// Build from an optional TOML file plus `--set` overrides (applied in order).
     pub fn load(file: Option<&Path>, sets: &[String]) -> Result<Self, ConfigError> {
         let cfg = Self::parse(file, sets)?;
-        cfg.validate()
-            .map_err(|e| e.in_file(&file.map_or("(command line)".into(), |p| p.display().to_string())))?;
+        cfg.validate().map_err(|e| {
+            e.in_file(&file.map_or("(command line)".into(), |p| p.display().to_string()))
+        })?;
         Ok(cfg)
     }
 

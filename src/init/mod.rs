@@ -51,11 +51,13 @@ pub fn implied_model(cfg: &mut crate::config::ModelConfig, ic: &InitSection) {
 }
 
 /// AdamW learning-rate multiplier of a tensor under a scheme: μP scales matrix-like
-/// parameters with an infinite fan-in (hidden and readout weights) by 1/width_mult (as
-/// mup's MuAdam); embeddings and norms keep the base LR.
+/// parameters (both dimensions grow with width: the hidden weights) by 1/width_mult, as
+/// mup's MuAdam. The readout has one growing dimension (vector-like) and keeps the base LR:
+/// its 1/width_mult is the output multiplier (`logit_scale`), as MuReadout. Scaling both
+/// made logits shrink as 1/width after the first steps (`keel check --coord-check` caught it).
 pub fn lr_multiplier(ic: &InitSection, cfg: &crate::config::ModelConfig, role: Role) -> f64 {
     match (ic.scheme.as_str(), role) {
-        ("mup", Role::Embed | Role::Norm) => 1.0,
+        ("mup", Role::Embed | Role::Norm | Role::Head) => 1.0,
         ("mup", _) => ic.base_width as f64 / cfg.hidden_size as f64,
         _ => 1.0,
     }

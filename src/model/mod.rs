@@ -356,7 +356,10 @@ impl Model {
         let nd = b * t * d;
         let alpha = c.residual_scale as f32;
         let inc = |slot: usize| {
-            let (x, y) = (&a.resid[(slot - 1) * nd..][..nd], &a.resid[slot * nd..][..nd]);
+            let (x, y) = (
+                &a.resid[(slot - 1) * nd..][..nd],
+                &a.resid[slot * nd..][..nd],
+            );
             let s: f64 = x
                 .iter()
                 .zip(y)
@@ -393,7 +396,9 @@ impl Model {
                 if i > 0 && k > 1 {
                     // unbiased variance: early rows have only a few keys
                     let mean = m1 / k as f64;
-                    sd_sum += ((m2 - k as f64 * mean * mean) / (k - 1) as f64).max(0.0).sqrt();
+                    sd_sum += ((m2 - k as f64 * mean * mean) / (k - 1) as f64)
+                        .max(0.0)
+                        .sqrt();
                     rows += 1;
                 }
             }

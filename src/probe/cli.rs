@@ -18,6 +18,8 @@ pub struct ProbeArgs {
     pub steps: usize,
     pub lr: Option<f64>,
     pub proxy_width: usize,
+    pub coord_check: bool,
+    pub widths: Vec<usize>,
     pub out: Option<PathBuf>,
     pub json: bool,
 }
@@ -33,7 +35,10 @@ fn resolve(a: &ProbeArgs, scheme: &str) -> Result<RunConfig> {
         sets.push(format!("model.preset={}", quoted(p)));
     }
     if let Some(h) = &a.hf {
-        sets.push(format!("model.hf_config={}", quoted(&h.display().to_string())));
+        sets.push(format!(
+            "model.hf_config={}",
+            quoted(&h.display().to_string())
+        ));
     }
     if scheme != "(config)" {
         sets.push(format!("init.scheme={}", quoted(scheme)));
@@ -140,7 +145,10 @@ pub fn print_report(r: &CheckReport, elapsed: f64) {
         (r.vocab_size as f64).ln()
     );
     if r.steps.len() > 1 {
-        println!("\n{:>5} {:>9} {:>10} {:>10}  update/weight per group", "step", "loss", "max logit", "out σ");
+        println!(
+            "\n{:>5} {:>9} {:>10} {:>10}  update/weight per group",
+            "step", "loss", "max logit", "out σ"
+        );
         for s in &r.steps {
             let u: Vec<String> = s
                 .update_ratio
@@ -167,8 +175,64 @@ pub fn print_report(r: &CheckReport, elapsed: f64) {
     println!("verdict: {} ({elapsed:.1} s)", r.verdict.label());
 }
 
+fn cmd_coord(a: &ProbeArgs) -> Result<i32> {
+    let steps = if a.steps > 1 { a.steps } else { 5 };
+    let lr = a.lr.unwrap_or(1e-2);
+    let mut widths = a.widths.clone();
+    widths.sort_unstable();
+    widths.dedup();
+    let mut all = Vec::new();
+    for scheme in ["normal", "mup"] {
+        all.push(super::coord::run(scheme, &widths, steps, lr, &a.sets)?);
+    }
+    if a.json {
+        println!("{}", serde_json::to_string(&all)?);
+    } else {
+        println!(
+            "coordinate check: micro shape widened to {widths:?}, {steps} AdamW steps at lr {lr:.1e}, random tokens"
+        );
+        for c in &all {
+            let name = if c.parametrisation == "mup" {
+                "μP"
+            } else {
+                "standard (normal 0.02)"
+            };
+            println!(
+                "
+{name}: output logit RMS by width"
+            );
+            print!("{:>6}", "step");
+            for w in &c.widths {
+                print!(" {w:>10}");
+            }
+            println!();
+            for (k, row) in c.logits.iter().enumerate() {
+                print!("{k:>6}");
+                for v in row {
+                    print!(" {v:>10.4}");
+                }
+                println!();
+            }
+            println!(
+                "slope of log(RMS) vs log(width) at step {steps}: logits {:+.2}, last residual {:+.2}  ({})",
+                c.logit_slope,
+                c.resid_slope,
+                if c.logit_slope.abs() < 0.25 { "flat" } else { "grows with width" }
+            );
+        }
+    }
+    if let Some(out) = &a.out {
+        super::plot::write_coord(out, &all)?;
+        eprintln!("plots in {}", out.display());
+    }
+    Ok(0)
+}
+
 pub fn cmd_probe(a: &ProbeArgs) -> Result<i32> {
     let t0 = Instant::now();
+    if a.coord_check {
+        return cmd_coord(a);
+    }
     if a.scheme == "all" {
         let mut reports = Vec::new();
         for s in crate::init::SCHEMES {

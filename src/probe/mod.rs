@@ -9,6 +9,7 @@
 //! measurements then stand for the full model's and are compared with the full-size theory.
 
 pub mod cli;
+pub mod coord;
 pub mod plot;
 pub mod theory;
 
@@ -172,7 +173,7 @@ pub fn proxy_config(cfg: &ModelConfig, width: usize) -> (ModelConfig, f64) {
     p.num_heads = heads;
     p.hidden_size = heads * hd;
     p.num_kv_heads = ((cfg.num_kv_heads as f64 / k).round() as usize).clamp(1, heads);
-    while heads % p.num_kv_heads != 0 {
+    while !heads.is_multiple_of(p.num_kv_heads) {
         p.num_kv_heads -= 1;
     }
     p.intermediate_size = ((cfg.intermediate_size as f64 / k).round() as usize).max(1);
@@ -392,7 +393,11 @@ pub fn check(cfg: &ModelConfig, ic: &InitSection, o: &CheckOptions) -> anyhow::R
         });
     }
     let gates = gates(cfg, &m, &steps, o.optim.lr);
-    let verdict = gates.iter().map(|g| g.verdict).max().unwrap_or(Verdict::Pass);
+    let verdict = gates
+        .iter()
+        .map(|g| g.verdict)
+        .max()
+        .unwrap_or(Verdict::Pass);
     Ok(CheckReport {
         scheme: ic.scheme.clone(),
         params: cfg.num_params(),
@@ -449,11 +454,15 @@ pub fn gates(cfg: &ModelConfig, m: &Measured, steps: &[StepStats], lr: f64) -> V
         suggestion: "the branches dominate the embedding as depth grows: scale output projections with depth (depth-scaled, megatron, mitchell) or enlarge the embedding σ".into(),
     });
     // a zero readout (μP) sends no gradient into the layers at init: use step 1's
-    let (lg, when) = if m.layer_grad_rms.iter().all(|&x| x == 0.0) && !m.layer_grad_rms_step1.is_empty() {
-        (&m.layer_grad_rms_step1, " after step 1 (zero readout at init)")
-    } else {
-        (&m.layer_grad_rms, "")
-    };
+    let (lg, when) =
+        if m.layer_grad_rms.iter().all(|&x| x == 0.0) && !m.layer_grad_rms_step1.is_empty() {
+            (
+                &m.layer_grad_rms_step1,
+                " after step 1 (zero readout at init)",
+            )
+        } else {
+            (&m.layer_grad_rms, "")
+        };
     let (first, last) = (lg[0], lg[cfg.num_layers - 1]);
     let ratio = first / last.max(1e-30);
     g.push(Gate {
@@ -480,7 +489,10 @@ pub fn gates(cfg: &ModelConfig, m: &Measured, steps: &[StepStats], lr: f64) -> V
         name: "output logits",
         verdict: grade(m.logit_std, 1.0, 3.0),
         value: m.logit_std,
-        reason: format!("logit std {:.3}, mean log-partition {:.3} (ln V {lnv:.3})", m.logit_std, m.logz_mean),
+        reason: format!(
+            "logit std {:.3}, mean log-partition {:.3} (ln V {lnv:.3})",
+            m.logit_std, m.logz_mean
+        ),
         suggestion: "shrink the head init (or add a 1/width output multiplier, as μP)".into(),
     });
     if let Some(s) = steps.first() {
@@ -488,7 +500,13 @@ pub fn gates(cfg: &ModelConfig, m: &Measured, steps: &[StepStats], lr: f64) -> V
             .update_ratio
             .iter()
             .filter(|(k, _)| k.as_str() != "norm")
-            .fold(("-".to_string(), 0f64), |a, (k, &v)| if v > a.1 { (k.clone(), v) } else { a });
+            .fold(("-".to_string(), 0f64), |a, (k, &v)| {
+                if v > a.1 {
+                    (k.clone(), v)
+                } else {
+                    a
+                }
+            });
         g.push(Gate {
             name: "update/weight, step 1",
             verdict: grade(r, 0.1, 0.5),

@@ -13,11 +13,8 @@ static FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
 fn ensure_font() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        let _ = plotters::style::register_font(
-            "sans-serif",
-            plotters::style::FontStyle::Normal,
-            FONT,
-        );
+        let _ =
+            plotters::style::register_font("sans-serif", plotters::style::FontStyle::Normal, FONT);
     });
 }
 
@@ -207,5 +204,57 @@ pub fn write_all(out: &Path, reports: &[CheckReport]) -> Result<()> {
     crate::checkpoint::write_atomic(
         &out.join("check.json"),
         serde_json::to_string_pretty(reports)?.as_bytes(),
+    )
+}
+
+/// Coordinate-check plots: one per parametrisation, activation RMS against width (log-log),
+/// a line per step (solid: output logits, dashed: last residual).
+pub fn write_coord(out: &Path, series: &[super::coord::CoordSeries]) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
+    for c in series {
+        let mut lines = Vec::new();
+        for (k, (lg, rs)) in c.logits.iter().zip(&c.resid).enumerate().skip(1) {
+            let pts = |v: &[f64]| {
+                c.widths
+                    .iter()
+                    .map(|&w| w as f64)
+                    .zip(v.iter().copied())
+                    .collect()
+            };
+            lines.push(Series {
+                name: format!("logits, step {k}"),
+                points: pts(lg),
+                dashed: false,
+                color: k,
+            });
+            lines.push(Series {
+                name: String::new(),
+                points: pts(rs),
+                dashed: true,
+                color: k,
+            });
+        }
+        let name = if c.parametrisation == "mup" {
+            "μP"
+        } else {
+            "standard parametrisation"
+        };
+        save(
+            &Plot {
+                title: format!(
+                    "Coordinate check — {name} (slope {:+.2}; dashed: last residual)",
+                    c.logit_slope
+                ),
+                x_label: "width".into(),
+                y_label: "RMS".into(),
+                series: lines,
+                log_x: true,
+            },
+            &out.join(format!("coord_check_{}", c.parametrisation)),
+        )?;
+    }
+    crate::checkpoint::write_atomic(
+        &out.join("coord_check.json"),
+        serde_json::to_string_pretty(series)?.as_bytes(),
     )
 }

@@ -236,7 +236,11 @@ pub fn predict(cfg: &ModelConfig, sig: &Sigmas, t: usize, n: usize) -> Theory {
         for i in 0..tt {
             for j in 0..tt {
                 let rho = h[i * tt + j];
-                let e = if i == j { e_silu2 } else { a0 * a0 + rho * a1 * a1 };
+                let e = if i == j {
+                    e_silu2
+                } else {
+                    a0 * a0 + rho * a1 * a1
+                };
                 c[i * tt + j] = alpha2 * c[i * tt + j] + scale_m * rho * e;
             }
         }
