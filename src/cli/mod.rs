@@ -138,6 +138,9 @@ pub enum Command {
         /// default; --lr, 1e-2 by default), standard parametrisation against μP
         #[arg(long)]
         coord_check: bool,
+        /// Measure on real tokens: an llm.c shard or raw .u16/.u32 token file (default: random)
+        #[arg(long)]
+        data: Option<PathBuf>,
         /// Widths for --coord-check (multiples of 8)
         #[arg(long, value_delimiter = ',', default_value = "64,128,256,512")]
         widths: Vec<usize>,
@@ -256,6 +259,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             lr,
             proxy_width,
             coord_check,
+            data,
             widths,
             out,
             json,
@@ -275,6 +279,7 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
                 lr,
                 proxy_width,
                 coord_check,
+                data,
                 widths,
                 out,
                 json,

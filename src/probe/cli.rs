@@ -19,6 +19,7 @@ pub struct ProbeArgs {
     pub lr: Option<f64>,
     pub proxy_width: usize,
     pub coord_check: bool,
+    pub data: Option<PathBuf>,
     pub widths: Vec<usize>,
     pub out: Option<PathBuf>,
     pub json: bool,
@@ -63,12 +64,25 @@ fn options(a: &ProbeArgs, rc: &RunConfig) -> CheckOptions {
     }
 }
 
+fn open_data(a: &ProbeArgs) -> Result<Option<std::sync::Arc<crate::data::shard::TokenFile>>> {
+    use crate::data::shard::{Layout, TokenDtype, TokenFile};
+    let Some(p) = &a.data else { return Ok(None) };
+    let layout = match p.extension().and_then(|e| e.to_str()).unwrap_or("") {
+        "u16" | "uint16" => Layout::Raw(TokenDtype::U16),
+        "u32" | "uint32" => Layout::Raw(TokenDtype::U32),
+        _ => Layout::Auto,
+    };
+    Ok(Some(std::sync::Arc::new(TokenFile::open(p, layout, None)?)))
+}
+
 fn run_one(a: &ProbeArgs, scheme: &str) -> Result<CheckReport> {
     let rc = resolve(a, scheme)?;
     let mc = rc.model_config().map_err(|e| anyhow::anyhow!("{e}"))?;
     mc.validate()?;
     crate::init::check_scheme(&rc.init.scheme).map_err(|e| anyhow::anyhow!("{e}"))?;
-    check(&mc, &rc.init, &options(a, &rc))
+    let mut o = options(a, &rc);
+    o.data = open_data(a)?;
+    check(&mc, &rc.init, &o)
 }
 
 fn f(x: f64) -> String {

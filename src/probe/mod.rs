@@ -34,6 +34,8 @@ pub struct CheckOptions {
     /// Measure a width-reduced proxy when the model has more parameters than this.
     pub proxy_above_params: usize,
     pub proxy_width: usize,
+    /// Real tokens instead of random ones (`--data`): consecutive windows from the start.
+    pub data: Option<std::sync::Arc<crate::data::shard::TokenFile>>,
 }
 
 impl Default for CheckOptions {
@@ -46,6 +48,7 @@ impl Default for CheckOptions {
             optim: OptimConfig::default(),
             proxy_above_params: 60_000_000,
             proxy_width: 256,
+            data: None,
         }
     }
 }
@@ -236,6 +239,21 @@ fn init_gaussian(model: &mut Model, sig: &Sigmas, seed: u64) {
     }
 }
 
+/// Batch `step`: windows of `--data` when given, else random tokens.
+fn batch(o: &CheckOptions, v: usize, t: usize, step: u64, x: &mut [u32], y: &mut [u32]) {
+    if let Some(tf) = &o.data {
+        let n = x.len();
+        let span = tf.len.saturating_sub(t + 1).max(1);
+        for r in 0..n / t {
+            let w = (step as usize * (n / t) + r) * t % span;
+            tf.read(w, &mut x[r * t..(r + 1) * t]);
+            tf.read(w + 1, &mut y[r * t..(r + 1) * t]);
+        }
+        return;
+    }
+    random_batch(v, x.len(), o.seed, step, x, y);
+}
+
 fn random_batch(v: usize, n: usize, seed: u64, step: u64, x: &mut [u32], y: &mut [u32]) {
     let s = Stream::new(seed, 0xC4EC + step);
     for i in 0..n {
@@ -308,7 +326,18 @@ pub fn check(cfg: &ModelConfig, ic: &InitSection, o: &CheckOptions) -> anyhow::R
         crate::init::initialize(&mut model, ic).map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     let (mut x, mut y) = (vec![0u32; n], vec![0u32; n]);
-    random_batch(mcfg.vocab_size, n, o.seed, 0, &mut x, &mut y);
+    if let Some(tf) = &o.data {
+        if tf.len < t + 1 {
+            anyhow::bail!(
+                "{}: {} tokens are fewer than one window of {}",
+                tf.path.display(),
+                tf.len,
+                t + 1
+            );
+        }
+        tf.check_vocab(mcfg.vocab_size)?;
+    }
+    batch(o, mcfg.vocab_size, t, 0, &mut x, &mut y);
     model.stats.capture_grads = true;
     model.zero_grad();
     let loss = model.forward(&x, &y)? as f64;
@@ -353,7 +382,7 @@ pub fn check(cfg: &ModelConfig, ic: &InitSection, o: &CheckOptions) -> anyhow::R
     model.stats.capture_grads = false;
     for k in 1..=o.steps.max(1) {
         if k > 1 {
-            random_batch(mcfg.vocab_size, n, o.seed, k as u64, &mut x, &mut y);
+            batch(o, mcfg.vocab_size, t, k as u64, &mut x, &mut y);
             model.zero_grad();
             model.forward(&x, &y)?;
             model.backward(1.0)?;
@@ -368,7 +397,7 @@ pub fn check(cfg: &ModelConfig, ic: &InitSection, o: &CheckOptions) -> anyhow::R
             e.1 += opt.update_sq[i].1;
         }
         // the state after the update: loss and logits on the next batch
-        random_batch(mcfg.vocab_size, n, o.seed, 1000 + k as u64, &mut x, &mut y);
+        batch(o, mcfg.vocab_size, t, 1000 + k as u64, &mut x, &mut y);
         let l = model.forward(&x, &y)? as f64;
         let ps = model.probe_stats();
         if k == 1 {
