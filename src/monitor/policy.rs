@@ -5,8 +5,8 @@
 //! - every Spike (one bad step) is skipped;
 //! - `skips_before_backoff` skips within `incident_window` steps: LR × `lr_backoff` for
 //!   `backoff_steps`, then restored;
-//! - that many skips again while backed off, or a Divergence: roll back, and back off for
-//!   2^k × `backoff_steps` after the k-th rollback;
+//! - that many skips again while backed off, or a Divergence: roll back, and lower the LR by
+//!   `lr_backoff` for the rest of the run (each rollback again);
 //! - more than `max_rollbacks` rollbacks or `max_skips` skips: give up.
 
 use super::{Detection, GuardConfig, Severity};
@@ -46,6 +46,10 @@ pub struct PolicyState {
     pub total_skips: u64,
     pub backoff_until: Option<u64>,
     pub lr_factor: f64,
+    /// The LR multiplier a temporary back-off returns to (lowered for good by rollbacks;
+    /// 0 means 1, for states saved before it existed).
+    #[serde(default)]
+    pub base_factor: f64,
     pub rollbacks: u32,
     pub incident_start: Option<u64>,
     pub last_flag: Option<u64>,
@@ -86,7 +90,11 @@ impl Policy {
         if let Some(until) = s.backoff_until {
             if step > until {
                 s.backoff_until = None;
-                s.lr_factor = 1.0;
+                s.lr_factor = if s.base_factor > 0.0 {
+                    s.base_factor
+                } else {
+                    1.0
+                };
                 return Some(Action::LrRestore);
             }
         }
@@ -110,13 +118,19 @@ impl Policy {
         d.actions.push(Action::Rollback { before_step: start });
         s.recent_skips.clear();
         // resume past the damage more gently; the back-off window restarts
-        // each rollback backs off longer (2^k × backoff_steps): retries with exponential backoff
-        s.lr_factor *= c.lr_backoff;
-        let until = step + (c.backoff_steps << s.rollbacks.min(8));
-        s.backoff_until = Some(until);
+        // A divergence that needed a rollback says the LR is too high for this run: the
+        // reduction stays (OPT-175B's restarts lowered the LR the same way); a temporary
+        // back-off in force is dropped.
+        s.base_factor = if s.base_factor > 0.0 {
+            s.base_factor
+        } else {
+            1.0
+        } * c.rollback_lr_factor;
+        s.lr_factor = s.base_factor;
+        s.backoff_until = None;
         d.actions.push(Action::LrBackoff {
             factor: s.lr_factor,
-            until_step: until,
+            until_step: u64::MAX,
         });
     }
 
@@ -179,7 +193,11 @@ impl Policy {
             } else {
                 let s = &mut self.state;
                 s.recent_skips.clear();
-                s.lr_factor *= self.cfg.lr_backoff;
+                s.lr_factor = if s.base_factor > 0.0 {
+                    s.base_factor
+                } else {
+                    1.0
+                } * self.cfg.lr_backoff;
                 s.backoff_until = Some(step + self.cfg.backoff_steps);
                 d.actions.push(Action::LrBackoff {
                     factor: s.lr_factor,
@@ -225,18 +243,24 @@ mod tests {
         }
         let d = p.decide(150, &[det(150, Severity::Spike)]);
         assert!(d.actions.contains(&Action::Rollback { before_step: 100 }));
+        // a rollback lowers the LR for good: no restore
+        assert_eq!(p.lr_factor(), 0.5);
+        assert_eq!(p.begin_step(10_000), None);
+        assert_eq!(p.lr_factor(), 0.5);
+        // a later temporary back-off returns to that level, not to 1
+        for s in [11_000, 11_010, 11_020] {
+            p.decide(s, &[det(s, Severity::Spike)]);
+        }
         assert_eq!(p.lr_factor(), 0.25);
-        // after the first rollback the back-off lasts twice as long, then the LR is restored
-        assert_eq!(p.begin_step(150 + 2 * cfg.backoff_steps), None);
         assert_eq!(
-            p.begin_step(150 + 2 * cfg.backoff_steps + 1),
+            p.begin_step(11_020 + cfg.backoff_steps + 1),
             Some(Action::LrRestore)
         );
-        assert_eq!(p.lr_factor(), 1.0);
+        assert_eq!(p.lr_factor(), 0.5);
         // divergences: rollbacks up to the limit, then give up
         let mut gave_up = false;
         for i in 0..10u64 {
-            let s = 1000 + i * 10;
+            let s = 20_000 + i * 10;
             let d = p.decide(s, &[det(s, Severity::Divergence)]);
             if d.actions.iter().any(|a| matches!(a, Action::GiveUp { .. })) {
                 gave_up = true;

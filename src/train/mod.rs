@@ -443,22 +443,11 @@ impl Trainer {
             logit_z: Some(logit_z as f64),
         };
         let detections = self.monitor.observe(&m);
+        // guard off: detect and log, never act (an unguarded baseline runs to the end)
         let decision = if guard_on {
             self.policy.decide(s, &detections)
         } else {
-            let diverged = detections.iter().find(|d| d.kind == Severity::Divergence);
-            crate::monitor::Decision {
-                skip: false,
-                actions: diverged
-                    .map(|d| Action::GiveUp {
-                        diagnosis: format!(
-                            "diverged ({}: {}) and the guard is off (guard.enabled = false)",
-                            d.detector, d.reason
-                        ),
-                    })
-                    .into_iter()
-                    .collect(),
-            }
+            crate::monitor::Decision::default()
         };
         let mut update_ratio = None;
         if !decision.skip {
@@ -539,7 +528,11 @@ impl Trainer {
                 )?,
                 Action::LrBackoff { factor, until_step } => self.event(
                     "lr_backoff",
-                    json!({"factor": factor, "until_step": until_step}),
+                    if *until_step == u64::MAX {
+                        json!({"factor": factor, "until_step": null, "permanent": true})
+                    } else {
+                        json!({"factor": factor, "until_step": until_step})
+                    },
                 )?,
                 Action::LrRestore => self.event("lr_restore", json!({}))?,
                 Action::Rollback { before_step } => self.rollback(*before_step)?,
@@ -793,6 +786,9 @@ pub fn run(opts: &TrainOptions) -> Result<Summary> {
 pub fn describe(a: &Action) -> String {
     match a {
         Action::Skip => "skipped the update".into(),
+        Action::LrBackoff { factor, until_step } if *until_step == u64::MAX => {
+            format!("LR × {factor} from now on")
+        }
         Action::LrBackoff { factor, until_step } => {
             format!("LR × {factor} until step {until_step}")
         }
