@@ -102,56 +102,14 @@ pub enum Command {
         #[arg(long = "set", value_name = "init.KEY=VALUE")]
         sets: Vec<String>,
     },
-    /// Audit a model directory's weights against an init scheme (exit 4 on a FAIL)
+    /// Signal propagation before training: theory vs measurement per layer and gates for a
+    /// config and init (any size: large ones on a proxy); --model audits saved weights.
+    /// Exit 4 on a FAIL
     Check {
-        /// Model preset to check (default: tiny)
-        #[arg(long, conflicts_with_all = ["hf", "model"])]
-        preset: Option<String>,
-        /// An HF config.json (e.g. a 70B Llama): theory at full size, measurement on a
-        /// width-reduced proxy of the same depth
-        #[arg(long, conflicts_with = "model")]
-        hf: Option<PathBuf>,
-        /// A run configuration (TOML) to take model, init and optim from
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Init scheme, or `all` for every scheme side by side
-        #[arg(long = "init", default_value = "normal")]
-        scheme: String,
-        /// Override config keys: --set init.std=0.01 --set model.num_layers=48 --set optim.lr=3e-3
-        #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
-        sets: Vec<String>,
-        /// Batch and sequence length of the measurement (random tokens)
-        #[arg(long, default_value_t = 4)]
-        batch: usize,
-        #[arg(long, default_value_t = 128)]
-        seq: usize,
-        /// Also run this many optimizer steps (update/weight ratios, logit growth)
-        #[arg(long, default_value_t = 1)]
-        steps: usize,
-        /// Learning rate for the steps (default: optim.lr)
-        #[arg(long)]
-        lr: Option<f64>,
-        /// Measure a proxy of about this width for models over 60M parameters
-        #[arg(long, default_value_t = 256)]
-        proxy_width: usize,
-        /// μP coordinate check: activation size vs width over the first steps (--steps, 5 by
-        /// default; --lr, 1e-2 by default), standard parametrisation against μP
-        #[arg(long)]
-        coord_check: bool,
-        /// Measure on real tokens: an llm.c shard or raw .u16/.u32 token file (default: random)
-        #[arg(long)]
-        data: Option<PathBuf>,
-        /// Widths for --coord-check (multiples of 8)
-        #[arg(long, value_delimiter = ',', default_value = "64,128,256,512")]
-        widths: Vec<usize>,
-        /// Directory for plots (SVG and PNG) and check.json
-        #[arg(long)]
-        out: Option<PathBuf>,
-        /// One JSON object instead of the table
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        probe: crate::probe::cli::ProbeArgs,
         /// Audit instead: an HF model directory's weights against the scheme (exit 4 on a FAIL)
-        #[arg(long)]
+        #[arg(long, conflicts_with_all = ["preset", "hf"])]
         model: Option<PathBuf>,
         /// With --model: print every tensor, not only those with findings
         #[arg(long)]
@@ -247,43 +205,9 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             explain,
             sets,
         } => cmd_init(preset, hf, &scheme, seed, out, explain, &sets),
-        Command::Check {
-            preset,
-            hf,
-            config,
-            scheme,
-            sets,
-            batch,
-            seq,
-            steps,
-            lr,
-            proxy_width,
-            coord_check,
-            data,
-            widths,
-            out,
-            json,
-            model,
-            all,
-        } => match model {
-            Some(m) => cmd_check(&m, &scheme, &sets, json, all),
-            None => crate::probe::cli::cmd_probe(&crate::probe::cli::ProbeArgs {
-                preset,
-                hf,
-                config,
-                scheme,
-                sets,
-                batch,
-                seq,
-                steps,
-                lr,
-                proxy_width,
-                coord_check,
-                data,
-                widths,
-                out,
-                json,
-            }),
+        Command::Check { probe, model, all } => match model {
+            Some(m) => cmd_check(&m, &probe.scheme, &probe.sets, probe.json, all),
+            None => crate::probe::cli::cmd_probe(&probe),
         },
         Command::Eval {
             model,

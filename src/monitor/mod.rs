@@ -402,40 +402,33 @@ impl Monitor {
                 ));
             }
         }
-        if let Some(a) = m.max_attn_logit {
-            if a.is_finite() && a > c.attn_logit_max {
-                if !s.attn_warned {
-                    s.attn_warned = true;
-                    out.push(det(
-                        Severity::Warning,
-                        "attn_logit",
-                        a,
-                        c.attn_logit_max,
-                        1,
-                        "max attention logit is growing: softmax saturates (consider qk-norm, lower LR or smaller init)".to_string(),
-                    ));
+        // warnings fire once per crossing, again only after the value came back below
+        let mut warn = |flag: &mut bool, v: Option<f64>, limit: f64, name: &str, why: &str| {
+            if let Some(v) = v {
+                if v.is_finite() && v.abs() > limit {
+                    if !*flag {
+                        *flag = true;
+                        out.push(det(Severity::Warning, name, v, limit, 1, why.to_string()));
+                    }
+                } else {
+                    *flag = false;
                 }
-            } else {
-                s.attn_warned = false;
             }
-        }
-        if let Some(z) = m.logit_z {
-            if z.is_finite() && z.abs() > c.logit_z_max {
-                if !s.logit_warned {
-                    s.logit_warned = true;
-                    out.push(det(
-                        Severity::Warning,
-                        "logit_drift",
-                        z,
-                        c.logit_z_max,
-                        1,
-                        "output log-partition drifts from 0 (consider z-loss or a smaller head init)".to_string(),
-                    ));
-                }
-            } else {
-                s.logit_warned = false;
-            }
-        }
+        };
+        warn(
+            &mut s.attn_warned,
+            m.max_attn_logit,
+            c.attn_logit_max,
+            "attn_logit",
+            "max attention logit is growing: softmax saturates (consider qk-norm, lower LR or smaller init)",
+        );
+        warn(
+            &mut s.logit_warned,
+            m.logit_z,
+            c.logit_z_max,
+            "logit_drift",
+            "output log-partition drifts from 0 (consider z-loss or a smaller head init)",
+        );
         out
     }
 }

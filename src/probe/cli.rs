@@ -7,21 +7,54 @@ use anyhow::Result;
 use std::path::PathBuf;
 use std::time::Instant;
 
+#[derive(clap::Args, Debug)]
 pub struct ProbeArgs {
+    /// Model preset to check (default: tiny)
+    #[arg(long, conflicts_with = "hf")]
     pub preset: Option<String>,
+    /// An HF config.json (e.g. a 70B Llama): theory at full size, measurement on a
+    /// width-reduced proxy of the same depth
+    #[arg(long)]
     pub hf: Option<PathBuf>,
+    /// A run configuration (TOML) to take model, init and optim from
+    #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Init scheme, or `all` for every scheme side by side
+    #[arg(long = "init", default_value = "normal")]
     pub scheme: String,
+    /// Override config keys: --set init.std=0.01 --set model.num_layers=48 --set optim.lr=3e-3
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
     pub sets: Vec<String>,
+    /// Batch of the measurement
+    #[arg(long, default_value_t = 4)]
     pub batch: usize,
+    /// Sequence length of the measurement
+    #[arg(long, default_value_t = 128)]
     pub seq: usize,
+    /// Also run this many optimizer steps (update/weight ratios, logit growth)
+    #[arg(long, default_value_t = 1)]
     pub steps: usize,
+    /// Learning rate for the steps (default: optim.lr)
+    #[arg(long)]
     pub lr: Option<f64>,
+    /// Measure a proxy of about this width for models over 60M parameters
+    #[arg(long, default_value_t = 256)]
     pub proxy_width: usize,
+    /// μP coordinate check: activation size vs width over the first steps (--steps, 5 by
+    /// default; --lr, 1e-2 by default), standard parametrisation against μP
+    #[arg(long)]
     pub coord_check: bool,
+    /// Measure on real tokens: an llm.c shard or raw .u16/.u32 token file (default: random)
+    #[arg(long)]
     pub data: Option<PathBuf>,
+    /// Widths for --coord-check (multiples of 8)
+    #[arg(long, value_delimiter = ',', default_value = "64,128,256,512")]
     pub widths: Vec<usize>,
+    /// Directory for plots (SVG and PNG) and check.json
+    #[arg(long)]
     pub out: Option<PathBuf>,
+    /// One JSON object instead of the table
+    #[arg(long)]
     pub json: bool,
 }
 
