@@ -365,3 +365,52 @@ fn watch_follows_a_growing_log_and_stops_the_sidecar_on_divergence() {
     assert_eq!(first["step"], 60, "{out}");
     assert!(out.contains("\"persistent\""), "{out}");
 }
+
+fn rss_kb(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// 10,000 micro steps with telemetry and the guard on: RSS flat, logs valid JSON lines
+/// (about 3 minutes): `cargo test --release -- --ignored soak`.
+#[test]
+#[ignore]
+fn soak_10000_micro_steps_memory_flat_logs_valid() {
+    let d = tmpdir("soak");
+    let mut child = keel()
+        .args(["train", "--preset", "micro", "--steps", "10000", "--out"])
+        .arg(&d)
+        .args(["--set", "checkpoint.every=500", "--set", "eval.every=500"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines = || {
+        std::fs::read_to_string(d.join("metrics.jsonl"))
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+    };
+    let (mut early, mut late) = (None, None);
+    while child.try_wait().unwrap().is_none() {
+        let n = lines();
+        if n >= 500 && early.is_none() {
+            early = rss_kb(child.id());
+        }
+        if n >= 9500 && late.is_none() {
+            late = rss_kb(child.id());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let (early, late) = (early.unwrap(), late.unwrap());
+    assert!(
+        late <= early + early / 20 + 4096,
+        "RSS grew: {early} kB → {late} kB"
+    );
+    for f in ["metrics.jsonl", "telemetry.jsonl", "events.jsonl"] {
+        for l in std::fs::read_to_string(d.join(f)).unwrap().lines() {
+            serde_json::from_str::<Value>(l).unwrap();
+        }
+    }
+    assert_eq!(lines(), 10000);
+}
