@@ -196,3 +196,35 @@ fn hostile_tokenizer_file() {
         "{e}"
     );
 }
+
+/// A run writes inside its run directory only: with HOME, TMPDIR and the working directory
+/// empty sandboxes, they stay empty except the run directory itself.
+#[test]
+fn training_writes_nothing_outside_its_run_directory() {
+    let root = std::env::temp_dir().join(format!("keel-sandbox-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let (cwd, home, tmp) = (root.join("cwd"), root.join("home"), root.join("tmp"));
+    for d in [&cwd, &home, &tmp] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_keel"))
+        .current_dir(&cwd)
+        .env("HOME", &home)
+        .env("TMPDIR", &tmp)
+        .env("XDG_CACHE_HOME", home.join(".cache"))
+        .args(["train", "--preset", "micro", "--steps", "12", "--out", "run"])
+        .args(["--set", "data.builtin_bytes=200000", "--set", "checkpoint.every=5"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let names = |d: &std::path::Path| -> Vec<String> {
+        std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect()
+    };
+    assert_eq!(names(&cwd), vec!["run".to_string()]);
+    assert!(names(&home).is_empty(), "{:?}", names(&home));
+    assert!(names(&tmp).is_empty(), "{:?}", names(&tmp));
+    let _ = std::fs::remove_dir_all(&root);
+}
