@@ -212,8 +212,15 @@ fn training_writes_nothing_outside_its_run_directory() {
         .env("HOME", &home)
         .env("TMPDIR", &tmp)
         .env("XDG_CACHE_HOME", home.join(".cache"))
-        .args(["train", "--preset", "micro", "--steps", "12", "--out", "run"])
-        .args(["--set", "data.builtin_bytes=200000", "--set", "checkpoint.every=5"])
+        .args([
+            "train", "--preset", "micro", "--steps", "12", "--out", "run",
+        ])
+        .args([
+            "--set",
+            "data.builtin_bytes=200000",
+            "--set",
+            "checkpoint.every=5",
+        ])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
