@@ -293,7 +293,8 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
     }
 }
 
-fn quoted(s: &str) -> String {
+/// A string as a TOML value, for building `--set` assignments.
+pub(crate) fn quoted(s: &str) -> String {
     toml::Value::String(s.to_string()).to_string()
 }
 

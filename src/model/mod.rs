@@ -124,7 +124,8 @@ pub struct ForwardStats {
     pub capture_grads: bool,
 }
 
-fn rms(x: &[f32]) -> f64 {
+/// Root mean square of a buffer, summed in f64.
+pub fn rms(x: &[f32]) -> f64 {
     (x.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / x.len().max(1) as f64).sqrt()
 }
 

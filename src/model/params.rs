@@ -20,6 +20,17 @@ pub enum Role {
 }
 
 impl Role {
+    /// The tensor group telemetry and `keel check` report update/weight ratios by.
+    pub fn group(self) -> &'static str {
+        match self {
+            Role::Embed => "embed",
+            Role::AttnQ | Role::AttnK | Role::AttnV | Role::AttnO => "attn",
+            Role::MlpGate | Role::MlpUp | Role::MlpDown => "mlp",
+            Role::Norm => "norm",
+            Role::Head => "head",
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Role::Embed => "embed",

@@ -199,6 +199,20 @@ impl AdamW {
         }
     }
 
+    /// (Σ ΔW², Σ W²) of the last update per tensor group (`Role::group`).
+    pub fn group_update_sq(
+        &self,
+        layout: &ParamLayout,
+    ) -> std::collections::BTreeMap<&'static str, (f64, f64)> {
+        let mut groups = std::collections::BTreeMap::new();
+        for (sp, &(d, w)) in layout.specs.iter().zip(&self.update_sq) {
+            let e: &mut (f64, f64) = groups.entry(sp.role.group()).or_default();
+            e.0 += d;
+            e.1 += w;
+        }
+        groups
+    }
+
     /// ‖ΔW‖ / ‖W‖ over all parameters for the last update.
     pub fn update_ratio(&self) -> f64 {
         let (d, w) = self

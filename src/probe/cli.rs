@@ -1,6 +1,7 @@
 //! `keel check` (signal propagation): argument handling and the terminal table.
 
 use super::{check, CheckOptions, CheckReport};
+use crate::cli::quoted;
 use crate::config::RunConfig;
 use crate::init::audit::Verdict;
 use anyhow::Result;
@@ -56,10 +57,6 @@ pub struct ProbeArgs {
     /// One JSON object instead of the table
     #[arg(long)]
     pub json: bool,
-}
-
-fn quoted(s: &str) -> String {
-    toml::Value::String(s.to_string()).to_string()
 }
 
 /// Resolve the run configuration for one scheme.

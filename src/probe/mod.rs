@@ -17,7 +17,7 @@ use crate::config::ModelConfig;
 use crate::init::audit::Verdict;
 use crate::init::rng::Stream;
 use crate::init::{InitSection, TensorPlan};
-use crate::model::{Model, ParamLayout, Role};
+use crate::model::{rms, Model, ParamLayout, Role};
 use crate::optim::{AdamW, OptimConfig};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -119,16 +119,6 @@ pub struct CheckReport {
     pub steps: Vec<StepStats>,
     pub gates: Vec<Gate>,
     pub verdict: Verdict,
-}
-
-fn group(role: Role) -> &'static str {
-    match role {
-        Role::Embed => "embed",
-        Role::AttnQ | Role::AttnK | Role::AttnV | Role::AttnO => "attn",
-        Role::MlpGate | Role::MlpUp | Role::MlpDown => "mlp",
-        Role::Norm => "norm",
-        Role::Head => "head",
-    }
 }
 
 /// σ per role and layer from an init plan (a tied head takes the embedding's).
@@ -262,10 +252,6 @@ fn random_batch(v: usize, n: usize, seed: u64, step: u64, x: &mut [u32], y: &mut
     }
 }
 
-fn rms(x: &[f32]) -> f64 {
-    (x.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / x.len().max(1) as f64).sqrt()
-}
-
 /// RMS of the gradient over each layer's weight matrices (norm gains excluded).
 fn layer_grad_rms(model: &Model) -> Vec<f64> {
     let mut acc = vec![(0f64, 0usize); model.cfg.num_layers];
@@ -390,12 +376,7 @@ pub fn check(cfg: &ModelConfig, ic: &InitSection, o: &CheckOptions) -> anyhow::R
         crate::optim::clip_grad_norm(&mut model.grads, o.optim.grad_clip);
         opt.track = true;
         opt.update(&mut model.params, &model.grads, o.optim.lr);
-        let mut groups: BTreeMap<String, (f64, f64)> = BTreeMap::new();
-        for (i, sp) in model.layout.specs.iter().enumerate() {
-            let e = groups.entry(group(sp.role).to_string()).or_default();
-            e.0 += opt.update_sq[i].0;
-            e.1 += opt.update_sq[i].1;
-        }
+        let groups = opt.group_update_sq(&model.layout);
         // the state after the update: loss and logits on the next batch
         batch(o, mcfg.vocab_size, t, 1000 + k as u64, &mut x, &mut y);
         let l = model.forward(&x, &y)? as f64;
@@ -411,7 +392,7 @@ pub fn check(cfg: &ModelConfig, ic: &InitSection, o: &CheckOptions) -> anyhow::R
             update_ratio: groups
                 .into_iter()
                 .filter(|(_, (_, w))| *w > 0.0)
-                .map(|(g, (d, w))| (g, (d / w).sqrt()))
+                .map(|(g, (d, w))| (g.to_string(), (d / w).sqrt()))
                 .collect(),
             max_attn_logit: model
                 .stats

@@ -10,7 +10,6 @@ use crate::checkpoint::{self, TrainerState};
 use crate::config::RunConfig;
 use crate::data::{self, Batcher, Dataset};
 use crate::model::Model;
-use crate::model::Role;
 use crate::monitor::{Action, Monitor, Policy, Severity, StepMetrics};
 use crate::optim::AdamW;
 use anyhow::{bail, Context, Result};
@@ -563,23 +562,14 @@ impl Trainer {
         let lay = &self.model.layout;
         let nl = self.model.cfg.num_layers;
         let mut layer_g = vec![0f64; nl];
-        let mut groups: std::collections::BTreeMap<&str, (f64, f64)> = Default::default();
         for (i, sp) in lay.specs.iter().enumerate() {
             if let Some(l) = sp.layer {
                 layer_g[l] += self.sumsq[i];
             }
-            let g = match sp.role {
-                Role::Embed => "embed",
-                Role::AttnQ | Role::AttnK | Role::AttnV | Role::AttnO => "attn",
-                Role::MlpGate | Role::MlpUp | Role::MlpDown => "mlp",
-                Role::Norm => "norm",
-                Role::Head => "head",
-            };
-            let e = groups.entry(g).or_default();
-            e.0 += self.opt.update_sq[i].0;
-            e.1 += self.opt.update_sq[i].1;
         }
-        let ratios: serde_json::Map<String, serde_json::Value> = groups
+        let ratios: serde_json::Map<String, serde_json::Value> = self
+            .opt
+            .group_update_sq(lay)
             .iter()
             .map(|(k, (d, w))| (k.to_string(), num((d / w.max(1e-30)).sqrt())))
             .collect();
