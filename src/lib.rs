@@ -14,6 +14,8 @@ pub mod model;
 pub mod monitor;
 pub mod optim;
 pub mod probe;
+pub mod report;
 pub mod sample;
+pub mod sweep;
 pub mod train;
 pub mod watch;

@@ -234,6 +234,12 @@ pub struct TrainerState {
     /// Detector windows and policy state, so a resumed run guards exactly as before.
     #[serde(default)]
     pub guard: crate::monitor::GuardSnapshot,
+    /// Loss of the first step and the count of consecutive steps above it since warm-up
+    /// (`train.stop_if_diverged`).
+    #[serde(default)]
+    pub initial_loss: Option<f64>,
+    #[serde(default)]
+    pub above_initial: u64,
 }
 
 /// Write a complete checkpoint atomically as `root/step-NNNNNNNN`; returns its path.

@@ -115,6 +115,16 @@ pub enum Command {
         #[arg(long)]
         all: bool,
     },
+    /// Stability sweep on small proxies: LR × init × depth/width grids, each trial a run
+    /// directory; LR sensitivity, stability maps and a recommendation.
+    /// `keel sweep collect DIR` gathers trials run elsewhere (after --emit)
+    Sweep(SweepArgs),
+    /// Write DIR/report.html (self-contained, opens offline) and DIR/plots/ for a run, a
+    /// sweep or a `keel check --out` directory
+    Report {
+        /// The directory of keel train, keel sweep or keel check --out
+        dir: PathBuf,
+    },
     /// Mean next-token cross-entropy of a model on a token file (JSON on stdout)
     Eval {
         /// HF model directory (config.json + model.safetensors), e.g. a checkpoint
@@ -176,6 +186,97 @@ pub enum Command {
 }
 
 /// Run the parsed command; returns the process exit code.
+#[derive(clap::Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct SweepArgs {
+    #[command(subcommand)]
+    pub cmd: Option<SweepCmd>,
+    /// The sweep file: [base] run config, [axes] (keys → value lists or
+    /// { log = [lo, hi], points = n }), [sweep] settings
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Sweep directory (default runs/sweep-<config name>); rerun the same command to resume
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Trials run at the same time; the threads (--threads, default all cores) are split
+    #[arg(long, default_value_t = 1)]
+    pub jobs: usize,
+    /// Write the trials out instead of running them: a Slurm array job, or a command list
+    #[arg(long, value_enum)]
+    pub emit: Option<crate::sweep::run::Emit>,
+    #[command(flatten)]
+    pub target: TargetArgs,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct TargetArgs {
+    /// Width to extrapolate the max-stable-LR and attention-logit trends to
+    #[arg(long = "target", value_name = "WIDTH")]
+    pub width: Option<usize>,
+    /// Take the target width and depth from an HF config.json
+    #[arg(long, value_name = "CONFIG_JSON", conflicts_with = "width")]
+    pub hf: Option<PathBuf>,
+}
+
+impl TargetArgs {
+    fn target(&self) -> anyhow::Result<crate::sweep::results::Target> {
+        use crate::sweep::results::Target;
+        if let Some(h) = &self.hf {
+            let mc =
+                crate::config::ModelConfig::from_hf_json(h).map_err(|e| anyhow::anyhow!("{e}"))?;
+            return Ok(Target {
+                width: Some(mc.hidden_size),
+                depth: Some(mc.num_layers),
+                source: h.display().to_string(),
+            });
+        }
+        Ok(Target {
+            width: self.width,
+            depth: None,
+            source: if self.width.is_some() {
+                "--target".into()
+            } else {
+                String::new()
+            },
+        })
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SweepCmd {
+    /// Gather the trials' results (run anywhere) into results.jsonl/csv, summary.json, plots
+    Collect {
+        /// The sweep directory (`keel sweep --emit` wrote it)
+        dir: PathBuf,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+}
+
+fn cmd_sweep(a: SweepArgs, threads: usize) -> anyhow::Result<i32> {
+    if let Some(SweepCmd::Collect { dir, target }) = a.cmd {
+        return crate::sweep::run::collect(&dir, &target.target()?);
+    }
+    let Some(config) = a.config else {
+        anyhow::bail!("keel sweep needs --config sweep.toml (or `keel sweep collect DIR`); see `keel sweep --help` and README.md");
+    };
+    let out = a.out.unwrap_or_else(|| {
+        let stem = config
+            .file_stem()
+            .map_or("sweep".into(), |s| s.to_string_lossy().to_string());
+        PathBuf::from(format!("runs/sweep-{stem}"))
+    });
+    crate::sweep::run::run(&crate::sweep::run::SweepOptions {
+        config,
+        out,
+        jobs: a.jobs,
+        threads,
+        emit: a.emit,
+        target: a.target.target()?,
+        progress: std::io::stderr().is_terminal(),
+    })
+}
+
 pub fn run(cli: Cli) -> anyhow::Result<i32> {
     crate::kernels::init_threads(cli.threads);
     match cli.command {
@@ -205,6 +306,12 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             explain,
             sets,
         } => cmd_init(preset, hf, &scheme, seed, out, explain, &sets),
+        Command::Sweep(a) => cmd_sweep(a, cli.threads),
+        Command::Report { dir } => {
+            let p = crate::report::write(&dir)?;
+            println!("report: {}", p.display());
+            Ok(0)
+        }
         Command::Check { probe, model, all } => match model {
             Some(m) => cmd_check(&m, &probe.scheme, &probe.sets, probe.json, all),
             None => crate::probe::cli::cmd_probe(&probe),
@@ -340,6 +447,7 @@ fn cmd_train(
     });
     crate::train::install_interrupt_handler();
     let progress = std::io::stderr().is_terminal();
+    let cfg_report = cfg.train.report;
     eprintln!("keel train → {}", out.display());
     let s = crate::train::run(&TrainOptions {
         config: cfg,
@@ -351,7 +459,7 @@ fn cmd_train(
     let status = match s.outcome {
         Outcome::Finished => "finished",
         Outcome::Interrupted => "interrupted (checkpoint saved; resume with the same --out)",
-        Outcome::Diverged => "diverged: the guard could not recover",
+        Outcome::Diverged => "diverged (see the diagnosis)",
     };
     println!("run {status}: {} steps", s.steps);
     println!("  final train loss   {:.4}", s.final_loss);
@@ -371,6 +479,12 @@ fn cmd_train(
         "  metrics            {}",
         out.join("metrics.jsonl").display()
     );
+    if cfg_report {
+        match crate::report::write(&out) {
+            Ok(p) => println!("  report             {}", p.display()),
+            Err(e) => eprintln!("note: the report could not be written: {e:#}"),
+        }
+    }
     if let Some(d) = &s.diagnosis {
         println!("  diagnosis          {d}");
         println!(

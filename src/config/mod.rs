@@ -5,7 +5,7 @@ mod model;
 mod run;
 
 pub use model::ModelConfig;
-pub use run::{apply_set, RunConfig};
+pub use run::{apply_set, set_path, RunConfig};
 
 use std::fmt;
 

@@ -70,6 +70,11 @@ pub struct TrainSection {
     pub threads: usize,
     /// Print a progress line every N steps when not on a terminal (0 = never).
     pub log_every: u64,
+    /// Stop early, as diverged (exit 2), when the loss is non-finite or stays above the
+    /// first step's loss for `DIVERGED_AFTER` consecutive steps after warm-up (sweeps set it).
+    pub stop_if_diverged: bool,
+    /// Write DIR/report.html when the run ends (sweeps turn it off for their trials).
+    pub report: bool,
 }
 
 impl Default for TrainSection {
@@ -82,6 +87,8 @@ impl Default for TrainSection {
             seed: 0,
             threads: 0,
             log_every: 50,
+            stop_if_diverged: false,
+            report: true,
         }
     }
 }
@@ -172,6 +179,11 @@ pub fn apply_set(table: &mut toml::Table, assignment: &str) -> Result<(), Config
             "write e.g. --set optim.lr=3e-4",
         )
     })?;
+    set_path(table, key, parse_value(raw.trim()))
+}
+
+/// Set the dotted key `section.key` (nested: `init.roles.head.std`) of a TOML table.
+pub fn set_path(table: &mut toml::Table, key: &str, value: toml::Value) -> Result<(), ConfigError> {
     let parts: Vec<&str> = key.trim().split('.').collect();
     if parts.len() < 2 || parts.iter().any(|p| p.is_empty()) {
         return Err(ConfigError::new(
@@ -194,7 +206,7 @@ pub fn apply_set(table: &mut toml::Table, assignment: &str) -> Result<(), Config
             )
         })?;
     }
-    cur.insert(parts[parts.len() - 1].to_string(), parse_value(raw.trim()));
+    cur.insert(parts[parts.len() - 1].to_string(), value);
     Ok(())
 }
 

@@ -18,6 +18,13 @@ fn alive(pid: u32) -> bool {
     }
 }
 
+/// The PID of the live keel process holding `dir`'s lock, if any.
+pub fn holder(dir: &Path) -> Option<u32> {
+    let owner = std::fs::read_to_string(dir.join("keel.lock")).ok()?;
+    let pid = owner.trim().parse::<u32>().ok()?;
+    (pid != std::process::id() && alive(pid)).then_some(pid)
+}
+
 impl RunLock {
     pub fn acquire(dir: &Path) -> Result<RunLock> {
         let path = dir.join("keel.lock");

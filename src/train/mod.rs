@@ -1,6 +1,6 @@
 //! `keel train`: the training loop, run directory, checkpoints and exact resume.
 
-mod lock;
+pub(crate) mod lock;
 mod log;
 pub mod replay;
 
@@ -185,7 +185,12 @@ pub struct StepReport {
     pub detections: Vec<crate::monitor::Detection>,
     pub actions: Vec<crate::monitor::Action>,
     pub gave_up: Option<String>,
+    /// `train.stop_if_diverged` fired: why.
+    pub diverged: Option<String>,
 }
+
+/// Consecutive steps above the first step's loss (after warm-up) that count as diverged.
+pub const DIVERGED_AFTER: u64 = 10;
 
 /// The training state machine: model, optimizer, data cursor and guard, one step at a time.
 /// `record` off (replay) writes nothing to the run directory.
@@ -225,6 +230,8 @@ fn fresh_state() -> TrainerState {
         best_val_loss: None,
         keel_version: env!("CARGO_PKG_VERSION").to_string(),
         guard: Default::default(),
+        initial_loss: None,
+        above_initial: 0,
     }
 }
 
@@ -518,6 +525,37 @@ impl Trainer {
             };
             self.event(kind, serde_json::to_value(d)?)?;
         }
+        let mut diverged = None;
+        if !decision.skip {
+            let warm = s > self.cfg.schedule.warmup_steps;
+            if !loss.is_finite() {
+                diverged = Some(format!("the loss is {loss} at step {s}"));
+            } else {
+                let init = *self.state.initial_loss.get_or_insert(loss);
+                if warm {
+                    self.state.above_initial = if loss > init {
+                        self.state.above_initial + 1
+                    } else {
+                        0
+                    };
+                }
+                if self.state.above_initial >= DIVERGED_AFTER {
+                    diverged = Some(format!(
+                        "the loss stayed above the first step's {init:.4} for {DIVERGED_AFTER} steps after warm-up (now {loss:.4})"
+                    ));
+                }
+            }
+        }
+        if !self.cfg.train.stop_if_diverged {
+            diverged = None;
+        }
+        if let Some(why) = &diverged {
+            self.event(
+                "diverged",
+                json!({"rule": "train.stop_if_diverged", "reason": why, "loss": num(loss),
+                       "initial_loss": self.state.initial_loss.map(num)}),
+            )?;
+        }
         let mut gave_up = None;
         for a in &decision.actions {
             match a {
@@ -553,6 +591,7 @@ impl Trainer {
             detections,
             actions: decision.actions,
             gave_up,
+            diverged,
         })
     }
 
@@ -739,7 +778,7 @@ pub fn run(opts: &TrainOptions) -> Result<Summary> {
         for a in &r.actions {
             bar.suspend(|| eprintln!("guard: step {step} → {}", describe(a)));
         }
-        if let Some(diag) = r.gave_up {
+        if let Some(diag) = r.gave_up.or(r.diverged) {
             bar.abandon();
             return Ok(summary(&tr, Outcome::Diverged, last_loss, Some(diag)));
         }

@@ -1,0 +1,611 @@
+//! `keel sweep`: learning rate × init × depth/width grids on small proxies, each trial an
+//! ordinary run directory trained by its own `keel train` process; results, LR sensitivity
+//! (Wortsman et al. 2023), stability maps and a recommendation.
+//!
+//! A trial counts as **diverged** when a training loss is non-finite, or when the loss stays
+//! above the first step's loss for `train::DIVERGED_AFTER` (10) consecutive steps after
+//! warm-up: trials run with `train.stop_if_diverged = true`, so they stop there (exit 2) and
+//! record the step in `events.jsonl`.
+
+pub mod plot;
+pub mod results;
+pub mod run;
+
+use crate::config::set_path;
+use crate::config::RunConfig;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// The `[sweep]` section of sweep.toml.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SweepSettings {
+    /// What trials are compared by: `val_loss` (the final validation loss) or `train_loss`
+    /// (mean training loss of the last 10 steps).
+    pub metric: String,
+    /// The learning-rate axis key.
+    pub lr_key: String,
+    /// An LR is inside the recommended window when its loss is within this fraction of the
+    /// best loss of its group (0.03 = 3 %).
+    pub window: f64,
+    /// Width to extrapolate the trends to (like `--target`).
+    pub target_width: Option<usize>,
+    /// Depth to extrapolate to.
+    pub target_depth: Option<usize>,
+}
+
+impl Default for SweepSettings {
+    fn default() -> Self {
+        SweepSettings {
+            metric: "val_loss".into(),
+            lr_key: "optim.lr".into(),
+            window: 0.03,
+            target_width: None,
+            target_depth: None,
+        }
+    }
+}
+
+/// One axis: a run-config key and its values.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Axis {
+    pub key: String,
+    pub values: Vec<toml::Value>,
+}
+
+/// A parsed sweep.toml.
+#[derive(Debug, Clone)]
+pub struct SweepSpec {
+    pub base: toml::Table,
+    pub axes: Vec<Axis>,
+    pub settings: SweepSettings,
+}
+
+/// One trial: its id (the directory name under `trials/`) and axis values.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Trial {
+    pub id: String,
+    pub assign: Vec<(String, toml::Value)>,
+}
+
+/// What `sweep.json` holds: enough to collect results without the original sweep.toml.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    pub axes: Vec<Axis>,
+    pub settings: SweepSettings,
+    pub trials: Vec<Trial>,
+    /// Steps each trial is planned for.
+    pub steps: u64,
+    /// The base's init scheme (the scheme of every trial when init is not an axis).
+    #[serde(default)]
+    pub base_scheme: String,
+    /// The `[base]` table as TOML text: resuming with a changed base is refused.
+    #[serde(default)]
+    pub base: String,
+}
+
+fn err(file: &Path, field: &str, what: impl std::fmt::Display, fix: &str) -> anyhow::Error {
+    anyhow::anyhow!("{}: {field}: {what}; fix: {fix}", file.display())
+}
+
+/// Three significant digits: log-spaced values print as 3.16e-4, not 0.00031622776601683794.
+fn round_sig(v: f64) -> f64 {
+    if v == 0.0 || !v.is_finite() {
+        return v;
+    }
+    let e = v.abs().log10().floor();
+    let f = 10f64.powf(2.0 - e);
+    (v * f).round() / f
+}
+
+fn axis_values(file: &Path, key: &str, v: &toml::Value) -> Result<Vec<toml::Value>> {
+    let fix = "write a list, e.g. [1e-4, 3e-4], or { log = [1e-4, 1e-1], points = 7 }";
+    match v {
+        toml::Value::Array(a) if !a.is_empty() => Ok(a.clone()),
+        toml::Value::Array(_) => Err(err(file, &format!("axes.\"{key}\""), "is empty", fix)),
+        toml::Value::Table(t) => {
+            let range = t
+                .get("log")
+                .map(|r| (true, r))
+                .or_else(|| t.get("linear").map(|r| (false, r)));
+            let Some((log, range)) = range else {
+                return Err(err(
+                    file,
+                    &format!("axes.\"{key}\""),
+                    "a table needs `log` or `linear`",
+                    fix,
+                ));
+            };
+            let nums: Vec<f64> = range
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| x.as_float().or(x.as_integer().map(|i| i as f64)))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let points = t.get("points").and_then(|p| p.as_integer()).unwrap_or(0);
+            if nums.len() != 2 || points < 2 || (log && (nums[0] <= 0.0 || nums[1] <= 0.0)) {
+                return Err(err(
+                    file,
+                    &format!("axes.\"{key}\""),
+                    "needs two (positive, for log) bounds and points ≥ 2",
+                    fix,
+                ));
+            }
+            let n = points as usize;
+            Ok((0..n)
+                .map(|i| {
+                    let u = i as f64 / (n - 1) as f64;
+                    let x = if log {
+                        (nums[0].ln() + u * (nums[1].ln() - nums[0].ln())).exp()
+                    } else {
+                        nums[0] + u * (nums[1] - nums[0])
+                    };
+                    toml::Value::Float(round_sig(x))
+                })
+                .collect())
+        }
+        other => Err(err(
+            file,
+            &format!("axes.\"{key}\""),
+            format!("is a {}", other.type_str()),
+            fix,
+        )),
+    }
+}
+
+impl SweepSpec {
+    pub fn load(path: &Path) -> Result<SweepSpec> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("{}: cannot read the sweep file", path.display()))?;
+        Self::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<SweepSpec> {
+        let mut doc: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            err(path, "(syntax)", e.message(), "fix the TOML syntax")
+        })?;
+        let base = match doc.remove("base") {
+            Some(toml::Value::Table(t)) => t,
+            None => toml::Table::new(),
+            Some(_) => {
+                return Err(err(
+                    path,
+                    "base",
+                    "is not a table",
+                    "write [base] with run-config keys",
+                ))
+            }
+        };
+        let axes_t =
+            match doc.remove("axes") {
+                Some(toml::Value::Table(t)) => t,
+                _ => return Err(err(
+                    path,
+                    "axes",
+                    "missing",
+                    "add [axes] with at least the learning rate: \"optim.lr\" = [1e-3, 3e-3, 1e-2]",
+                )),
+            };
+        let settings: SweepSettings = match doc.remove("sweep") {
+            Some(v) => v.try_into().map_err(|e: toml::de::Error| {
+                err(
+                    path,
+                    "sweep",
+                    e.message(),
+                    "keys: metric, lr_key, window, target_width, target_depth",
+                )
+            })?,
+            None => SweepSettings::default(),
+        };
+        if let Some(k) = doc.keys().next() {
+            return Err(err(
+                path,
+                k,
+                "unknown section",
+                "use [base], [axes] and [sweep]",
+            ));
+        }
+        if !matches!(settings.metric.as_str(), "val_loss" | "train_loss") {
+            return Err(err(
+                path,
+                "sweep.metric",
+                format!("'{}'", settings.metric),
+                "use val_loss or train_loss",
+            ));
+        }
+        if !(settings.window > 0.0 && settings.window < 1.0) {
+            return Err(err(
+                path,
+                "sweep.window",
+                settings.window,
+                "use a fraction such as 0.03",
+            ));
+        }
+        let mut axes = Vec::new();
+        // dotted keys ("optim.lr" quoted, or optim.lr bare → nested tables) both mean one key
+        fn flatten(prefix: &str, t: &toml::Table, out: &mut Vec<(String, toml::Value)>) {
+            for (k, v) in t {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                match v {
+                    toml::Value::Table(inner)
+                        if !inner.contains_key("log") && !inner.contains_key("linear") =>
+                    {
+                        flatten(&key, inner, out)
+                    }
+                    _ => out.push((key, v.clone())),
+                }
+            }
+        }
+        let mut flat = Vec::new();
+        flatten("", &axes_t, &mut flat);
+        for (key, v) in flat {
+            if axes.iter().any(|a: &Axis| a.key == key) {
+                return Err(err(
+                    path,
+                    &format!("axes.\"{key}\""),
+                    "given twice",
+                    "keep one",
+                ));
+            }
+            if !key.contains('.') {
+                return Err(err(
+                    path,
+                    &format!("axes.\"{key}\""),
+                    "not a section.key",
+                    "write e.g. \"optim.lr\"",
+                ));
+            }
+            axes.push(Axis {
+                values: axis_values(path, &key, &v)?,
+                key,
+            });
+        }
+        if !axes.iter().any(|a| a.key == settings.lr_key) {
+            return Err(err(
+                path,
+                "axes",
+                format!("no learning-rate axis \"{}\"", settings.lr_key),
+                "add \"optim.lr\" = { log = [1e-4, 1e-1], points = 7 }",
+            ));
+        }
+        for a in &axes {
+            if a.key == settings.lr_key && a.values.iter().any(|v| num(v).is_none_or(|x| x <= 0.0))
+            {
+                return Err(err(
+                    path,
+                    &format!("axes.\"{}\"", a.key),
+                    "LRs must be positive numbers",
+                    "e.g. [1e-3, 3e-3]",
+                ));
+            }
+        }
+        // the LR axis last: trials of one group run next to each other
+        axes.sort_by_key(|a| a.key == settings.lr_key);
+        Ok(SweepSpec {
+            base,
+            axes,
+            settings,
+        })
+    }
+
+    /// Every combination, in axis order.
+    pub fn trials(&self) -> Vec<Trial> {
+        let mut out: Vec<Vec<(String, toml::Value)>> = vec![vec![]];
+        for a in &self.axes {
+            let mut next = Vec::new();
+            for partial in &out {
+                for v in &a.values {
+                    let mut p = partial.clone();
+                    p.push((a.key.clone(), v.clone()));
+                    next.push(p);
+                }
+            }
+            out = next;
+        }
+        out.into_iter()
+            .enumerate()
+            .map(|(i, assign)| Trial {
+                id: trial_id(i, &assign),
+                assign,
+            })
+            .collect()
+    }
+
+    /// The run configuration of one trial: the base, the sweep's trial defaults (unless the
+    /// base sets them), the shared data, then the trial's axis values.
+    pub fn trial_table(&self, t: &Trial, data: Option<&SharedData>) -> Result<toml::Table> {
+        let mut table = self.base.clone();
+        let has = |table: &toml::Table, key: &str| {
+            let mut cur = table;
+            let parts: Vec<&str> = key.split('.').collect();
+            for (i, p) in parts.iter().enumerate() {
+                match cur.get(*p) {
+                    Some(toml::Value::Table(t)) if i + 1 < parts.len() => cur = t,
+                    Some(_) if i + 1 == parts.len() => return true,
+                    _ => return false,
+                }
+            }
+            false
+        };
+        let set = |table: &mut toml::Table, k: &str, v: toml::Value| {
+            set_path(table, k, v).map_err(|e| anyhow::anyhow!("{e}"))
+        };
+        // unguarded: the sweep measures how training behaves, not how the guard rescues it
+        for (k, v) in [
+            ("guard.enabled", toml::Value::Boolean(false)),
+            ("train.stop_if_diverged", toml::Value::Boolean(true)),
+            ("checkpoint.keep", toml::Value::Integer(1)),
+            ("train.report", toml::Value::Boolean(false)),
+        ] {
+            if !has(&table, k) {
+                set(&mut table, k, v)?;
+            }
+        }
+        if let Some(d) = data {
+            set(
+                &mut table,
+                "data.path",
+                toml::Value::String(d.tokens.display().to_string()),
+            )?;
+            set(
+                &mut table,
+                "data.format",
+                toml::Value::String("shard".into()),
+            )?;
+            set(
+                &mut table,
+                "data.tokenizer",
+                toml::Value::String(d.tokenizer.display().to_string()),
+            )?;
+        }
+        for (k, v) in &t.assign {
+            set(&mut table, k, v.clone())?;
+        }
+        // a width axis scales the MLP with it unless the sweep fixes intermediate_size
+        let width_axis = t.assign.iter().find(|(k, _)| k == "model.hidden_size");
+        if let Some((_, w)) = width_axis {
+            if !has(&self.base, "model.intermediate_size")
+                && !t.assign.iter().any(|(k, _)| k == "model.intermediate_size")
+            {
+                let base_cfg = RunConfig::from_table(self.base.clone())
+                    .map_err(|e| anyhow::anyhow!("[base]: {e}"))?;
+                let mut plain = base_cfg.clone();
+                plain.init = Default::default();
+                let mc = plain
+                    .model_config()
+                    .map_err(|e| anyhow::anyhow!("[base]: {e}"))?;
+                if let Some(w) = num(w) {
+                    let ratio = mc.intermediate_size as f64 / mc.hidden_size as f64;
+                    let inter = ((ratio * w / 4.0).round() * 4.0).max(4.0) as i64;
+                    set(
+                        &mut table,
+                        "model.intermediate_size",
+                        toml::Value::Integer(inter),
+                    )?;
+                }
+            }
+        }
+        Ok(table)
+    }
+}
+
+/// A number from a TOML value (integer or float).
+pub fn num(v: &toml::Value) -> Option<f64> {
+    v.as_float().or(v.as_integer().map(|i| i as f64))
+}
+
+/// Short display of an axis value: 3e-4, xavier-normal, 4.
+pub fn show(v: &toml::Value) -> String {
+    match v {
+        toml::Value::String(s) => s.clone(),
+        toml::Value::Float(f) => {
+            let s = format!("{f:e}");
+            let plain = format!("{f}");
+            if plain.len() <= s.len() {
+                plain
+            } else {
+                s
+            }
+        }
+        other => other.to_string(),
+    }
+}
+
+/// Short name of an axis key: lr, L (layers), d (width), seed, or the key's last part.
+pub fn short_key(key: &str) -> String {
+    match key {
+        "optim.lr" => "lr".into(),
+        "model.num_layers" => "L".into(),
+        "model.hidden_size" => "d".into(),
+        "train.seed" => "seed".into(),
+        "init.scheme" => "init".into(),
+        k => k.rsplit('.').next().unwrap_or(k).to_string(),
+    }
+}
+
+fn trial_id(i: usize, assign: &[(String, toml::Value)]) -> String {
+    let mut id = format!("{i:03}");
+    for (k, v) in assign {
+        let val: String = show(v)
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        if k == "init.scheme" {
+            id.push_str(&format!("-{val}"));
+        } else {
+            id.push_str(&format!("-{}{val}", short_key(k)));
+        }
+    }
+    id
+}
+
+/// Tokens prepared once for all trials (instead of a tokenizer per trial).
+pub struct SharedData {
+    pub tokens: PathBuf,
+    pub tokenizer: PathBuf,
+}
+
+/// Tokenise the base data once into `dir/data/` when every trial reads the same text with
+/// the same vocabulary; `None` when the base data is already a shard or the vocabulary varies.
+pub fn shared_data(spec: &SweepSpec, dir: &Path, progress: bool) -> Result<Option<SharedData>> {
+    if spec.axes.iter().any(|a| {
+        a.key.starts_with("data.")
+            || a.key == "model.vocab_size"
+            || a.key == "model.preset"
+            || a.key == "model.hf_config"
+    }) {
+        return Ok(None);
+    }
+    let cfg =
+        RunConfig::from_table(spec.base.clone()).map_err(|e| anyhow::anyhow!("[base]: {e}"))?;
+    if !cfg.data.path.is_empty() {
+        let fmt = crate::data::source::detect_format(Path::new(&cfg.data.path), &cfg.data.format)?;
+        if fmt == crate::data::source::Format::Shard {
+            return Ok(None);
+        }
+    }
+    crate::train::prepare_data(&cfg, dir, progress)?;
+    let abs = |p: PathBuf| std::fs::canonicalize(&p).unwrap_or(p);
+    Ok(Some(SharedData {
+        tokens: abs(dir.join("data").join("tokens.bin")),
+        tokenizer: abs(dir.join("tokenizer.json")),
+    }))
+}
+
+/// Build the plan and every trial's run config (validated now, so a bad axis value fails
+/// before anything runs); writes `sweep.json` and `trials/<id>/trial.toml`. A directory
+/// holding a different sweep is refused.
+pub fn prepare(spec: &SweepSpec, dir: &Path, progress: bool) -> Result<Plan> {
+    std::fs::create_dir_all(dir.join("trials"))
+        .with_context(|| format!("{}: cannot create the sweep directory", dir.display()))?;
+    let trials = spec.trials();
+    let base_cfg =
+        RunConfig::from_table(spec.base.clone()).map_err(|e| anyhow::anyhow!("[base]: {e}"))?;
+    let plan = Plan {
+        axes: spec.axes.clone(),
+        settings: spec.settings.clone(),
+        trials: trials.clone(),
+        steps: base_cfg.train.steps,
+        base_scheme: base_cfg.init.scheme.clone(),
+        base: spec.base.to_string(),
+    };
+    let plan_path = dir.join("sweep.json");
+    if plan_path.exists() {
+        let old: Plan = serde_json::from_str(&std::fs::read_to_string(&plan_path)?)
+            .with_context(|| format!("{}: not a keel sweep plan", plan_path.display()))?;
+        if old.trials != plan.trials || old.steps != plan.steps || old.base != plan.base {
+            bail!(
+                "{}: this directory holds a different sweep ({} trials, or another [base]); fix: resume it with its own sweep.toml, or pick a new --out",
+                dir.display(),
+                old.trials.len()
+            );
+        }
+    }
+    let data = shared_data(spec, dir, progress)?;
+    for t in &trials {
+        let table = spec.trial_table(t, data.as_ref())?;
+        let cfg = RunConfig::from_table(table.clone())
+            .and_then(|c| c.validate().map(|_| c))
+            .map_err(|e| anyhow::anyhow!("trial {}: {e}", t.id))?;
+        let tdir = dir.join("trials").join(&t.id);
+        std::fs::create_dir_all(&tdir)
+            .with_context(|| format!("{}: cannot create", tdir.display()))?;
+        crate::checkpoint::write_atomic(&tdir.join("trial.toml"), cfg.to_toml().as_bytes())?;
+    }
+    crate::checkpoint::write_atomic(&plan_path, serde_json::to_string_pretty(&plan)?.as_bytes())?;
+    Ok(plan)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(text: &str) -> Result<SweepSpec> {
+        SweepSpec::parse(text, Path::new("sweep.toml"))
+    }
+
+    #[test]
+    fn log_axis_and_product() {
+        let s = spec(
+            r#"
+[base]
+model.preset = "micro"
+[axes]
+"optim.lr" = { log = [1e-4, 1e-1], points = 4 }
+"init.scheme" = ["normal", "xavier-normal"]
+"#,
+        )
+        .unwrap();
+        let lrs: Vec<f64> = s
+            .axes
+            .last()
+            .unwrap()
+            .values
+            .iter()
+            .filter_map(num)
+            .collect();
+        assert_eq!(lrs, vec![1e-4, 1e-3, 1e-2, 1e-1]);
+        let t = s.trials();
+        assert_eq!(t.len(), 8);
+        assert_eq!(t[0].id, "000-normal-lr1e-4");
+        assert_eq!(t[7].id, "007-xavier-normal-lr0.1");
+        let table = s.trial_table(&t[5], None).unwrap();
+        let cfg = RunConfig::from_table(table).unwrap();
+        assert_eq!(
+            (cfg.optim.lr, cfg.init.scheme.as_str()),
+            (1e-3, "xavier-normal")
+        );
+        assert!(cfg.train.stop_if_diverged && !cfg.guard.enabled);
+    }
+
+    #[test]
+    fn width_axis_scales_the_mlp() {
+        let s = spec(
+            "[base]\nmodel.preset = \"tiny\"\n[axes]\n\"optim.lr\" = [1e-3]\n\"model.hidden_size\" = [128, 512]\n",
+        )
+        .unwrap();
+        let t = s.trials();
+        let c: Vec<usize> = t
+            .iter()
+            .map(|t| {
+                let cfg = RunConfig::from_table(s.trial_table(t, None).unwrap()).unwrap();
+                cfg.model_config().unwrap().intermediate_size
+            })
+            .collect();
+        assert_eq!(c, vec![344, 1376]);
+    }
+
+    #[test]
+    fn bad_specs_name_the_field() {
+        let e = spec("[axes]\n\"init.scheme\" = [\"normal\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("optim.lr"), "{e}");
+        let e = spec("[axes]\n\"optim.lr\" = []\n").unwrap_err().to_string();
+        assert!(
+            e.contains("axes.\"optim.lr\"") && e.contains("empty"),
+            "{e}"
+        );
+        let e = spec("[axes]\n\"optim.lr\" = [1e-3]\n[sweep]\nmetric = \"acc\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sweep.metric"), "{e}");
+        let e = spec("[axes]\n\"optim.lr\" = [-1.0]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("positive"), "{e}");
+    }
+}

@@ -1,0 +1,281 @@
+//! `keel report` for a run, a sweep and a check: one self-contained report.html with its
+//! plots, opened in headless Chromium (Debian's `chromium`, which `.ci/run` installs): the
+//! screenshot is not blank and the DOM holds the figures.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn keel() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_keel"))
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("keel-report-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn ok(c: &mut Command) -> String {
+    let o = c.output().unwrap();
+    assert!(
+        o.status.success(),
+        "{:?}: {}\n{}",
+        c,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+fn chromium() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    for name in ["chromium", "chromium-browser", "google-chrome", "chrome"] {
+        for d in std::env::split_paths(&path) {
+            let p = d.join(name);
+            if p.is_file() {
+                return Some(p);
+            }
+        }
+    }
+    None
+}
+
+/// Self-contained: no scripts, nothing fetched (the SVG namespace URI is a name, not a fetch).
+fn assert_offline(html: &str) {
+    assert!(!html.contains("<script"), "report has a script");
+    let stripped = html.replace("http://www.w3.org/2000/svg", "");
+    for bad in ["http://", "https://", "<link", "@import", "url("] {
+        assert!(!stripped.contains(bad), "report references {bad}");
+    }
+}
+
+/// Open in headless Chromium: DOM dump and a screenshot; the screenshot must show the
+/// plots (many non-white pixels, the plot palette present).
+fn browse(html: &Path, want_ids: &[&str], min_svgs: usize) {
+    let Some(chrome) = chromium() else {
+        assert!(
+            std::env::var_os("KEEL_REQUIRE_CHROMIUM").is_none(),
+            "chromium not found, but .ci/run installed it (KEEL_REQUIRE_CHROMIUM)"
+        );
+        eprintln!("SKIPPED the browser part: no chromium on PATH (apt-get install chromium)");
+        return;
+    };
+    let dir = html.parent().unwrap();
+    let profile = dir.join("chrome-profile");
+    let url = format!("file://{}", html.canonicalize().unwrap().display());
+    let base = |c: &mut Command| {
+        c.args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--hide-scrollbars",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()));
+    };
+    let mut c = Command::new(&chrome);
+    base(&mut c);
+    let dom = ok(c.arg("--dump-dom").arg(&url));
+    let svgs = dom.matches("<svg").count();
+    assert!(
+        svgs >= min_svgs,
+        "{svgs} inline SVGs in the DOM, want ≥ {min_svgs}"
+    );
+    for id in want_ids {
+        assert!(dom.contains(&format!("id=\"{id}\"")), "no #{id} in the DOM");
+    }
+    let shot = dir.join("screenshot.png");
+    let mut c = Command::new(&chrome);
+    base(&mut c);
+    ok(c.arg(format!("--screenshot={}", shot.display()))
+        .arg("--window-size=1280,2400")
+        .arg(&url));
+    let dec = png::Decoder::new(std::fs::File::open(&shot).unwrap());
+    let mut reader = dec.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    let ch = info.color_type.samples();
+    let px: Vec<&[u8]> = buf[..info.buffer_size()].chunks(ch).collect();
+    let non_white = px
+        .iter()
+        .filter(|p| p[0] < 235 || p[1] < 235 || p[2] < 235)
+        .count();
+    let frac = non_white as f64 / px.len() as f64;
+    assert!(
+        frac > 0.05,
+        "screenshot nearly blank ({:.1}% ink)",
+        frac * 100.0
+    );
+    // the plots' colours are there (Tableau blue/orange, or viridis purple), not just text
+    let near = |p: &[u8], c: (i32, i32, i32)| {
+        (p[0] as i32 - c.0).abs() < 30
+            && (p[1] as i32 - c.1).abs() < 30
+            && (p[2] as i32 - c.2).abs() < 30
+    };
+    let coloured = px
+        .iter()
+        .filter(|p| {
+            near(p, (31, 119, 180))
+                || near(p, (255, 127, 14))
+                || near(p, (68, 1, 84))
+                || near(p, (214, 39, 40))
+        })
+        .count();
+    assert!(
+        coloured > 500,
+        "only {coloured} plot-coloured pixels in the screenshot"
+    );
+    let _ = std::fs::remove_dir_all(&profile);
+}
+
+#[test]
+fn run_report_renders() {
+    let dir = tmpdir("run");
+    let run = dir.join("run");
+    let out = ok(keel()
+        .args([
+            "--threads",
+            "2",
+            "train",
+            "--preset",
+            "micro",
+            "--steps",
+            "60",
+            "--out",
+        ])
+        .arg(&run)
+        .args([
+            "--set",
+            "data.builtin_bytes=200000",
+            "--set",
+            "train.batch_size=4",
+            "--set",
+            "checkpoint.every=20",
+            "--set",
+            "eval.every=20",
+            "--inject",
+            "nan@30",
+        ]));
+    // the terminal summary names the report
+    assert!(
+        out.contains("report") && out.contains("report.html"),
+        "{out}"
+    );
+    let html = std::fs::read_to_string(run.join("report.html")).unwrap();
+    assert_offline(&html);
+    for id in [
+        "fig-loss",
+        "fig-lr",
+        "fig-grad_norm",
+        "fig-update_ratio",
+        "fig-attn_logit",
+        "fig-logit_drift",
+        "fig-layer_grad_norm",
+        "fig-rms_vs_depth",
+    ] {
+        assert!(html.contains(&format!("id=\"{id}\"")), "no {id}");
+    }
+    // the injected NaN is marked on the loss plot and listed
+    assert!(
+        html.contains(">skip<"),
+        "skip event not in the events table"
+    );
+    assert!(html.contains("[model]"), "resolved config missing");
+    for p in [
+        "loss",
+        "lr",
+        "grad_norm",
+        "update_ratio",
+        "attn_logit",
+        "logit_drift",
+        "layer_grad_norm",
+        "rms_vs_depth",
+    ] {
+        for ext in ["svg", "png"] {
+            let f = run.join("plots").join(format!("{p}.{ext}"));
+            assert!(
+                std::fs::metadata(&f)
+                    .map(|m| m.len() > 1500)
+                    .unwrap_or(false),
+                "{}",
+                f.display()
+            );
+        }
+    }
+    let loss_svg = std::fs::read_to_string(run.join("plots/loss.svg")).unwrap();
+    assert!(
+        loss_svg.contains("spike, skip"),
+        "the skip is not marked on the loss plot"
+    );
+    browse(
+        &run.join("report.html"),
+        &["fig-loss", "fig-layer_grad_norm", "status", "events"],
+        9,
+    );
+    // `keel report` on the same directory rewrites it the same way
+    let o = ok(keel().arg("report").arg(&run));
+    assert!(o.contains("report.html"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn sweep_and_check_reports_render() {
+    let dir = tmpdir("sweep");
+    let spec = dir.join("sweep.toml");
+    std::fs::write(
+        &spec,
+        "[base]\nmodel.preset = \"micro\"\ntrain.steps = 30\ntrain.batch_size = 4\ndata.builtin_bytes = 200000\nschedule.warmup_steps = 5\n[axes]\n\"optim.lr\" = [1e-3, 1e-2, 3.0]\n\"init.scheme\" = [\"normal\", \"xavier-normal\"]\n",
+    )
+    .unwrap();
+    let sw = dir.join("sw");
+    ok(keel()
+        .args(["--threads", "2", "sweep", "--jobs", "2", "--config"])
+        .arg(&spec)
+        .arg("--out")
+        .arg(&sw));
+    ok(keel().arg("report").arg(&sw));
+    let html = std::fs::read_to_string(sw.join("report.html")).unwrap();
+    assert_offline(&html);
+    for id in [
+        "fig-stability_map",
+        "fig-loss_vs_lr",
+        "recommendation",
+        "sensitivity",
+        "trials",
+    ] {
+        assert!(html.contains(&format!("id=\"{id}\"")), "no {id}");
+    }
+    assert!(html.contains("Most robust scheme") && html.contains("diverged"));
+    browse(
+        &sw.join("report.html"),
+        &["fig-stability_map", "sensitivity"],
+        2,
+    );
+
+    let ck = dir.join("check");
+    let o = keel()
+        .args(["check", "--preset", "micro", "--init", "all", "--out"])
+        .arg(&ck)
+        .output()
+        .unwrap();
+    assert!(matches!(o.status.code(), Some(0) | Some(4)));
+    ok(keel().arg("report").arg(&ck));
+    let html = std::fs::read_to_string(ck.join("report.html")).unwrap();
+    assert_offline(&html);
+    assert!(
+        html.contains("id=\"fig-rms_vs_depth\"")
+            && html.contains("xavier-normal")
+            && html.contains("initial loss")
+    );
+    browse(&ck.join("report.html"), &["fig-rms_vs_depth", "init"], 2);
+    // not a keel directory: a clear error
+    let o = keel().arg("report").arg(&dir).output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not a keel run, sweep or check directory"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,322 @@
+//! `keel sweep` end to end on the micro preset: trials as processes, a deliberately too-high
+//! LR marked diverged, resume after the sweep is SIGKILLed, every output written, and the
+//! `--emit list` + `keel sweep collect` path giving the same results.
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn keel() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_keel"))
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("keel-sweep-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// 3 LRs × 2 inits on micro; LR 3.0 is far past what micro survives.
+fn write_spec(dir: &Path, steps: u64) -> PathBuf {
+    let p = dir.join("sweep.toml");
+    std::fs::write(
+        &p,
+        format!(
+            r#"
+[base]
+model.preset = "micro"
+train.steps = {steps}
+train.batch_size = 4
+data.builtin_bytes = 200000
+schedule.warmup_steps = 5
+eval.batches = 2
+checkpoint.every = 25
+
+[axes]
+"optim.lr" = [1e-3, 1e-2, 3.0]
+"init.scheme" = ["normal", "xavier-normal"]
+"#
+        ),
+    )
+    .unwrap();
+    p
+}
+
+fn results(dir: &Path) -> Vec<Value> {
+    keel::train::read_jsonl(&dir.join("results.jsonl")).unwrap_or_default()
+}
+
+fn by_lr(rs: &[Value], lr: f64) -> Vec<&Value> {
+    rs.iter()
+        .filter(|r| r["axes"]["optim.lr"].as_f64() == Some(lr))
+        .collect()
+}
+
+/// Steps 1..=n exactly once each: a resumed trial neither lost nor repeated a step.
+fn assert_contiguous(metrics: &Path) {
+    let m = keel::train::read_jsonl(metrics).unwrap();
+    let steps: Vec<u64> = m.iter().map(|x| x["step"].as_u64().unwrap()).collect();
+    let want: Vec<u64> = (1..=steps.len() as u64).collect();
+    assert_eq!(steps, want, "{}", metrics.display());
+}
+
+fn check_outputs(out: &Path, steps: u64) {
+    let rs = results(out);
+    assert_eq!(rs.len(), 6, "one row per trial");
+    for r in by_lr(&rs, 3.0) {
+        assert_eq!(r["status"], "diverged", "{r}");
+        let at = r["diverged_at"].as_u64().unwrap();
+        // warm-up 5 + 10 steps above the initial loss at the latest
+        assert!(at <= 15, "diverged at {at}");
+        assert!(r["steps_done"].as_u64().unwrap() == at);
+    }
+    for lr in [1e-3, 1e-2] {
+        for r in by_lr(&rs, lr) {
+            assert_eq!(r["status"], "finished", "{r}");
+            assert_eq!(r["steps_done"].as_u64(), Some(steps));
+            assert!(r["final_loss"].as_f64().unwrap() < r["initial_loss"].as_f64().unwrap());
+        }
+    }
+    let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 7);
+    assert!(csv
+        .lines()
+        .next()
+        .unwrap()
+        .contains("final_loss,min_loss,diverged,diverged_at"));
+    let s: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let groups = s["groups"].as_array().unwrap();
+    assert_eq!(groups.len(), 2, "one group per init scheme");
+    for g in groups {
+        assert_eq!(g["max_stable_lr"].as_f64(), Some(1e-2));
+        assert_eq!(g["first_unstable_lr"].as_f64(), Some(3.0));
+        assert_eq!(g["best_lr"].as_f64(), Some(1e-2), "{g}");
+        // Wortsman: mean over the 3 LRs of min(loss, initial) − best; the diverged LR adds
+        // initial − best, the best LR adds 0
+        let l0 = g["initial_loss"].as_f64().unwrap();
+        let best = g["best_loss"].as_f64().unwrap();
+        let lo = g["loss"][0].as_f64().unwrap();
+        let want = ((lo.min(l0) - best) + 0.0 + (l0 - best)) / 3.0;
+        assert!((g["lr_sensitivity"].as_f64().unwrap() - want).abs() < 1e-9);
+    }
+    assert!(s["recommendation"]["scheme"].is_string());
+    assert!(!s["recommendation"]["text"].as_array().unwrap().is_empty());
+    for f in ["stability_map", "loss_vs_lr"] {
+        for ext in ["svg", "png"] {
+            let p = out.join("plots").join(format!("{f}.{ext}"));
+            assert!(
+                std::fs::metadata(&p)
+                    .map(|m| m.len() > 2000)
+                    .unwrap_or(false),
+                "{}",
+                p.display()
+            );
+        }
+    }
+    let svg = std::fs::read_to_string(out.join("plots/stability_map.svg")).unwrap();
+    assert!(svg.contains("xavier-normal") && svg.contains("step"));
+    // every trial is an ordinary run directory
+    for r in &rs {
+        let d = out.join("trials").join(r["id"].as_str().unwrap());
+        assert!(d.join("config.toml").exists() && d.join("metrics.jsonl").exists());
+        assert_contiguous(&d.join("metrics.jsonl"));
+        if r["status"] == "finished" {
+            assert!(d
+                .join(format!("checkpoints/step-{steps:08}/model.safetensors"))
+                .exists());
+        }
+    }
+}
+
+#[test]
+fn sweep_resumes_after_kill_and_marks_divergence() {
+    let dir = tmpdir("resume");
+    let steps = 300;
+    let spec = write_spec(&dir, steps);
+    let out = dir.join("out");
+    let args = |c: &mut Command| {
+        c.args(["--threads", "2", "sweep", "--jobs", "2", "--config"])
+            .arg(&spec)
+            .arg("--out")
+            .arg(&out);
+    };
+    let mut c = keel();
+    args(&mut c);
+    let mut child = c
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // kill the sweep once two trials are done (others are mid-run)
+    let t0 = Instant::now();
+    while results(&out)
+        .iter()
+        .filter(|r| r["status"] == "finished" || r["status"] == "diverged")
+        .count()
+        < 2
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "sweep made no progress"
+        );
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let before: Vec<(String, std::time::SystemTime)> = results(&out)
+        .iter()
+        .filter(|r| r["status"] == "finished" || r["status"] == "diverged")
+        .map(|r| {
+            let id = r["id"].as_str().unwrap().to_string();
+            let m = std::fs::metadata(out.join("trials").join(&id).join("metrics.jsonl"))
+                .unwrap()
+                .modified()
+                .unwrap();
+            (id, m)
+        })
+        .collect();
+    assert!(!before.is_empty());
+    let mut c = keel();
+    args(&mut c);
+    let o = c.output().unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(stdout.contains("Most robust scheme"), "{stdout}");
+    // finished trials were not run again
+    for (id, m) in before {
+        let now = std::fs::metadata(out.join("trials").join(&id).join("metrics.jsonl"))
+            .unwrap()
+            .modified()
+            .unwrap();
+        assert_eq!(now, m, "{id} was re-run");
+    }
+    check_outputs(&out, steps);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn emit_list_then_collect() {
+    let dir = tmpdir("emit");
+    let steps = 40;
+    let spec = write_spec(&dir, steps);
+    let out = dir.join("out");
+    let o = keel()
+        .args(["sweep", "--emit", "list", "--jobs", "2", "--config"])
+        .arg(&spec)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let cmds = std::fs::read_to_string(out.join("commands.txt")).unwrap();
+    assert_eq!(cmds.lines().count(), 6);
+    assert!(!out.join("results.jsonl").exists(), "--emit runs nothing");
+    for line in cmds.lines() {
+        let st = Command::new("sh")
+            .arg("-c")
+            .arg(line)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        // 2 = the trial diverged: a result, not an error
+        assert!(matches!(st.code(), Some(0) | Some(2)), "{line}: {st}");
+    }
+    let o = keel()
+        .args(["sweep", "collect"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    check_outputs(&out, steps);
+    let o = keel()
+        .args(["sweep", "--emit", "slurm", "--jobs", "3", "--config"])
+        .arg(&spec)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0));
+    let sb = std::fs::read_to_string(out.join("sweep.sbatch")).unwrap();
+    assert!(
+        sb.contains("#SBATCH --array=0-5%3") && sb.contains("trials.txt"),
+        "{sb}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bad_sweeps_are_refused_with_the_field() {
+    let dir = tmpdir("bad");
+    let p = dir.join("s.toml");
+    std::fs::write(&p, "[axes]\n\"init.scheme\" = [\"normal\"]\n").unwrap();
+    let o = keel()
+        .args(["sweep", "--config"])
+        .arg(&p)
+        .arg("--out")
+        .arg(dir.join("o"))
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.contains("s.toml") && e.contains("optim.lr"), "{e}");
+    // an axis value the run config rejects names the trial and the key
+    std::fs::write(&p, "[base]\nmodel.preset=\"micro\"\n[axes]\n\"optim.lr\" = [1e-3]\n\"train.batch_size\" = [\"four\"]\n").unwrap();
+    let o = keel()
+        .args(["sweep", "--config"])
+        .arg(&p)
+        .arg("--out")
+        .arg(dir.join("o2"))
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.contains("train.batch_size"), "{e}");
+    // a directory holding another sweep is not mixed into
+    let good = write_spec(&dir, 10);
+    let o = keel()
+        .args(["sweep", "--emit", "list", "--config"])
+        .arg(&good)
+        .arg("--out")
+        .arg(dir.join("o3"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0));
+    std::fs::write(
+        &p,
+        "[base]\nmodel.preset=\"micro\"\n[axes]\n\"optim.lr\" = [1e-3, 2e-3]\n",
+    )
+    .unwrap();
+    let o = keel()
+        .args(["sweep", "--emit", "list", "--config"])
+        .arg(&p)
+        .arg("--out")
+        .arg(dir.join("o3"))
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.contains("different sweep"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
