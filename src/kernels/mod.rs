@@ -87,6 +87,9 @@ pub fn init_threads(n: usize) {
     let _ = rayon::ThreadPoolBuilder::new()
         .num_threads(n)
         .build_global();
+    // OpenBLAS has its own pool (default: every core): without this `--threads 1` still ran
+    // its GEMMs on all cores, and sweep trials oversubscribed the machine
+    matmul::set_blas_threads(num_threads());
 }
 
 #[cfg(test)]
