@@ -81,6 +81,8 @@ def main():
         sys.exit("build keel first: cargo build --release")
     modes = [m for m in a.torch_modes.split(",") if m]
     rows = []
+    # the peak before and after the runs, the larger kept: a noisy moment lowers one reading
+    peak0 = torch_fp32_peak()
     for preset in a.presets.split(","):
         k2, k1, tm, rss = [], [], {m: [] for m in modes}, {}
         for r in range(a.rounds):
@@ -98,7 +100,7 @@ def main():
             print(f"  {preset} round {r + 1}/{a.rounds}: keel {k2[-1]['tokens_per_s']:.0f} tok/s, "
                   + ", ".join(f"torch {m} {tm[m][-1]['tokens_per_s']:.0f}" for m in modes), file=sys.stderr)
         rows.append((preset, k2, k1, tm, rss))
-    p32 = torch_fp32_peak()
+    p32 = max(peak0, torch_fp32_peak())
     med = statistics.median
     print(f"\nkeel vs PyTorch — {a.rounds} rounds, medians; torch.mm fp32 peak {p32:.0f} GFLOP/s (this session)")
     print(f"{'preset':7} {'engine':24} {'tok/s':>8} {'× torch fp32':>12} {'MFU (torch.mm peak)':>20} {'peak RSS':>10}")

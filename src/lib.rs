@@ -1,7 +1,8 @@
 //! keel: train LLaMA-architecture language models that stay stable from the first step.
 //!
-//! Layers (see DESIGN.md): `cli` → `train`/`bench`/`sample` → `model`, `optim`, `init` →
-//! `kernels`; `config`, `data` and `checkpoint` handle what is on disk.
+//! Layers (see DESIGN.md): `cli` → `train`/`sweep`/`probe`/`report`/`bench`/`sample` →
+//! `monitor`, `model`, `optim`, `init` → `kernels`; `config`, `data` and `checkpoint` handle
+//! what is on disk. `sweep` runs `keel train` processes; `report` draws what the others wrote.
 
 pub mod bench;
 pub mod checkpoint;
