@@ -2,20 +2,12 @@
 //! right rung; the run finishes; clean runs raise nothing; `keel watch` on the metrics log
 //! reports what the live guard saw; `keel replay` tells data from transient faults.
 
+mod common;
+use common::{keel, tmpdir};
+
 use serde_json::Value;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn keel() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_keel"))
-}
-
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("keel-guard-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
+use std::path::Path;
+use std::process::Output;
 
 /// A micro run (batch 8 × 64, 2 threads) with extra flags.
 fn train(out: &Path, steps: u64, extra: &[&str]) -> Output {

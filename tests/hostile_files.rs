@@ -1,20 +1,15 @@
 //! Malformed or hostile model files: each gets a clear error naming the file, never a panic,
 //! a hang or a huge allocation.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
+use common::{keel, tmpdir};
 
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("keel-hostile-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
+use std::path::{Path, PathBuf};
 
 /// A valid micro model directory to corrupt.
 fn model_dir(name: &str) -> PathBuf {
     let d = tmpdir(name);
-    let st = Command::new(env!("CARGO_BIN_EXE_keel"))
+    let st = keel()
         .args(["init", "--preset", "micro", "--out"])
         .arg(&d)
         .output()
@@ -26,7 +21,7 @@ fn model_dir(name: &str) -> PathBuf {
 fn eval_fails(dir: &Path, needles: &[&str]) {
     let toks = dir.join("t.u16");
     std::fs::write(&toks, vec![1u8; 400]).unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_keel"))
+    let o = keel()
         .args(["eval", "--model"])
         .arg(dir)
         .arg("--tokens")
@@ -151,7 +146,7 @@ fn hostile_run_toml() {
     ] {
         let p = d.join(format!("{}.toml", what.replace(' ', "-")));
         std::fs::write(&p, text).unwrap();
-        let o = Command::new(env!("CARGO_BIN_EXE_keel"))
+        let o = keel()
             .args(["train", "--config"])
             .arg(&p)
             .arg("--out")
@@ -177,7 +172,7 @@ fn hostile_tokenizer_file() {
     )
     .unwrap();
     std::fs::write(d.join("data.txt"), "some text ".repeat(2000)).unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_keel"))
+    let o = keel()
         .args(["train", "--preset", "micro", "--steps", "2", "--data"])
         .arg(d.join("data.txt"))
         .arg("--set")
@@ -207,7 +202,7 @@ fn training_writes_nothing_outside_its_run_directory() {
     for d in [&cwd, &home, &tmp] {
         std::fs::create_dir_all(d).unwrap();
     }
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_keel"))
+    let o = keel()
         .current_dir(&cwd)
         .env("HOME", &home)
         .env("TMPDIR", &tmp)

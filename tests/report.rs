@@ -2,19 +2,11 @@
 //! plots, opened in headless Chromium (Debian's `chromium`, which `.ci/run` installs): the
 //! screenshot is not blank and the DOM holds the figures.
 
+mod common;
+use common::{keel, tmpdir};
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-fn keel() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_keel"))
-}
-
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("keel-report-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 fn ok(c: &mut Command) -> String {
     let o = c.output().unwrap();

@@ -2,21 +2,13 @@
 //! LR marked diverged, resume after the sweep is SIGKILLed, every output written, and the
 //! `--emit list` + `keel sweep collect` path giving the same results.
 
+mod common;
+use common::{keel, tmpdir};
+
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn keel() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_keel"))
-}
-
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("keel-sweep-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 /// 3 LRs × 2 inits on micro; LR 3.0 is far past what micro survives.
 fn write_spec(dir: &Path, steps: u64) -> PathBuf {
@@ -42,6 +34,19 @@ checkpoint.every = 25
     )
     .unwrap();
     p
+}
+
+/// `keel [pre] sweep [flags] --config spec --out out`, ready to run.
+fn sweep(pre: &[&str], flags: &[&str], spec: &Path, out: &Path) -> Command {
+    let mut c = keel();
+    c.args(pre)
+        .arg("sweep")
+        .args(flags)
+        .arg("--config")
+        .arg(spec)
+        .arg("--out")
+        .arg(out);
+    c
 }
 
 fn results(dir: &Path) -> Vec<Value> {
@@ -137,15 +142,8 @@ fn sweep_resumes_after_kill_and_marks_divergence() {
     let steps = 300;
     let spec = write_spec(&dir, steps);
     let out = dir.join("out");
-    let args = |c: &mut Command| {
-        c.args(["--threads", "2", "sweep", "--jobs", "2", "--config"])
-            .arg(&spec)
-            .arg("--out")
-            .arg(&out);
-    };
-    let mut c = keel();
-    args(&mut c);
-    let mut child = c
+    let run = || sweep(&["--threads", "2"], &["--jobs", "2"], &spec, &out);
+    let mut child = run()
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -182,9 +180,7 @@ fn sweep_resumes_after_kill_and_marks_divergence() {
         })
         .collect();
     assert!(!before.is_empty());
-    let mut c = keel();
-    args(&mut c);
-    let o = c.output().unwrap();
+    let o = run().output().unwrap();
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert_eq!(
         o.status.code(),
@@ -211,11 +207,7 @@ fn emit_list_then_collect() {
     let steps = 40;
     let spec = write_spec(&dir, steps);
     let out = dir.join("out");
-    let o = keel()
-        .args(["sweep", "--emit", "list", "--jobs", "2", "--config"])
-        .arg(&spec)
-        .arg("--out")
-        .arg(&out)
+    let o = sweep(&[], &["--emit", "list", "--jobs", "2"], &spec, &out)
         .output()
         .unwrap();
     assert_eq!(
@@ -250,11 +242,7 @@ fn emit_list_then_collect() {
         String::from_utf8_lossy(&o.stderr)
     );
     check_outputs(&out, steps);
-    let o = keel()
-        .args(["sweep", "--emit", "slurm", "--jobs", "3", "--config"])
-        .arg(&spec)
-        .arg("--out")
-        .arg(&out)
+    let o = sweep(&[], &["--emit", "slurm", "--jobs", "3"], &spec, &out)
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(0));
@@ -271,35 +259,19 @@ fn bad_sweeps_are_refused_with_the_field() {
     let dir = tmpdir("bad");
     let p = dir.join("s.toml");
     std::fs::write(&p, "[axes]\n\"init.scheme\" = [\"normal\"]\n").unwrap();
-    let o = keel()
-        .args(["sweep", "--config"])
-        .arg(&p)
-        .arg("--out")
-        .arg(dir.join("o"))
-        .output()
-        .unwrap();
+    let o = sweep(&[], &[], &p, &dir.join("o")).output().unwrap();
     let e = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{e}");
     assert!(e.contains("s.toml") && e.contains("optim.lr"), "{e}");
     // an axis value the run config rejects names the trial and the key
     std::fs::write(&p, "[base]\nmodel.preset=\"micro\"\n[axes]\n\"optim.lr\" = [1e-3]\n\"train.batch_size\" = [\"four\"]\n").unwrap();
-    let o = keel()
-        .args(["sweep", "--config"])
-        .arg(&p)
-        .arg("--out")
-        .arg(dir.join("o2"))
-        .output()
-        .unwrap();
+    let o = sweep(&[], &[], &p, &dir.join("o2")).output().unwrap();
     let e = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{e}");
     assert!(e.contains("train.batch_size"), "{e}");
     // a directory holding another sweep is not mixed into
     let good = write_spec(&dir, 10);
-    let o = keel()
-        .args(["sweep", "--emit", "list", "--config"])
-        .arg(&good)
-        .arg("--out")
-        .arg(dir.join("o3"))
+    let o = sweep(&[], &["--emit", "list"], &good, &dir.join("o3"))
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(0));
@@ -308,11 +280,7 @@ fn bad_sweeps_are_refused_with_the_field() {
         "[base]\nmodel.preset=\"micro\"\n[axes]\n\"optim.lr\" = [1e-3, 2e-3]\n",
     )
     .unwrap();
-    let o = keel()
-        .args(["sweep", "--emit", "list", "--config"])
-        .arg(&p)
-        .arg("--out")
-        .arg(dir.join("o3"))
+    let o = sweep(&[], &["--emit", "list"], &p, &dir.join("o3"))
         .output()
         .unwrap();
     let e = String::from_utf8_lossy(&o.stderr);

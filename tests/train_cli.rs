@@ -1,21 +1,13 @@
 //! End-to-end tests of the `keel` binary: training, resume after SIGKILL, Ctrl-C, eval of a
 //! checkpoint, and clear errors on bad input.
 
+mod common;
+use common::{keel, tmpdir};
+
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
-
-fn keel() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_keel"))
-}
-
-fn tmpdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("keel-it-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 /// Common flags: micro model, small built-in corpus, 2 threads, frequent checkpoints.
 fn micro_args(out: &Path, steps: u64) -> Vec<String> {

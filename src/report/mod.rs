@@ -5,7 +5,7 @@
 pub mod html;
 pub mod plot;
 
-use crate::train::read_jsonl;
+use crate::train::{num_field, read_jsonl};
 use anyhow::{bail, Context, Result};
 use html::{esc, Page};
 use plot::{Heatmap, Marker, Plot, Series, VLine};
@@ -49,13 +49,9 @@ pub fn write(dir: &Path) -> Result<PathBuf> {
     Ok(path)
 }
 
-fn f(v: &Value, k: &str) -> Option<f64> {
-    v.get(k).and_then(Value::as_f64)
-}
-
 fn series_of(m: &[Value], key: &str) -> Vec<(f64, f64)> {
     m.iter()
-        .filter_map(|x| Some((f(x, "step")?, f(x, key)?)))
+        .filter_map(|x| Some((num_field(x, "step")?, num_field(x, key)?)))
         .collect()
 }
 
@@ -106,7 +102,8 @@ fn marked(events: &[Value]) -> Vec<VLine> {
     // one line per step; its label lists the step's events ("spike, skip")
     let mut lines: Vec<(f64, Vec<String>)> = Vec::new();
     for e in &ev {
-        let (Some(x), Some(kind)) = (f(e, "step"), e.get("kind").and_then(Value::as_str)) else {
+        let (Some(x), Some(kind)) = (num_field(e, "step"), e.get("kind").and_then(Value::as_str))
+        else {
             continue;
         };
         let k = kind.replace('_', " ");
@@ -147,7 +144,7 @@ fn layer_heatmap(tel: &[Value], key: &str, title: &str, label: &str, log: bool) 
         .filter_map(|t| {
             let v = t.get(key)?.as_array()?;
             Some((
-                f(t, "step")?,
+                num_field(t, "step")?,
                 v.iter()
                     .map(|x| {
                         x.as_f64()
@@ -194,7 +191,7 @@ fn run_page(dir: &Path) -> Result<Page> {
     let plots = dir.join("plots");
     let mut page = Page::new(&format!("keel run — {}", dir_name(dir)));
     let last = metrics.last();
-    let steps = last.and_then(|m| f(m, "step")).unwrap_or(0.0) as u64;
+    let steps = last.and_then(|m| num_field(m, "step")).unwrap_or(0.0) as u64;
     let planned = cfg.as_ref().map_or(0, |c| c.train.steps);
     let kinds: Vec<&str> = events
         .iter()
@@ -225,7 +222,7 @@ fn run_page(dir: &Path) -> Result<Page> {
         .fold(None, |a: Option<f64>, b| Some(a.map_or(b, |a| a.min(b))));
     let mut tps: Vec<f64> = metrics
         .iter()
-        .filter_map(|m| f(m, "tokens_per_s"))
+        .filter_map(|m| num_field(m, "tokens_per_s"))
         .collect();
     tps.sort_by(f64::total_cmp);
     let n_events = kinds
@@ -250,13 +247,13 @@ fn run_page(dir: &Path) -> Result<Page> {
     page.stat(
         "tokens",
         &last
-            .and_then(|m| f(m, "tokens"))
+            .and_then(|m| num_field(m, "tokens"))
             .map_or("—".into(), |t| format!("{:.2} M", t / 1e6)),
     );
     page.stat(
         "wall time",
         &last
-            .and_then(|m| f(m, "elapsed_s"))
+            .and_then(|m| num_field(m, "elapsed_s"))
             .map_or("—".into(), |t| format!("{:.0} s", t)),
     );
     page.stat("guard events", &n_events.to_string());
@@ -277,22 +274,15 @@ fn run_page(dir: &Path) -> Result<Page> {
         }
     }
     let vlines = marked(&events);
-    let mut figs = Vec::new();
+    let one = |key: &str, color: usize| vec![line("", series_of(&metrics, key), color)];
     let mut loss_series = vec![
-        Series {
-            name: "train (per step)".into(),
-            points: losses.clone(),
-            color: 0,
-            dashed: false,
-            ..Default::default()
-        },
+        line("train (per step)", losses.clone(), 7),
         line(
             "train (smoothed)",
             smooth(&losses, (losses.len() / 60).clamp(1, 25)),
             0,
         ),
     ];
-    loss_series[0].color = 7;
     if !val.is_empty() {
         loss_series.push(Series {
             name: "validation".into(),
@@ -302,105 +292,97 @@ fn run_page(dir: &Path) -> Result<Page> {
             ..Default::default()
         });
     }
-    figs.push((
-        "loss",
-        "Loss — train and validation, guard events marked",
-        Plot {
-            size: Some(SIZE),
-            title: "Loss".into(),
-            x_label: "step".into(),
-            y_label: "cross-entropy (nats)".into(),
-            series: loss_series,
-            log_y: true,
-            vlines: vlines.clone(),
-            ..Default::default()
-        },
-    ));
-    figs.push((
-        "lr",
-        "Learning rate (after guard back-offs)",
-        Plot {
-            size: Some(SIZE),
-            title: "Learning rate".into(),
-            x_label: "step".into(),
-            y_label: "LR".into(),
-            series: vec![line("", series_of(&metrics, "lr"), 0)],
-            vlines: vlines.clone(),
-            ..Default::default()
-        },
-    ));
-    figs.push((
-        "grad_norm",
-        "Gradient norm (before clipping)",
-        Plot {
-            size: Some(SIZE),
-            title: "Gradient norm".into(),
-            x_label: "step".into(),
-            y_label: "‖g‖".into(),
-            series: vec![line("", series_of(&metrics, "grad_norm"), 3)],
-            log_y: true,
-            vlines: vlines.clone(),
-            ..Default::default()
-        },
-    ));
     // update/weight ratio per tensor group from telemetry (overall from metrics)
     let mut ur = vec![line("all", series_of(&metrics, "update_ratio"), 7)];
     for (i, g) in ["embed", "attn", "mlp", "norm", "head"].iter().enumerate() {
         let pts: Vec<(f64, f64)> = tel
             .iter()
-            .filter_map(|t| Some((f(t, "step")?, t.get("update_ratio")?.get(*g)?.as_f64()?)))
+            .filter_map(|t| {
+                Some((
+                    num_field(t, "step")?,
+                    t.get("update_ratio")?.get(*g)?.as_f64()?,
+                ))
+            })
             .collect();
         if !pts.is_empty() {
             ur.push(line(g, pts, i));
         }
     }
-    figs.push((
-        "update_ratio",
-        "Update/weight ratio ‖ΔW‖/‖W‖ per tensor group",
-        Plot {
-            size: Some(SIZE),
-            title: "Update / weight ratio".into(),
-            x_label: "step".into(),
-            y_label: "‖ΔW‖ / ‖W‖".into(),
-            series: ur,
-            log_y: true,
-            ..Default::default()
-        },
-    ));
-    figs.push((
-        "attn_logit",
-        "Largest attention logit (q·k scaled), all layers and heads",
-        Plot {
-            size: Some(SIZE),
-            title: "Max attention logit".into(),
-            x_label: "step".into(),
-            y_label: "logit".into(),
-            series: vec![line("", series_of(&metrics, "max_attn_logit"), 4)],
-            vlines: vlines.clone(),
-            ..Default::default()
-        },
-    ));
-    figs.push((
-        "logit_drift",
-        "Output logit drift: mean log-partition log Σ exp(z) of the LM head",
-        Plot {
-            size: Some(SIZE),
-            title: "Output log-partition (logit drift)".into(),
-            x_label: "step".into(),
-            y_label: "mean log Z".into(),
-            series: vec![line("", series_of(&metrics, "logit_z"), 5)],
-            vlines,
-            ..Default::default()
-        },
-    ));
+    // (file name, caption, title, y label, series, log y, guard events drawn)
+    let figs = [
+        (
+            "loss",
+            "Loss — train and validation, guard events marked",
+            "Loss",
+            "cross-entropy (nats)",
+            loss_series,
+            true,
+            true,
+        ),
+        (
+            "lr",
+            "Learning rate (after guard back-offs)",
+            "Learning rate",
+            "LR",
+            one("lr", 0),
+            false,
+            true,
+        ),
+        (
+            "grad_norm",
+            "Gradient norm (before clipping)",
+            "Gradient norm",
+            "‖g‖",
+            one("grad_norm", 3),
+            true,
+            true,
+        ),
+        (
+            "update_ratio",
+            "Update/weight ratio ‖ΔW‖/‖W‖ per tensor group",
+            "Update / weight ratio",
+            "‖ΔW‖ / ‖W‖",
+            ur,
+            true,
+            false,
+        ),
+        (
+            "attn_logit",
+            "Largest attention logit (q·k scaled), all layers and heads",
+            "Max attention logit",
+            "logit",
+            one("max_attn_logit", 4),
+            false,
+            true,
+        ),
+        (
+            "logit_drift",
+            "Output logit drift: mean log-partition log Σ exp(z) of the LM head",
+            "Output log-partition (logit drift)",
+            "mean log Z",
+            one("logit_z", 5),
+            false,
+            true,
+        ),
+    ];
     let mut body = String::new();
     body.push_str("<div class=grid>");
-    for (name, caption, p) in &figs {
-        if p.series.iter().all(|s| s.points.is_empty()) {
+    for (name, caption, title, y_label, series, log_y, events) in figs {
+        if series.iter().all(|s| s.points.is_empty()) {
             continue;
         }
+        let p = Plot {
+            size: Some(SIZE),
+            title: title.into(),
+            x_label: "step".into(),
+            y_label: y_label.into(),
+            series,
+            log_y,
+            vlines: if events { vlines.clone() } else { Vec::new() },
+            ..Default::default()
+        };
         let base = plots.join(name);
-        plot::save(p, &base)?;
+        plot::save(&p, &base)?;
         body.push_str(&html::figure(&base, name, caption)?);
     }
     body.push_str("</div>");
@@ -745,7 +727,7 @@ fn sweep_page(dir: &Path) -> Result<Page> {
     figs.push_str("</div>");
     page.section("maps", "Stability maps", figs);
     let fmt = |v: &Value| match v.as_f64() {
-        Some(x) => crate::sweep::show(&toml::Value::Float(x)),
+        Some(x) => crate::sweep::show_num(x),
         None => "—".into(),
     };
     let rows: Vec<Vec<String>> = summary["groups"]
@@ -850,7 +832,7 @@ fn check_page(dir: &Path) -> Result<Page> {
     if let Some(r) = reports.first() {
         page.subtitle = format!(
             "{} parameters · {} layers · width {} · vocab {} · batch {} × seq {} · LR {}",
-            human(f(r, "params").unwrap_or(0.0)),
+            human(num_field(r, "params").unwrap_or(0.0)),
             r["layers"],
             r["hidden_size"],
             r["vocab_size"],

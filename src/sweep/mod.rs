@@ -418,6 +418,11 @@ pub fn show(v: &toml::Value) -> String {
     }
 }
 
+/// A number as axis values print: 3e-4, 0.01.
+pub fn show_num(x: f64) -> String {
+    show(&toml::Value::Float(x))
+}
+
 /// Short name of an axis key: lr, L (layers), d (width), seed, or the key's last part.
 pub fn short_key(key: &str) -> String {
     match key {

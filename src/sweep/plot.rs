@@ -3,7 +3,7 @@
 //! stable LR against width and depth.
 
 use super::results::{describe_group, GroupSummary, Recommendation};
-use super::{show, Plan};
+use super::{show_num, Plan};
 use crate::report::plot::{save, save_heatmap, Heatmap, Marker, Plot, Series};
 use anyhow::Result;
 use serde_json::{Map, Value};
@@ -15,10 +15,6 @@ pub struct Panel<'a> {
     /// File-name suffix ("" when there is one panel).
     pub slug: String,
     pub groups: Vec<(String, &'a GroupSummary)>,
-}
-
-fn lr_label(x: f64) -> String {
-    show(&toml::Value::Float(x))
 }
 
 pub fn panels<'a>(groups: &'a [GroupSummary], base_scheme: &str) -> Vec<Panel<'a>> {
@@ -64,6 +60,17 @@ pub fn panels<'a>(groups: &'a [GroupSummary], base_scheme: &str) -> Vec<Panel<'a
         .collect()
 }
 
+impl Panel<'_> {
+    /// `sep` + the panel's name, or nothing for the only panel.
+    fn suffix(&self, sep: &str) -> String {
+        if self.name == "all" {
+            String::new()
+        } else {
+            format!("{sep}{}", self.name)
+        }
+    }
+}
+
 pub fn stability_map(p: &Panel, metric: &str) -> Heatmap {
     let lrs = p
         .groups
@@ -94,15 +101,11 @@ pub fn stability_map(p: &Panel, metric: &str) -> Heatmap {
         title: format!(
             "Stability map — {}{}",
             metric.replace('_', " "),
-            if p.name == "all" {
-                String::new()
-            } else {
-                format!(", {}", p.name)
-            }
+            p.suffix(", ")
         ),
         x_label: "peak learning rate".into(),
         y_label: "init scheme".into(),
-        cols: lrs.iter().map(|&x| lr_label(x)).collect(),
+        cols: lrs.iter().map(|&x| show_num(x)).collect(),
         rows: p.groups.iter().map(|g| g.0.clone()).collect(),
         values,
         text,
@@ -170,11 +173,7 @@ pub fn loss_vs_lr(p: &Panel, metric: &str) -> Plot {
         title: format!(
             "Final {} vs learning rate{}",
             metric.replace('_', " "),
-            if p.name == "all" {
-                String::new()
-            } else {
-                format!(" — {}", p.name)
-            }
+            p.suffix(" — ")
         ),
         x_label: "peak learning rate".into(),
         y_label: metric.replace('_', " "),

@@ -1,8 +1,8 @@
 //! Sweep results: one row per trial (read back from its run directory, so trials run
 //! elsewhere collect the same way), per-group LR statistics, and the recommendation.
 
-use super::{num, short_key, show, Plan, Trial};
-use crate::train::read_jsonl;
+use super::{num, short_key, show_num, Plan, Trial};
+use crate::train::{num_field, read_jsonl};
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -40,10 +40,6 @@ pub struct TrialResult {
     pub warnings: usize,
     pub wall_s: Option<f64>,
     pub tokens_per_s: Option<f64>,
-}
-
-fn f(v: &Value, k: &str) -> Option<f64> {
-    v.get(k).and_then(Value::as_f64)
 }
 
 fn mean(v: &[f64]) -> Option<f64> {
@@ -105,11 +101,11 @@ pub fn collect_trial(dir: &Path, t: &Trial, plan: &Plan, exit: Option<i32>) -> T
     } else {
         "incomplete"
     };
-    let losses: Vec<Option<f64>> = metrics.iter().map(|m| f(m, "loss")).collect();
+    let losses: Vec<Option<f64>> = metrics.iter().map(|m| num_field(m, "loss")).collect();
     let finite: Vec<f64> = losses.iter().flatten().copied().collect();
     let tail = |v: &[f64]| mean(&v[v.len().saturating_sub(10)..]);
     let final_train_loss = tail(&finite);
-    let val_loss = metrics.iter().rev().find_map(|m| f(m, "val_loss"));
+    let val_loss = metrics.iter().rev().find_map(|m| num_field(m, "val_loss"));
     let min_loss = finite
         .windows(10.min(finite.len().max(1)))
         .filter_map(mean)
@@ -120,11 +116,11 @@ pub fn collect_trial(dir: &Path, t: &Trial, plan: &Plan, exit: Option<i32>) -> T
     };
     let attn: Vec<f64> = metrics
         .iter()
-        .filter_map(|m| f(m, "max_attn_logit"))
+        .filter_map(|m| num_field(m, "max_attn_logit"))
         .collect();
-    let tps: Vec<f64> = metrics
+    let mut tps: Vec<f64> = metrics
         .iter()
-        .filter_map(|m| f(m, "tokens_per_s"))
+        .filter_map(|m| num_field(m, "tokens_per_s"))
         .collect();
     TrialResult {
         id: t.id.clone(),
@@ -148,14 +144,13 @@ pub fn collect_trial(dir: &Path, t: &Trial, plan: &Plan, exit: Option<i32>) -> T
         }),
         max_attn_logit: tail(&attn),
         peak_attn_logit: attn.iter().copied().reduce(f64::max),
-        final_grad_norm: metrics.iter().rev().find_map(|m| f(m, "grad_norm")),
+        final_grad_norm: metrics.iter().rev().find_map(|m| num_field(m, "grad_norm")),
         spikes: count("spike"),
         warnings: count("warning"),
-        wall_s: metrics.last().and_then(|m| f(m, "elapsed_s")),
+        wall_s: metrics.last().and_then(|m| num_field(m, "elapsed_s")),
         tokens_per_s: {
-            let mut t = tps.clone();
-            t.sort_by(f64::total_cmp);
-            t.get(t.len() / 2).copied()
+            tps.sort_by(f64::total_cmp);
+            tps.get(tps.len() / 2).copied()
         },
     }
 }
@@ -431,10 +426,6 @@ fn scheme_of(g: &Map<String, Value>, base: &str) -> String {
         .to_string()
 }
 
-fn lr(x: f64) -> String {
-    show(&toml::Value::Float(x))
-}
-
 pub fn recommend(
     plan: &Plan,
     base_scheme: &str,
@@ -534,8 +525,8 @@ pub fn recommend(
             text.push(format!(
                 "LR window for {}: {} … {} — stable and within {:.0}% of the best loss in every group",
                 r.scheme,
-                lr(lo),
-                lr(hi),
+                show_num(lo),
+                show_num(hi),
                 plan.settings.window * 100.0
             ));
         } else {
@@ -546,8 +537,8 @@ pub fn recommend(
                         format!(
                             "{}: {} … {}",
                             describe_group(&g.group, true),
-                            lr(lo),
-                            lr(hi)
+                            show_num(lo),
+                            show_num(hi)
                         )
                     })
                 })
@@ -625,10 +616,14 @@ pub fn recommend(
                 Some(u) => format!(
                     "{}={v}: {} (diverged at {})",
                     short_key(&t.axis),
-                    lr(*ms),
-                    lr(*u)
+                    show_num(*ms),
+                    show_num(*u)
                 ),
-                None => format!("{}={v}: ≥ {} (none diverged)", short_key(&t.axis), lr(*ms)),
+                None => format!(
+                    "{}={v}: ≥ {} (none diverged)",
+                    short_key(&t.axis),
+                    show_num(*ms)
+                ),
             })
             .collect();
         let mut line = format!(
@@ -658,8 +653,8 @@ pub fn recommend(
         if let (Some(tg), Some(p)) = (t.target, t.predicted_lr) {
             let maxv = t.points.iter().map(|p| p.0).fold(0.0, f64::max);
             let range = match t.predicted_range {
-                Some((lo, Some(hi))) => format!("range {} … {}", lr(lo), lr(hi)),
-                Some((lo, None)) => format!("at least {}", lr(lo)),
+                Some((lo, Some(hi))) => format!("range {} … {}", show_num(lo), show_num(hi)),
+                Some((lo, None)) => format!("at least {}", show_num(lo)),
                 None => String::new(),
             };
             let honest = if t.points.len() < 3 {
@@ -675,7 +670,7 @@ pub fn recommend(
                 "At target {} {tg} ({}): predicted max stable LR {} — {range}; {honest}{}",
                 name(&t.axis),
                 target.source,
-                lr(round3(p)),
+                show_num(super::round_sig(p)),
                 if far > 4.0 { format!("; extrapolating ×{far:.0} beyond the largest {} measured: read it as an order of magnitude", name(&t.axis)) } else { String::new() }
             ));
         }
@@ -712,7 +707,7 @@ pub fn recommend(
             let fit = power_fit(&pts.iter().map(|p| (p.0, p.1)).collect::<Vec<_>>());
             let mut line = format!(
                 "Max attention logit at LR {} ({}): {}",
-                lr(ref_lr),
+                show_num(ref_lr),
                 r.scheme,
                 pts.iter()
                     .map(|p| format!("d={}: {:.1}", p.0, p.1))
@@ -787,10 +782,6 @@ pub fn recommend(
         attn_trend,
         text,
     }
-}
-
-fn round3(x: f64) -> f64 {
-    super::round_sig(x)
 }
 
 fn trend(

@@ -93,7 +93,7 @@ fn report(dir: &Path, plan: &Plan, res: &[TrialResult], rec: &Recommendation) {
         res.iter().filter(|r| r.diverged).count(),
         res.iter().filter(|r| !r.done()).count()
     );
-    let lr = |x: Option<f64>| x.map_or("—".to_string(), |x| super::show(&toml::Value::Float(x)));
+    let lr = |x: Option<f64>| x.map_or("—".to_string(), super::show_num);
     let w = groups
         .iter()
         .map(|g| describe_group(&g.group, true).chars().count())

@@ -43,6 +43,11 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<serde_json::Value>> {
         .collect())
 }
 
+/// A numeric field of a log line (`None` when absent, null or not a number).
+pub fn num_field(v: &serde_json::Value, key: &str) -> Option<f64> {
+    v.get(key).and_then(serde_json::Value::as_f64)
+}
+
 /// Keep only the metric lines of steps ≤ `step` (a resume re-runs the rest), atomically.
 pub fn truncate_after_step(path: &Path, step: u64) -> Result<()> {
     if !path.exists() {

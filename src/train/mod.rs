@@ -4,7 +4,7 @@ pub(crate) mod lock;
 mod log;
 pub mod replay;
 
-pub use log::{read_jsonl, JsonlWriter};
+pub use log::{num_field, read_jsonl, JsonlWriter};
 
 use crate::checkpoint::{self, TrainerState};
 use crate::config::RunConfig;
