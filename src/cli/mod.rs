@@ -447,7 +447,6 @@ fn cmd_train(
     });
     crate::train::install_interrupt_handler();
     let progress = std::io::stderr().is_terminal();
-    let cfg_report = cfg.train.report;
     eprintln!("keel train → {}", out.display());
     let s = crate::train::run(&TrainOptions {
         config: cfg,
@@ -479,7 +478,7 @@ fn cmd_train(
         "  metrics            {}",
         out.join("metrics.jsonl").display()
     );
-    if cfg_report {
+    if s.report {
         match crate::report::write(&out) {
             Ok(p) => println!("  report             {}", p.display()),
             Err(e) => eprintln!("note: the report could not be written: {e:#}"),

@@ -67,6 +67,8 @@ pub struct Summary {
     pub unigram_entropy: f64,
     /// Why the guard gave up (Outcome::Diverged).
     pub diagnosis: Option<String>,
+    /// The run's own `train.report` (a bare resume takes the run directory's config).
+    pub report: bool,
 }
 
 fn now_s() -> f64 {
@@ -754,6 +756,7 @@ pub fn run(opts: &TrainOptions) -> Result<Summary> {
         events: tr.n_events,
         unigram_entropy: unigram,
         diagnosis,
+        report: cfg.train.report,
     };
     while tr.state.step < total {
         let r = tr.step()?;
