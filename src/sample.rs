@@ -87,3 +87,33 @@ pub fn generate(
     }
     Ok(out)
 }
+
+/// Continue `prompt` from a model directory with a tokenizer.json (a checkpoint), or from
+/// the newest checkpoint of a run directory; returns the generated text (`keel sample`).
+pub fn from_dir(model: &std::path::Path, prompt: &str, opts: &SampleOptions) -> Result<String> {
+    let dir = if model.join("config.json").exists() {
+        model.to_path_buf()
+    } else {
+        crate::train::latest_checkpoint(model).ok_or_else(|| {
+            anyhow::anyhow!(
+                "{}: neither a model directory (config.json) nor a run with checkpoints",
+                model.display()
+            )
+        })?
+    };
+    let tok_path = dir.join("tokenizer.json");
+    if !tok_path.exists() {
+        bail!(
+            "{}: no tokenizer.json; fix: sample from a checkpoint of a run trained on text",
+            dir.display()
+        );
+    }
+    let tok = crate::data::tokenizer::Tok::load(&tok_path)?;
+    let mut m = crate::checkpoint::load_model_dir(&dir, 1, 32)?;
+    let mut ids = tok.encode(prompt)?;
+    if ids.is_empty() {
+        ids.push(tok.eot.unwrap_or(b'\n' as u32));
+    }
+    let gen = generate(&mut m, &ids, opts, tok.eot)?;
+    tok.decode(&gen)
+}

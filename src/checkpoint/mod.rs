@@ -218,6 +218,15 @@ pub fn model_files(model: &Model) -> Result<(Vec<u8>, Vec<u8>)> {
     Ok((cfg, safetensors_bytes(&tensors, meta)?))
 }
 
+/// Write `out/config.json` and `out/model.safetensors` (each atomically): an HF model
+/// directory that `LlamaForCausalLM.from_pretrained` loads.
+pub fn write_model_dir(model: &Model, out: &Path) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
+    let (c, w) = model_files(model)?;
+    write_atomic(&out.join("config.json"), &c)?;
+    write_atomic(&out.join("model.safetensors"), &w)
+}
+
 /// Trainer progress saved with each checkpoint.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TrainerState {

@@ -505,28 +505,7 @@ fn cmd_eval(
     dtype: Option<&str>,
     max_windows: Option<usize>,
 ) -> anyhow::Result<i32> {
-    use crate::data::shard::{Layout, TokenDtype, TokenFile};
-    if seq_len == 0 {
-        anyhow::bail!("--seq-len must be positive");
-    }
-    let ext = tokens.extension().and_then(|e| e.to_str()).unwrap_or("");
-    let layout = match (dtype, ext) {
-        (Some("u16") | Some("uint16"), _) => Layout::Raw(TokenDtype::U16),
-        (Some("u32") | Some("uint32"), _) => Layout::Raw(TokenDtype::U32),
-        (Some(other), _) => anyhow::bail!("--dtype {other}: use u16 or u32"),
-        (None, "u16" | "uint16") => Layout::Raw(TokenDtype::U16),
-        (None, "u32" | "uint32") => Layout::Raw(TokenDtype::U32),
-        (None, _) => Layout::Auto,
-    };
-    let tf = TokenFile::open(tokens, layout, None)?;
-    let mut m = crate::checkpoint::load_model_dir(model, 1, seq_len)?;
-    if seq_len > m.cfg.max_seq_len {
-        anyhow::bail!(
-            "--seq-len {seq_len} exceeds the model's max_position_embeddings {}",
-            m.cfg.max_seq_len
-        );
-    }
-    let (ce, n) = crate::train::eval_tokens(&mut m, &tf, seq_len, max_windows)?;
+    let (ce, n) = crate::train::eval_file(model, tokens, seq_len, dtype, max_windows)?;
     println!(
         "{}",
         serde_json::json!({"mean_ce": ce, "windows": n, "tokens": n * seq_len})
@@ -539,81 +518,9 @@ fn cmd_sample(
     prompt: &str,
     opts: &crate::sample::SampleOptions,
 ) -> anyhow::Result<i32> {
-    let dir = if model.join("config.json").exists() {
-        model.to_path_buf()
-    } else {
-        crate::train::latest_checkpoint(model).ok_or_else(|| {
-            anyhow::anyhow!(
-                "{}: neither a model directory (config.json) nor a run with checkpoints",
-                model.display()
-            )
-        })?
-    };
-    let tok_path = dir.join("tokenizer.json");
-    if !tok_path.exists() {
-        anyhow::bail!(
-            "{}: no tokenizer.json; fix: sample from a checkpoint of a run trained on text",
-            dir.display()
-        );
-    }
-    let tok = crate::data::tokenizer::Tok::load(&tok_path)?;
-    let mut m = crate::checkpoint::load_model_dir(&dir, 1, 32)?;
-    let mut ids = tok.encode(prompt)?;
-    if ids.is_empty() {
-        ids.push(tok.eot.unwrap_or(b'\n' as u32));
-    }
-    let gen = crate::sample::generate(&mut m, &ids, opts, tok.eot)?;
-    let text = tok.decode(&gen)?;
+    let text = crate::sample::from_dir(model, prompt, opts)?;
     println!("{prompt}{text}");
     Ok(0)
-}
-
-/// `[init]` from a scheme name plus `--set init.KEY=VALUE` assignments.
-fn init_section(
-    scheme: &str,
-    seed: u64,
-    sets: &[String],
-) -> anyhow::Result<crate::init::InitSection> {
-    let mut t = toml::Table::new();
-    crate::config::apply_set(&mut t, &format!("init.scheme={}", quoted(scheme)))
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    crate::config::apply_set(&mut t, &format!("init.seed={seed}"))
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    for s in sets {
-        let (k, v) = s
-            .split_once('=')
-            .ok_or_else(|| anyhow::anyhow!("--set {s}: expected init.KEY=VALUE"))?;
-        let path: Vec<&str> = k.trim().split('.').collect();
-        if path.first() != Some(&"init") || path.len() < 2 {
-            anyhow::bail!("--set {s}: only init.* keys apply here (e.g. init.gain=0.5, init.roles.head.std=0.001)");
-        }
-        // nested keys such as init.roles.head.std
-        let mut cur = &mut t;
-        for p in &path[..path.len() - 1] {
-            cur = cur
-                .entry(p.to_string())
-                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
-                .as_table_mut()
-                .ok_or_else(|| anyhow::anyhow!("--set {s}: {p} is not a table"))?;
-        }
-        let val = format!("v = {}", v.trim())
-            .parse::<toml::Table>()
-            .ok()
-            .and_then(|mut x| x.remove("v"));
-        cur.insert(
-            path[path.len() - 1].to_string(),
-            val.unwrap_or(toml::Value::String(v.trim().to_string())),
-        );
-    }
-    let init = t.remove("init").expect("set above");
-    let doc = toml::Table::from_iter([("init".to_string(), init)]).to_string();
-    #[derive(serde::Deserialize)]
-    struct Wrap {
-        init: crate::init::InitSection,
-    }
-    let w: Wrap =
-        toml::from_str(&doc).map_err(|e| anyhow::anyhow!("init settings: {}", e.message()))?;
-    Ok(w.init)
 }
 
 fn print_plan(plans: &[crate::init::TensorPlan]) {
@@ -668,11 +575,8 @@ fn cmd_init(
         (None, None) => anyhow::bail!("give --preset P or --hf config.json"),
     }
     .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let ic = init_section(scheme, seed, sets)?;
-    let mut cfg = cfg;
-    crate::init::implied_model(&mut cfg, &ic);
-    let layout = crate::model::ParamLayout::new(&cfg);
-    let plans = crate::init::plan(&cfg, &layout, &ic).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let ic = crate::init::section(scheme, seed, sets)?;
+    let (cfg, plans) = crate::init::explain(&cfg, &ic).map_err(|e| anyhow::anyhow!("{e}"))?;
     if explain {
         print_plan(&plans);
         if !cfg.is_plain_llama() {
@@ -694,19 +598,8 @@ fn cmd_init(
         }
         anyhow::bail!("give --out DIR (or --explain to only print the plan)");
     };
-    let bytes = 4.0 * cfg.num_params() as f64;
-    if bytes > 64e9 {
-        anyhow::bail!(
-            "{:.0} GB of f32 weights is too large to write here; use --explain for the plan",
-            bytes / 1e9
-        );
-    }
-    let mut model = crate::model::Model::new(&cfg, 1, 1);
-    crate::init::initialize(&mut model, &ic).map_err(|e| anyhow::anyhow!("{e}"))?;
-    std::fs::create_dir_all(&out)?;
-    let (c, w) = crate::checkpoint::model_files(&model)?;
-    crate::checkpoint::write_atomic(&out.join("config.json"), &c)?;
-    crate::checkpoint::write_atomic(&out.join("model.safetensors"), &w)?;
+    let model = crate::init::initialized(&cfg, &ic)?;
+    crate::checkpoint::write_model_dir(&model, &out)?;
     eprintln!(
         "wrote {} ({} parameters, init {scheme}, seed {seed})",
         out.display(),
@@ -722,22 +615,11 @@ fn cmd_check(
     json: bool,
     all: bool,
 ) -> anyhow::Result<i32> {
-    use crate::init::audit::{audit_tensor, Verdict};
-    let ic = init_section(scheme, 0, sets)?;
+    use crate::init::audit::{audit_model, worst, Verdict};
+    let ic = crate::init::section(scheme, 0, sets)?;
     let m = crate::checkpoint::load_model_dir(model, 1, 1)?;
-    let plans = crate::init::plan(&m.cfg, &m.layout, &ic).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let audits: Vec<_> = m
-        .layout
-        .specs
-        .iter()
-        .zip(&plans)
-        .map(|(s, p)| audit_tensor(p, &m.params[s.offset..s.offset + s.len]))
-        .collect();
-    let worst = audits
-        .iter()
-        .map(|a| a.verdict)
-        .max()
-        .unwrap_or(Verdict::Pass);
+    let audits = audit_model(&m, &ic).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let worst = worst(&audits);
     if json {
         for a in &audits {
             println!("{}", serde_json::to_string(a)?);

@@ -55,3 +55,38 @@ impl fmt::Display for ConfigError {
 }
 
 impl std::error::Error for ConfigError {}
+
+/// A config section from JSON (the Python package's keyword arguments), strictly: an unknown
+/// key is refused with the valid ones listed, a wrong type with the field named. `section`
+/// prefixes field names (`guard`, `init`).
+pub fn from_json_strict<T>(section: &str, v: &serde_json::Value) -> Result<T, ConfigError>
+where
+    T: serde::de::DeserializeOwned + serde::Serialize + Default,
+{
+    let obj = v.as_object().ok_or_else(|| {
+        ConfigError::new(
+            section,
+            "expected a mapping of keys to values",
+            "pass keyword arguments or a dict",
+        )
+    })?;
+    let known = serde_json::to_value(T::default()).unwrap_or_default();
+    let known: Vec<&String> = known
+        .as_object()
+        .map(|o| o.keys().collect())
+        .unwrap_or_default();
+    for k in obj.keys() {
+        if !known.contains(&k) {
+            let valid: Vec<&str> = known.iter().map(|s| s.as_str()).collect();
+            return Err(ConfigError::new(
+                &format!("{section}.{k}"),
+                format!("unknown key '{k}'"),
+                format!("use one of: {}", valid.join(", ")),
+            ));
+        }
+    }
+    serde_json::from_value(v.clone()).map_err(|e| {
+        // serde names the field in its message ("invalid type: ... for key `x`" or similar)
+        ConfigError::new(section, e.to_string(), "give each key a value of its type")
+    })
+}

@@ -45,6 +45,20 @@ pub enum Layout {
     Raw(TokenDtype),
 }
 
+impl Layout {
+    /// The layout of `path`: `dtype` (u16/u32) if given, else a `.u16`/`.u32` suffix means
+    /// a raw array, anything else is read as an llm.c shard (or nanoGPT uint16).
+    pub fn for_file(path: &Path, dtype: Option<&str>) -> anyhow::Result<Layout> {
+        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+        Ok(match (dtype, ext) {
+            (Some("u16" | "uint16"), _) | (None, "u16" | "uint16") => Layout::Raw(TokenDtype::U16),
+            (Some("u32" | "uint32"), _) | (None, "u32" | "uint32") => Layout::Raw(TokenDtype::U32),
+            (Some(other), _) => anyhow::bail!("--dtype {other}: use u16 or u32"),
+            (None, _) => Layout::Auto,
+        })
+    }
+}
+
 /// A memory-mapped, validated array of token ids.
 #[derive(Debug)]
 pub struct TokenFile {

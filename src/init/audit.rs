@@ -54,6 +54,31 @@ fn expected_kurtosis(d: &Dist) -> f64 {
     }
 }
 
+/// Audit every tensor of `model` against the scheme `ic` (`keel check --model`,
+/// `keel.audit`), in layout order.
+pub fn audit_model(
+    model: &crate::model::Model,
+    ic: &super::InitSection,
+) -> Result<Vec<TensorAudit>, crate::config::ConfigError> {
+    let plans = super::plan(&model.cfg, &model.layout, ic)?;
+    Ok(model
+        .layout
+        .specs
+        .iter()
+        .zip(&plans)
+        .map(|(s, p)| audit_tensor(p, &model.params[s.offset..s.offset + s.len]))
+        .collect())
+}
+
+/// The worst verdict of an audit (PASS when empty).
+pub fn worst(audits: &[TensorAudit]) -> Verdict {
+    audits
+        .iter()
+        .map(|a| a.verdict)
+        .max()
+        .unwrap_or(Verdict::Pass)
+}
+
 /// Audit one tensor's values against its plan.
 pub fn audit_tensor(plan: &TensorPlan, w: &[f32]) -> TensorAudit {
     let n = w.len().max(1);

@@ -161,3 +161,71 @@ pub fn initialize(
     }
     Ok(plans)
 }
+
+/// `[init]` from a scheme name, a seed and `init.KEY=VALUE` assignments (`--set`), as
+/// `keel init` and `keel check --model` take them. Nested keys: `init.roles.head.std=0.001`.
+pub fn section(scheme: &str, seed: u64, sets: &[String]) -> anyhow::Result<InitSection> {
+    use anyhow::{anyhow, bail};
+    let mut t = toml::Table::new();
+    let scheme = toml::Value::String(scheme.to_string());
+    crate::config::set_path(&mut t, "init.scheme", scheme).map_err(|e| anyhow!("{e}"))?;
+    crate::config::set_path(&mut t, "init.seed", toml::Value::Integer(seed as i64))
+        .map_err(|e| anyhow!("{e}"))?;
+    for s in sets {
+        if !s.trim_start().starts_with("init.") {
+            bail!("--set {s}: only init.* keys apply here (e.g. init.gain=0.5, init.roles.head.std=0.001)");
+        }
+        crate::config::apply_set(&mut t, s).map_err(|e| anyhow!("{e}"))?;
+    }
+    let init = t
+        .remove("init")
+        .unwrap_or(toml::Value::Table(toml::Table::new()));
+    let doc = toml::Table::from_iter([("init".to_string(), init)]).to_string();
+    #[derive(serde::Deserialize)]
+    struct Wrap {
+        init: InitSection,
+    }
+    let w: Wrap = toml::from_str(&doc).map_err(|e| anyhow!("init settings: {}", e.message()))?;
+    check_scheme(&w.init.scheme).map_err(|e| anyhow!("{e}"))?;
+    Ok(w.init)
+}
+
+/// `[init]` from JSON (the Python package's keyword arguments): unknown keys and schemes
+/// are refused with the valid ones listed.
+pub fn section_from_json(v: &serde_json::Value) -> Result<InitSection, crate::config::ConfigError> {
+    let ic: InitSection = crate::config::from_json_strict("init", v)?;
+    check_scheme(&ic.scheme)?;
+    Ok(ic)
+}
+
+/// What `keel init --explain` shows: the model variant the scheme implies (μP, DeepNorm) and
+/// every tensor's plan. Nothing is allocated, so any size works.
+pub fn explain(
+    cfg: &crate::config::ModelConfig,
+    ic: &InitSection,
+) -> Result<(crate::config::ModelConfig, Vec<TensorPlan>), crate::config::ConfigError> {
+    let mut cfg = cfg.clone();
+    implied_model(&mut cfg, ic);
+    let layout = crate::model::ParamLayout::new(&cfg);
+    let plans = plan(&cfg, &layout, ic)?;
+    Ok((cfg, plans))
+}
+
+/// Largest model `initialized` builds in memory (f32 bytes).
+pub const MAX_INIT_BYTES: f64 = 64e9;
+
+/// A model of `cfg` (with the variant the scheme implies) initialised as `ic` says: what
+/// `keel init --out` writes and what `keel.init_` copies into a live PyTorch model.
+pub fn initialized(cfg: &crate::config::ModelConfig, ic: &InitSection) -> anyhow::Result<Model> {
+    let (cfg, _) = explain(cfg, ic).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let bytes = 4.0 * cfg.num_params() as f64;
+    if bytes > MAX_INIT_BYTES {
+        anyhow::bail!(
+            "{:.0} GB of f32 weights is too large to build here; use explain for the plan",
+            bytes / 1e9
+        );
+    }
+    let mut model = Model::new(&cfg, 1, 1);
+    initialize(&mut model, ic).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(model)
+}

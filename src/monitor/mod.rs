@@ -433,6 +433,115 @@ impl Monitor {
     }
 }
 
+/// The live guard: the detectors and the policy together, as `keel train` and the Python
+/// package (`keel.Guard`) drive them. With `enabled = false` it detects and reports only:
+/// no action is ever decided and the LR factor stays 1 (an unguarded baseline).
+pub struct Guard {
+    pub monitor: Monitor,
+    pub policy: Policy,
+}
+
+impl Guard {
+    pub fn new(cfg: GuardConfig) -> Self {
+        Guard::with_snapshot(cfg, GuardSnapshot::default())
+    }
+
+    /// Resume from a saved state (a checkpoint's `state.json`, or `Guard.state_dict()`).
+    pub fn with_snapshot(cfg: GuardConfig, snap: GuardSnapshot) -> Self {
+        Guard {
+            monitor: Monitor::with_state(cfg.clone(), snap.monitor),
+            policy: Policy::with_state(cfg, snap.policy),
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.monitor.cfg.enabled
+    }
+
+    pub fn snapshot(&self) -> GuardSnapshot {
+        GuardSnapshot {
+            monitor: self.monitor.state.clone(),
+            policy: self.policy.state.clone(),
+        }
+    }
+
+    /// Start of `step`: a temporary LR back-off that has run its course is lifted.
+    pub fn begin_step(&mut self, step: u64) -> Option<Action> {
+        let a = self.policy.begin_step(step);
+        a.filter(|_| self.enabled())
+    }
+
+    /// LR multiplier in force (1 when the guard only watches).
+    pub fn lr_factor(&self) -> f64 {
+        if self.enabled() {
+            self.policy.lr_factor()
+        } else {
+            1.0
+        }
+    }
+
+    /// Whether an incident is open (checkpoints and snapshots wait for a quiet step, so a
+    /// rollback target never holds damaged weights).
+    pub fn in_incident(&self) -> bool {
+        self.enabled() && self.policy.state.incident_start.is_some()
+    }
+
+    /// After a rollback: the detector windows go back to those saved with the restored
+    /// state (empty for the initial weights), so the restored weights' losses are judged
+    /// against their own history, not against the later weights'. The policy's state (its
+    /// rollback count, the lowered LR) carries on.
+    pub fn restore_detectors(&mut self, state: MonitorState) {
+        self.monitor.state = state;
+    }
+
+    /// One step's metrics → what fired and what to do about it.
+    pub fn observe(&mut self, m: &StepMetrics) -> (Vec<Detection>, Decision) {
+        let detections = self.monitor.observe(m);
+        let decision = if self.enabled() {
+            self.policy.decide(m.step, &detections)
+        } else {
+            Decision::default()
+        };
+        (detections, decision)
+    }
+}
+
+impl Severity {
+    /// The `kind` of its line in events.jsonl.
+    pub fn event_kind(self) -> &'static str {
+        match self {
+            Severity::Warning => "warning",
+            Severity::Spike => "spike",
+            Severity::Divergence => "divergence",
+        }
+    }
+}
+
+impl Action {
+    /// The `kind` and `detail` of its line in events.jsonl (a rollback's detail is the
+    /// trainer's: it knows what was restored).
+    pub fn event(&self) -> (&'static str, serde_json::Value) {
+        use serde_json::json;
+        match self {
+            Action::Skip => ("skip", json!({})),
+            Action::LrBackoff { factor, until_step } if *until_step == u64::MAX => (
+                "lr_backoff",
+                json!({"factor": factor, "until_step": null, "permanent": true}),
+            ),
+            Action::LrBackoff { factor, until_step } => (
+                "lr_backoff",
+                json!({"factor": factor, "until_step": until_step}),
+            ),
+            Action::LrRestore => ("lr_restore", json!({})),
+            Action::Rollback { before_step } => (
+                "rollback",
+                json!({"reason": format!("incident began at step {before_step}"), "before_step": before_step}),
+            ),
+            Action::GiveUp { diagnosis } => ("give_up", json!({"diagnosis": diagnosis})),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -95,13 +95,9 @@ fn options(a: &ProbeArgs, rc: &RunConfig) -> CheckOptions {
 }
 
 fn open_data(a: &ProbeArgs) -> Result<Option<std::sync::Arc<crate::data::shard::TokenFile>>> {
-    use crate::data::shard::{Layout, TokenDtype, TokenFile};
+    use crate::data::shard::{Layout, TokenFile};
     let Some(p) = &a.data else { return Ok(None) };
-    let layout = match p.extension().and_then(|e| e.to_str()).unwrap_or("") {
-        "u16" | "uint16" => Layout::Raw(TokenDtype::U16),
-        "u32" | "uint32" => Layout::Raw(TokenDtype::U32),
-        _ => Layout::Auto,
-    };
+    let layout = Layout::for_file(p, None)?;
     Ok(Some(std::sync::Arc::new(TokenFile::open(p, layout, None)?)))
 }
 

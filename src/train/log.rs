@@ -33,6 +33,15 @@ impl JsonlWriter {
     }
 }
 
+/// One line of events.jsonl: `{"step", "kind", "detail", "time"}` (seconds since the epoch).
+pub fn event_line(step: u64, kind: &str, detail: serde_json::Value) -> serde_json::Value {
+    let time = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    serde_json::json!({"step": step, "kind": kind, "detail": detail, "time": time})
+}
+
 /// Parse a JSON-lines file, skipping a torn last line.
 pub fn read_jsonl(path: &Path) -> Result<Vec<serde_json::Value>> {
     let text = std::fs::read_to_string(path)

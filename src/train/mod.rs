@@ -4,13 +4,13 @@ pub(crate) mod lock;
 mod log;
 pub mod replay;
 
-pub use log::{num_field, read_jsonl, JsonlWriter};
+pub use log::{event_line, num_field, read_jsonl, JsonlWriter};
 
 use crate::checkpoint::{self, TrainerState};
 use crate::config::RunConfig;
 use crate::data::{self, Batcher, Dataset};
 use crate::model::Model;
-use crate::monitor::{Action, Monitor, Policy, Severity, StepMetrics};
+use crate::monitor::{Action, Guard, StepMetrics};
 use crate::optim::AdamW;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -69,13 +69,6 @@ pub struct Summary {
     pub diagnosis: Option<String>,
     /// The run's own `train.report` (a bare resume takes the run directory's config).
     pub report: bool,
-}
-
-fn now_s() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
 }
 
 /// Resolve the configuration of a run directory: a fresh run writes config.toml; a resume
@@ -205,8 +198,7 @@ pub(crate) struct Trainer {
     batcher: Batcher,
     x: Vec<u32>,
     y: Vec<u32>,
-    pub monitor: Monitor,
-    pub policy: Policy,
+    pub guard: Guard,
     pub inject: Vec<Injection>,
     ck_root: PathBuf,
     record: bool,
@@ -269,8 +261,7 @@ impl Trainer {
             state = checkpoint::load(dir, &mut model, &mut opt.m, &mut opt.v)?;
             opt.step = state.adam_step;
         }
-        let monitor = Monitor::with_state(cfg.guard.clone(), state.guard.monitor.clone());
-        let policy = Policy::with_state(cfg.guard.clone(), state.guard.policy.clone());
+        let guard = Guard::with_snapshot(cfg.guard.clone(), state.guard.clone());
         let open = |name: &str| -> Result<Option<JsonlWriter>> {
             Ok(if record {
                 Some(JsonlWriter::open(&out.join(name))?)
@@ -287,8 +278,7 @@ impl Trainer {
             },
             x: vec![0u32; b * t],
             y: vec![0u32; b * t],
-            monitor,
-            policy,
+            guard,
             inject: Vec::new(),
             ck_root: out.join("checkpoints"),
             metrics: open("metrics.jsonl")?,
@@ -321,7 +311,7 @@ impl Trainer {
     fn event_at(&mut self, step: u64, kind: &str, detail: serde_json::Value) -> Result<()> {
         self.n_events += 1;
         if let Some(e) = &mut self.events {
-            e.write(&json!({"step": step, "kind": kind, "detail": detail, "time": now_s()}))?;
+            e.write(&log::event_line(step, kind, detail))?;
         }
         Ok(())
     }
@@ -369,6 +359,7 @@ impl Trainer {
             Some((s, dir)) => {
                 let st = checkpoint::load(dir, &mut self.model, &mut self.opt.m, &mut self.opt.v)?;
                 self.opt.step = st.adam_step;
+                self.guard.restore_detectors(st.guard.monitor.clone());
                 (*s, st.data_cursor, dir.display().to_string())
             }
             None => {
@@ -377,6 +368,7 @@ impl Trainer {
                 self.opt.m.fill(0.0);
                 self.opt.v.fill(0.0);
                 self.opt.step = 0;
+                self.guard.restore_detectors(Default::default());
                 (0, 0, "initial weights".to_string())
             }
         };
@@ -394,17 +386,11 @@ impl Trainer {
         let total = self.cfg.train.steps;
         let accum = self.cfg.train.grad_accum;
         let s = self.state.step + 1; // the step being taken (as logged)
-        let guard_on = self.cfg.guard.enabled;
-        if let Some(a) = self.policy.begin_step(s) {
-            if guard_on {
-                self.event_at(s, "lr_restore", serde_json::to_value(&a)?)?;
-            }
+        if let Some(a) = self.guard.begin_step(s) {
+            let (kind, detail) = a.event();
+            self.event_at(s, kind, detail)?;
         }
-        let factor = if guard_on {
-            self.policy.lr_factor()
-        } else {
-            1.0
-        };
+        let factor = self.guard.lr_factor();
         let lr = self
             .cfg
             .schedule
@@ -450,13 +436,8 @@ impl Trainer {
             max_attn_logit: Some(max_attn as f64),
             logit_z: Some(logit_z as f64),
         };
-        let detections = self.monitor.observe(&m);
         // guard off: detect and log, never act (an unguarded baseline runs to the end)
-        let decision = if guard_on {
-            self.policy.decide(s, &detections)
-        } else {
-            crate::monitor::Decision::default()
-        };
+        let (detections, decision) = self.guard.observe(&m);
         let mut update_ratio = None;
         if !decision.skip {
             crate::optim::clip_grad_norm(&mut self.model.grads, self.cfg.optim.grad_clip);
@@ -520,12 +501,7 @@ impl Trainer {
             self.write_telemetry(s, update_ratio.is_some(), lse_max)?;
         }
         for d in &detections {
-            let kind = match d.kind {
-                Severity::Warning => "warning",
-                Severity::Spike => "spike",
-                Severity::Divergence => "divergence",
-            };
-            self.event(kind, serde_json::to_value(d)?)?;
+            self.event(d.kind.event_kind(), serde_json::to_value(d)?)?;
         }
         let mut diverged = None;
         if !decision.skip {
@@ -565,26 +541,19 @@ impl Trainer {
                     "skip",
                     json!({"batches": [self.state.data_cursor - accum as u64, self.state.data_cursor]}),
                 )?,
-                Action::LrBackoff { factor, until_step } => self.event(
-                    "lr_backoff",
-                    if *until_step == u64::MAX {
-                        json!({"factor": factor, "until_step": null, "permanent": true})
-                    } else {
-                        json!({"factor": factor, "until_step": until_step})
-                    },
-                )?,
-                Action::LrRestore => self.event("lr_restore", json!({}))?,
                 Action::Rollback { before_step } => self.rollback(*before_step)?,
                 Action::GiveUp { diagnosis } => {
-                    self.event("give_up", json!({"diagnosis": diagnosis}))?;
+                    let (kind, detail) = a.event();
+                    self.event(kind, detail)?;
                     gave_up = Some(diagnosis.clone());
+                }
+                Action::LrBackoff { .. } | Action::LrRestore => {
+                    let (kind, detail) = a.event();
+                    self.event(kind, detail)?;
                 }
             }
         }
-        self.state.guard = crate::monitor::GuardSnapshot {
-            monitor: self.monitor.state.clone(),
-            policy: self.policy.state.clone(),
-        };
+        self.state.guard = self.guard.snapshot();
         Ok(StepReport {
             step: s,
             loss,
@@ -637,7 +606,7 @@ impl Trainer {
         if every > 0 && s.is_multiple_of(every) {
             self.ckpt_pending = true;
         }
-        let incident = self.cfg.guard.enabled && self.policy.state.incident_start.is_some();
+        let incident = self.guard.in_incident();
         if !(force || (self.ckpt_pending && !incident)) {
             return Ok(());
         }
@@ -768,11 +737,7 @@ pub fn run(opts: &TrainOptions) -> Result<Summary> {
             bar.suspend(|| {
                 eprintln!(
                     "guard: step {step} {} {}: {}",
-                    match d.kind {
-                        Severity::Warning => "warning",
-                        Severity::Spike => "spike",
-                        Severity::Divergence => "divergence",
-                    },
+                    d.kind.event_kind(),
                     d.detector,
                     d.reason
                 )
@@ -830,6 +795,30 @@ pub fn describe(a: &Action) -> String {
         }
         Action::GiveUp { diagnosis } => format!("gave up: {diagnosis}"),
     }
+}
+
+/// Mean next-token cross-entropy of the model directory `model` on a token file, in windows of
+/// `seq_len` (`keel eval`): (mean CE, windows).
+pub fn eval_file(
+    model: &Path,
+    tokens: &Path,
+    seq_len: usize,
+    dtype: Option<&str>,
+    max_windows: Option<usize>,
+) -> Result<(f64, usize)> {
+    use crate::data::shard::{Layout, TokenFile};
+    if seq_len == 0 {
+        bail!("--seq-len must be positive");
+    }
+    let tf = TokenFile::open(tokens, Layout::for_file(tokens, dtype)?, None)?;
+    let mut m = checkpoint::load_model_dir(model, 1, seq_len)?;
+    if seq_len > m.cfg.max_seq_len {
+        bail!(
+            "--seq-len {seq_len} exceeds the model's max_position_embeddings {}",
+            m.cfg.max_seq_len
+        );
+    }
+    eval_tokens(&mut m, &tf, seq_len, max_windows)
 }
 
 /// Mean next-token cross-entropy of a model on a flat token array, windows as in DESIGN.md:
