@@ -1,0 +1,244 @@
+"""keel.torch.GuardedOptimizer: a skip leaves weights and optimizer state untouched, a
+back-off scales every group's LR for the update and restores it, a rollback restores model,
+optimizer, scheduler and RNG state from the snapshot, giving up raises keel.GaveUp, disk
+snapshots are never half-written, and the guard's state resumes with the checkpoint."""
+
+import functools
+import io
+import os
+
+import pytest
+import torch
+
+import keel
+import keel.torch as kt
+
+
+def make(seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Embedding(50, 16), torch.nn.Flatten(), torch.nn.Linear(16 * 8, 50))
+    opt = torch.optim.AdamW([
+        {"params": model[0].parameters(), "lr": 1e-2},
+        {"params": model[2].parameters(), "lr": 3e-3},
+    ])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + 0.01 * s))
+    return model, opt, sched
+
+
+def batch(i):
+    g = torch.Generator().manual_seed(1000 + i)
+    x = torch.randint(0, 50, (4, 8), generator=g)
+    return x, x[:, 0]
+
+
+def train_step(model, gopt, i, poison=False):
+    x, y = batch(i)
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    if poison:
+        loss = loss * float("nan")
+    loss.backward()
+    gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    a = gopt.step(loss, gn)
+    gopt.zero_grad()
+    return a
+
+
+def weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def opt_state(opt):
+    return {(i, k): v.clone() for i, (p, s) in enumerate(opt.state.items()) for k, v in s.items()}
+
+
+def test_skip_leaves_weights_and_optimizer_state_untouched():
+    model, opt, sched = make()
+    gopt = kt.GuardedOptimizer(opt, model=model, scheduler=sched)
+    for i in range(1, 31):
+        assert train_step(model, gopt, i).kind == "proceed"
+    w, st, epoch = weights(model), opt_state(opt), sched.last_epoch
+    a = train_step(model, gopt, 31, poison=True)
+    assert (a.kind, a.skip) == ("skip", True) and a.detections[0]["detector"] == "nonfinite"
+    assert same(w, weights(model)) and same(st, opt_state(opt))
+    assert sched.last_epoch == epoch + 1  # the schedule follows the step count
+    assert train_step(model, gopt, 32).kind == "proceed" and not same(w, weights(model))
+
+
+def test_backoff_scales_every_group_and_restores():
+    model, opt, sched = make()
+    gopt = kt.GuardedOptimizer(opt, model=model, scheduler=sched, backoff_steps=5)
+    seen = []
+    inner = opt.step
+
+    @functools.wraps(inner)  # keeps the scheduler's marker on the step
+    def recording_step(*a, **k):
+        seen.append([g["lr"] for g in opt.param_groups])
+        return inner(*a, **k)
+
+    opt.step = recording_step
+    for i in range(1, 31):
+        train_step(model, gopt, i)
+    kinds = []
+    for i in range(31, 37):  # three NaNs with good steps between: skip, skip, lr_backoff
+        kinds.append(train_step(model, gopt, i, poison=(i % 2 == 1)).kind)
+    assert kinds == ["skip", "proceed", "skip", "proceed", "lr_backoff", "proceed"], kinds
+    assert gopt.guard.lr_factor == 0.5
+    sched_lrs = sched.get_last_lr()
+    n = len(seen)
+    train_step(model, gopt, 37)
+    assert seen[n] == pytest.approx([0.5 * lr for lr in sched_lrs])  # the update used half
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx(sched.get_last_lr())  # and the scheduler keeps its own
+    for i in range(38, 44):
+        a = train_step(model, gopt, i)
+        if any(e["kind"] == "lr_restore" for e in a.events):
+            break
+    assert a.step == 41 and gopt.guard.lr_factor == 1.0  # back-off at 35 for 5 steps
+
+
+def run_to_rollback(tmp_path=None, **kw):
+    model, opt, sched = make()
+    gopt = kt.GuardedOptimizer(opt, model=model, scheduler=sched, snapshot_every=10, keep=2, **kw)
+    at = {}
+    for i in range(1, 26):
+        train_step(model, gopt, i)
+        if i == 20:
+            at = dict(w=weights(model), st=opt_state(opt), epoch=sched.last_epoch, rng=torch.get_rng_state())
+    torch.rand(5)  # move the RNG on
+    kinds = [train_step(model, gopt, i, poison=True).kind for i in (26, 27, 28)]
+    return model, opt, sched, gopt, at, kinds
+
+
+def test_rollback_restores_model_optimizer_scheduler_and_rng():
+    model, opt, sched, gopt, at, kinds = run_to_rollback()
+    assert kinds == ["skip", "skip", "rollback"], kinds
+    assert same(at["w"], weights(model)) and same(at["st"], opt_state(opt))
+    assert sched.last_epoch == at["epoch"]
+    assert torch.equal(torch.get_rng_state(), at["rng"])
+    assert gopt.guard.lr_factor == 0.5  # a rollback lowers the LR for good
+    assert train_step(model, gopt, 29).kind == "proceed"
+
+
+def test_disk_snapshots_are_atomic_and_pruned(tmp_path, monkeypatch):
+    d = tmp_path / "snaps"
+    model, opt, sched, gopt, at, kinds = run_to_rollback(snapshot_dir=d)
+    assert kinds[-1] == "rollback" and same(at["w"], weights(model))
+    assert sorted(os.listdir(d)) == ["step-00000000.pt", "step-00000010.pt", "step-00000020.pt"]
+    # a write that fails half way leaves the earlier snapshots and no stray file
+    real_save = torch.save
+
+    def broken(obj, f, *a, **k):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", broken)
+    with pytest.raises(OSError):
+        # the snapshot due at step 30 waits until the incident closes (50 quiet steps)
+        for i in range(29, 120):
+            train_step(model, gopt, i)
+    assert gopt.step_count == 78
+    monkeypatch.setattr(torch, "save", real_save)
+    assert sorted(os.listdir(d)) == ["step-00000000.pt", "step-00000010.pt", "step-00000020.pt"]
+    torch.load(d / "step-00000020.pt", weights_only=True)
+
+
+def test_give_up_raises():
+    model, opt, sched = make()
+    gopt = kt.GuardedOptimizer(opt, model=model, max_rollbacks=0)
+    for i in range(1, 21):
+        train_step(model, gopt, i)
+    with pytest.raises(keel.GaveUp, match="gave up at step 23") as e:
+        for i in range(21, 30):
+            train_step(model, gopt, i, poison=True)
+    assert "rollbacks" in e.value.diagnosis
+
+
+def test_state_dict_resumes_the_guard():
+    model, opt, sched = make()
+    g1 = kt.GuardedOptimizer(opt, model=model)
+    for i in range(1, 41):
+        train_step(model, g1, i, poison=(i == 35))
+    buf = io.BytesIO()
+    torch.save(g1.state_dict(), buf)  # as a checkpoint holds it
+    buf.seek(0)
+    sd = torch.load(buf, weights_only=True)
+    model2, opt2, _ = make()
+    model2.load_state_dict(model.state_dict())
+    g2 = kt.GuardedOptimizer(opt2, model=model2)
+    g2.load_state_dict(sd)
+    assert g2.step_count == 40 and g2.guard.state_dict() == g1.guard.state_dict()
+    for i in range(41, 46):
+        a1, a2 = train_step(model, g1, i, poison=(i == 43)), train_step(model2, g2, i, poison=(i == 43))
+        assert (a1.kind, a1.step) == (a2.kind, a2.step)
+    assert same(weights(model), weights(model2))
+
+
+def test_bad_arguments():
+    model, opt, _ = make()
+    with pytest.raises(ValueError, match="loss_zz"):
+        kt.GuardedOptimizer(opt, loss_zz=1)
+    with pytest.raises(ValueError, match="not both"):
+        kt.GuardedOptimizer(opt, keel.Guard(), loss_z=5)
+    with pytest.raises(ValueError, match="snapshot_every"):
+        kt.GuardedOptimizer(opt, snapshot_every=0)
+
+
+def test_rollback_to_the_initial_state_judges_it_by_its_own_history():
+    """The detectors' windows come back with the weights: the initial weights' higher loss
+    after a rollback to step 0 is not a spike against the trained weights' losses."""
+    model, opt, sched = make()
+    gopt = kt.GuardedOptimizer(opt, model=model, snapshot_every=1000)
+    for i in range(1, 61):
+        train_step(model, gopt, i)
+    kinds = [train_step(model, gopt, i, poison=True).kind for i in (61, 62, 63)]
+    assert kinds == ["skip", "skip", "rollback"]
+    after = [train_step(model, gopt, i).kind for i in range(64, 90)]
+    assert after == ["proceed"] * len(after), after
+
+
+def test_one_host_read_per_step(monkeypatch):
+    """The guard reads the loss and the gradient norm the loop already has, in one transfer
+    (`tolist` of a 2-element tensor): no other `.item()`, `float()`, `bool()` or `.tolist()`
+    on a tensor, on healthy steps and skipped ones alike. Floats cost no read at all."""
+    model, opt, sched = make()
+    gopt = kt.GuardedOptimizer(opt, model=model, scheduler=sched)
+    reads, inside = [], [False]
+    inner = opt.step
+
+    @functools.wraps(inner)
+    def optimizer_step(*a, **k):  # the optimizer's own reads (AdamW's step counter) are not ours
+        inside[0] = True
+        try:
+            return inner(*a, **k)
+        finally:
+            inside[0] = False
+
+    opt.step = optimizer_step
+    for name in ("item", "tolist", "__float__", "__bool__", "__int__"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _real=real, _name=name, **k):
+            if not inside[0]:
+                reads.append(_name)
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    per_step = []
+    for i in range(1, 40):
+        x, y = batch(i)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        if i == 30:
+            loss = loss * float("nan")
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        reads.clear()
+        gopt.step(loss, gn)
+        per_step.append(list(reads))
+        gopt.zero_grad()
+    assert all(r == ["tolist"] for r in per_step), per_step
+    reads.clear()
+    gopt.step(2.5, 1.0)
+    assert reads == []
