@@ -576,7 +576,8 @@ fn cmd_init(
     }
     .map_err(|e| anyhow::anyhow!("{e}"))?;
     let ic = crate::init::section(scheme, seed, sets)?;
-    let (cfg, plans) = crate::init::explain(&cfg, &ic).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let raw = cfg;
+    let (cfg, plans) = crate::init::explain(&raw, &ic).map_err(|e| anyhow::anyhow!("{e}"))?;
     if explain {
         print_plan(&plans);
         if !cfg.is_plain_llama() {
@@ -598,7 +599,7 @@ fn cmd_init(
         }
         anyhow::bail!("give --out DIR (or --explain to only print the plan)");
     };
-    let model = crate::init::initialized(&cfg, &ic)?;
+    let model = crate::init::initialized(&raw, &ic)?;
     crate::checkpoint::write_model_dir(&model, &out)?;
     eprintln!(
         "wrote {} ({} parameters, init {scheme}, seed {seed})",
