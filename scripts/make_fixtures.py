@@ -10,6 +10,9 @@ Two small safetensors files (about 1 MB each) in ``tests/fixtures/``:
   batch 2 x seq 64, seed 0.
 * ``gqa_tied.safetensors``  -- same shape but 1 KV head (MQA), RoPE theta
   5e5, tied embeddings (lm_head == embed_tokens), batch 2 x seq 32, seed 1.
+* ``qwen3_qknorm.safetensors`` -- ``Qwen3ForCausalLM`` (LLaMA + per-head RMSNorm
+  of q and k before RoPE, ``q_norm``/``k_norm`` over head_dim 16), the micro
+  shape, batch 2 x seq 32, seed 2 (keel's ``model.qk_norm``).
 
 Each file holds, built with Hugging Face ``transformers.LlamaForCausalLM``
 (float32, CPU, eager attention, default init std 0.02, every RMSNorm weight
@@ -55,7 +58,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 from safetensors.torch import save_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 FIXTURES = [
     dict(name="micro", seed=0, vocab=256, hidden=64, layers=2, heads=4,
@@ -64,6 +67,9 @@ FIXTURES = [
     dict(name="gqa_tied", seed=1, vocab=256, hidden=64, layers=2, heads=4,
          kv_heads=1, ffn=172, max_pos=64, rope_theta=500000.0, tie=True,
          batch=2, seq=32),
+    dict(name="qwen3_qknorm", seed=2, vocab=256, hidden=64, layers=2, heads=4,
+         kv_heads=2, ffn=172, max_pos=64, rope_theta=10000.0, tie=False,
+         batch=2, seq=32, qwen3=True),
 ]
 
 ADAMW = dict(lr=3e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1,
@@ -71,7 +77,7 @@ ADAMW = dict(lr=3e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1,
 RMS_NORM_EPS = 1e-5
 
 
-def make_llama_config(c):
+def make_llama_config(c, cls=LlamaConfig, **extra):
     """LlamaConfig for fixture spec ``c``; handles both rope config forms.
 
     transformers >= 5 takes ``rope_parameters={"rope_type", "rope_theta"}``;
@@ -95,11 +101,12 @@ def make_llama_config(c):
         attention_dropout=0.0,
         initializer_range=0.02,
         use_cache=False,
+        **extra,
     )
     theta = c["rope_theta"]
     cfg = None
     try:  # transformers >= 5
-        cfg = LlamaConfig(rope_parameters={"rope_type": "default", "rope_theta": theta}, **kw)
+        cfg = cls(rope_parameters={"rope_type": "default", "rope_theta": theta}, **kw)
         rp = getattr(cfg, "rope_parameters", None)
         if not (isinstance(rp, dict) and float(rp.get("rope_theta", -1)) == theta):
             cfg = None
@@ -108,7 +115,7 @@ def make_llama_config(c):
     except TypeError:
         cfg = None
     if cfg is None:  # older transformers
-        cfg = LlamaConfig(rope_theta=theta, **kw)
+        cfg = cls(rope_theta=theta, **kw)
         form = "rope_theta"
     cfg._attn_implementation = "eager"
     return cfg, form
@@ -150,8 +157,13 @@ def loss_fn(model, input_ids, targets):
 
 def make_fixture(c, out_dir):
     torch.manual_seed(c["seed"])
-    cfg, rope_form = make_llama_config(c)
-    model = LlamaForCausalLM(cfg).to(torch.float32)
+    if c.get("qwen3"):
+        cfg, rope_form = make_llama_config(
+            c, Qwen3Config, head_dim=c["hidden"] // c["heads"], use_sliding_window=False)
+        model = Qwen3ForCausalLM(cfg).to(torch.float32)
+    else:
+        cfg, rope_form = make_llama_config(c)
+        model = LlamaForCausalLM(cfg).to(torch.float32)
     model.config._attn_implementation = "eager"
     model.train()
     head_dim = c["hidden"] // c["heads"]
@@ -163,7 +175,7 @@ def make_fixture(c, out_dir):
     # Perturb all RMSNorm weights so their gradients are exercised.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("layernorm.weight") or name == "model.norm.weight":
+            if name.endswith("norm.weight"):  # layernorms, final norm, q_norm/k_norm
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
 
     B, T, V = c["batch"], c["seq"], c["vocab"]
@@ -218,7 +230,7 @@ def make_fixture(c, out_dir):
         num_heads=c["heads"], num_kv_heads=c["kv_heads"],
         intermediate_size=c["ffn"], rope_theta=c["rope_theta"],
         rms_norm_eps=RMS_NORM_EPS, tie_embeddings=c["tie"],
-        batch=B, seq=T,
+        batch=B, seq=T, qk_norm=bool(c.get("qwen3")),
     )
     metadata = {
         "config": json.dumps(config_meta),
@@ -244,6 +256,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="tests/fixtures",
                     help="output directory (default: tests/fixtures)")
+    ap.add_argument("--only", action="append", metavar="NAME",
+                    help="make only these fixtures (default: all)")
     args = ap.parse_args()
 
     torch.set_num_threads(1)
@@ -251,7 +265,8 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}")
     for c in FIXTURES:
-        make_fixture(c, args.out)
+        if args.only is None or c["name"] in args.only:
+            make_fixture(c, args.out)
 
 
 if __name__ == "__main__":

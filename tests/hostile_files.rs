@@ -117,6 +117,21 @@ fn hostile_config_json() {
             r#"{"model_type":"llama","vocab_size":256}"#,
             "missing",
         ),
+        (
+            "qwen3 sliding window",
+            r#"{"model_type":"qwen3","vocab_size":256,"hidden_size":64,"intermediate_size":172,"num_hidden_layers":2,"num_attention_heads":4,"head_dim":16,"use_sliding_window":true}"#,
+            "use_sliding_window",
+        ),
+        (
+            "qwen3 biases",
+            r#"{"model_type":"qwen3","vocab_size":256,"hidden_size":64,"intermediate_size":172,"num_hidden_layers":2,"num_attention_heads":4,"head_dim":16,"attention_bias":true}"#,
+            "attention_bias",
+        ),
+        (
+            "qwen3 default head_dim",
+            r#"{"model_type":"qwen3","vocab_size":256,"hidden_size":64,"intermediate_size":172,"num_hidden_layers":2,"num_attention_heads":4}"#,
+            "head_dim",
+        ),
         ("not an object", "[1,2,3]", "config.json"),
         ("binary", "\u{0}\u{1}\u{2}", "config.json"),
     ] {
@@ -124,6 +139,19 @@ fn hostile_config_json() {
         std::fs::write(d.join("config.json"), text).unwrap();
         eval_fails(&d, &["config.json", field]);
     }
+}
+
+#[test]
+fn qk_norm_on_a_checkpoint_without_qk_norm_weights_is_refused() {
+    // a Llama checkpoint's weights under a config that asks for qk-norm (Qwen3)
+    let d = model_dir("qk-norm-missing");
+    let text = std::fs::read_to_string(d.join("config.json")).unwrap();
+    let text = text.replace("\"llama\"", "\"qwen3\"");
+    std::fs::write(d.join("config.json"), text).unwrap();
+    eval_fails(
+        &d,
+        &["model.safetensors", "q_norm.weight is missing", "qk-norm"],
+    );
 }
 
 #[test]
@@ -137,6 +165,18 @@ fn hostile_run_toml() {
             "model.hidden_size",
         ),
         ("wrong type", "[optim]\nlr = \"fast\"", "optim.lr"),
+        ("negative z-loss", "[train]\nz_loss = -1e-4", "train.z_loss"),
+        ("infinite z-loss", "[train]\nz_loss = inf", "train.z_loss"),
+        (
+            "NaN weight decay",
+            "[optim]\nweight_decay = nan",
+            "optim.weight_decay",
+        ),
+        (
+            "negative weight decay",
+            "[optim]\nweight_decay = -0.1",
+            "optim.weight_decay",
+        ),
         ("unknown section", "[trainer]\nsteps = 3", "trainer"),
         (
             "huge batch",

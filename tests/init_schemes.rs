@@ -112,6 +112,7 @@ fn formulas_match_the_pytorch_reference() {
             attn_scale: None,
             logit_scale: 1.0,
             residual_scale: 1.0,
+            qk_norm: false,
         };
         let layout = keel::model::ParamLayout::new(&cfg);
         for (key, sch) in c["schemes"].as_object().unwrap() {

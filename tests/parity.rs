@@ -73,6 +73,7 @@ impl Fixture {
             attn_scale: None,
             logit_scale: 1.0,
             residual_scale: 1.0,
+            qk_norm: c["qk_norm"].as_bool().unwrap_or(false),
         };
         cfg.validate().unwrap();
         let mut m = Model::new(&cfg, self.usize("batch"), self.usize("seq"));
@@ -142,6 +143,7 @@ fn check_adamw(name: &str) {
         weight_decay: a["weight_decay"].as_f64().unwrap(),
         grad_clip: a["grad_clip"].as_f64().unwrap(),
         decay_embeddings: true,
+        decoupled_wd: false,
     };
     let mut opt = AdamW::new(oc.clone(), &m.layout);
     let ref_losses = fx.f32s("adamw_losses");
@@ -181,4 +183,16 @@ fn micro_adamw_10_steps_match_pytorch() {
 #[test]
 fn gqa_tied_adamw_10_steps_match_pytorch() {
     check_adamw("gqa_tied");
+}
+
+/// qk-norm (`model.qk_norm`) against HF `Qwen3ForCausalLM`: per-head q/k RMSNorm before
+/// RoPE, its weight gradients included.
+#[test]
+fn qwen3_qk_norm_matches_pytorch() {
+    check_forward_backward("qwen3_qknorm");
+}
+
+#[test]
+fn qwen3_qk_norm_adamw_10_steps_match_pytorch() {
+    check_adamw("qwen3_qknorm");
 }

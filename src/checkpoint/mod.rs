@@ -153,9 +153,15 @@ pub fn load_tensors(
     for spec in &layout.specs {
         let name = format!("{prefix}{}", spec.name);
         let t = st.tensor(&name).map_err(|_| {
-            anyhow!(
-                "{file}: tensor {name} is missing; fix: the checkpoint does not match config.json"
-            )
+            if name.ends_with("q_norm.weight") || name.ends_with("k_norm.weight") {
+                anyhow!(
+                    "{file}: tensor {name} is missing: the config asks for qk-norm (model.qk_norm, or model_type \"qwen3\") but the checkpoint has no q/k norm weights; fix: load it without qk-norm (model_type \"llama\"), or train qk-norm from a fresh init"
+                )
+            } else {
+                anyhow!(
+                    "{file}: tensor {name} is missing; fix: the checkpoint does not match config.json"
+                )
+            }
         })?;
         if t.shape() != spec.shape.as_slice() {
             bail!(

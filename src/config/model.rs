@@ -30,6 +30,10 @@ pub struct ModelConfig {
     /// Residual scaling α: x ← α·x + f(x) in every block (DeepNorm). 1 = LLaMA.
     #[serde(default = "one")]
     pub residual_scale: f64,
+    /// Per-head RMSNorm on q and k before RoPE, with learnable weights over the head dimension
+    /// (HF `Qwen3ForCausalLM`'s q_norm / k_norm); checkpoints are written as Qwen3.
+    #[serde(default)]
+    pub qk_norm: bool,
 }
 
 fn one() -> f64 {
@@ -81,6 +85,7 @@ impl ModelConfig {
             attn_scale: None,
             logit_scale: 1.0,
             residual_scale: 1.0,
+            qk_norm: false,
         }
     }
 
@@ -257,12 +262,24 @@ impl ModelConfig {
                 "give an HF config.json",
             )
         })?;
-        if let Some(mt) = obj.get("model_type").and_then(Value::as_str) {
-            if mt != "llama" {
+        let model_type = obj.get("model_type").and_then(Value::as_str);
+        let qwen3 = model_type == Some("qwen3");
+        if let Some(mt) = model_type {
+            if mt != "llama" && !qwen3 {
                 return Err(ConfigError::new(
                     "model_type",
-                    format!("'{mt}' is not a Llama model"),
-                    "keel trains LlamaForCausalLM configs (model_type \"llama\")",
+                    format!("'{mt}' is not a Llama or Qwen3 model"),
+                    "keel trains LlamaForCausalLM and Qwen3ForCausalLM configs (model_type \"llama\" or \"qwen3\")",
+                ));
+            }
+        }
+        if qwen3 {
+            // Qwen3 = Llama + q/k norm; its other options keel does not implement
+            if obj.get("use_sliding_window").and_then(Value::as_bool) == Some(true) {
+                return Err(ConfigError::new(
+                    "use_sliding_window",
+                    "sliding-window attention is not supported",
+                    "set use_sliding_window to false",
                 ));
             }
         }
@@ -359,7 +376,13 @@ impl ModelConfig {
             })?,
         };
         let hidden = req("hidden_size")?;
-        if let Some(hd) = obj.get("head_dim") {
+        // Qwen3Config's head_dim defaults to 128 when absent
+        let qwen3_default = Value::from(128u64);
+        let head_dim = match obj.get("head_dim") {
+            None | Some(Value::Null) if qwen3 => Some(&qwen3_default),
+            other => other,
+        };
+        if let Some(hd) = head_dim {
             if let Some(hd) = hd.as_u64() {
                 if num_heads > 0 && hd as usize * num_heads != hidden {
                     return Err(ConfigError::new(
@@ -393,6 +416,7 @@ impl ModelConfig {
                 .get("keel_residual_scale")
                 .and_then(Value::as_f64)
                 .unwrap_or(1.0),
+            qk_norm: qwen3,
         };
         c.validate()?;
         Ok(c)
@@ -402,8 +426,18 @@ impl ModelConfig {
     pub fn to_hf_value(&self) -> Value {
         let mut m = Map::new();
         let entries = [
-            ("architectures", json!(["LlamaForCausalLM"])),
-            ("model_type", json!("llama")),
+            (
+                "architectures",
+                json!([if self.qk_norm {
+                    "Qwen3ForCausalLM"
+                } else {
+                    "LlamaForCausalLM"
+                }]),
+            ),
+            (
+                "model_type",
+                json!(if self.qk_norm { "qwen3" } else { "llama" }),
+            ),
             ("vocab_size", json!(self.vocab_size)),
             ("hidden_size", json!(self.hidden_size)),
             ("intermediate_size", json!(self.intermediate_size)),
@@ -428,6 +462,10 @@ impl ModelConfig {
         ];
         for (k, v) in entries {
             m.insert(k.to_string(), v);
+        }
+        if self.qk_norm {
+            m.insert("use_sliding_window".into(), json!(false));
+            m.insert("sliding_window".into(), Value::Null);
         }
         // Variants transformers does not implement: recorded so keel reloads them exactly.
         if let Some(a) = self.attn_scale {

@@ -28,6 +28,8 @@ pub struct ModelSection {
     pub attn_scale: Option<f64>,
     pub logit_scale: Option<f64>,
     pub residual_scale: Option<f64>,
+    /// Per-head RMSNorm on q and k (Qwen3's q_norm/k_norm); checkpoints are written as Qwen3.
+    pub qk_norm: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -75,6 +77,9 @@ pub struct TrainSection {
     pub stop_if_diverged: bool,
     /// Write DIR/report.html when the run ends (sweeps turn it off for their trials).
     pub report: bool,
+    /// z-loss coefficient: minimise CE + z_loss·logZ² (PaLM: 1e-4), keeping the output
+    /// log-partition near 0. The logged loss stays the cross-entropy. 0 = off.
+    pub z_loss: f64,
 }
 
 impl Default for TrainSection {
@@ -89,6 +94,7 @@ impl Default for TrainSection {
             log_every: 50,
             stop_if_diverged: false,
             report: true,
+            z_loss: 0.0,
         }
     }
 }
@@ -313,7 +319,13 @@ impl RunConfig {
             num_kv_heads,
             intermediate_size
         );
-        over!(rope_theta, rms_norm_eps, tie_embeddings, max_seq_len);
+        over!(
+            rope_theta,
+            rms_norm_eps,
+            tie_embeddings,
+            max_seq_len,
+            qk_norm
+        );
         crate::init::implied_model(&mut c, &self.init);
         over!(logit_scale, residual_scale);
         if m.attn_scale.is_some() {
@@ -386,12 +398,26 @@ impl RunConfig {
                 "use 0.9 and 0.95",
             ));
         }
+        if !(o.weight_decay.is_finite() && o.weight_decay >= 0.0) {
+            return Err(ConfigError::new(
+                "optim.weight_decay",
+                format!("must be a finite number ≥ 0, got {}", o.weight_decay),
+                "use 0.1 (or ~1e-4 with optim.decoupled_wd = true)",
+            ));
+        }
         let ok = o.eps > 0.0 && o.weight_decay >= 0.0 && o.grad_clip >= 0.0; // false on NaN too
         if !ok {
             return Err(ConfigError::new(
                 "optim",
                 "eps must be > 0, weight_decay and grad_clip ≥ 0",
                 "use eps 1e-8, weight_decay 0.1, grad_clip 1.0",
+            ));
+        }
+        if !(self.train.z_loss.is_finite() && self.train.z_loss >= 0.0) {
+            return Err(ConfigError::new(
+                "train.z_loss",
+                format!("must be a finite number ≥ 0, got {}", self.train.z_loss),
+                "use 1e-4 (PaLM), or 0 for none",
             ));
         }
         let s = &self.schedule;

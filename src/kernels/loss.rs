@@ -36,7 +36,8 @@ pub fn cross_entropy_fwd(
     losses.iter().map(|&x| x as f64).sum::<f64>() / losses.len().max(1) as f64
 }
 
-/// Backward, in place: logits (N, V) ← scale · (softmax(logits) − onehot(target)).
+/// Backward, in place, of the mean of CE + `z_loss`·lse² (PaLM's z-loss keeps the
+/// log-partition near 0): logits (N, V) ← scale · (softmax·(1 + 2·z_loss·lse) − onehot).
 /// `scale` is 1/N for a mean loss (divided further for gradient accumulation).
 pub fn cross_entropy_bwd_inplace(
     logits: &mut [f32],
@@ -44,13 +45,15 @@ pub fn cross_entropy_bwd_inplace(
     targets: &[u32],
     v: usize,
     scale: f32,
+    z_loss: f32,
 ) {
     logits
         .par_chunks_mut(v)
         .zip(lse.par_iter().zip(targets.par_iter()))
         .for_each(|(row, (&z, &tgt))| {
+            let s = scale * (1.0 + 2.0 * z_loss * z);
             for x in row.iter_mut() {
-                *x = super::fast_exp(*x - z) * scale;
+                *x = super::fast_exp(*x - z) * s;
             }
             row[tgt as usize] -= scale;
         });
@@ -82,7 +85,25 @@ mod tests {
         let (mut l, mut z) = (vec![0f32; n], vec![0f32; n]);
         cross_entropy_fwd(&mut l, &mut z, &logits, &targets, v);
         let mut d = logits.clone();
-        cross_entropy_bwd_inplace(&mut d, &z, &targets, v, 1.0 / n as f32);
+        cross_entropy_bwd_inplace(&mut d, &z, &targets, v, 1.0 / n as f32, 0.0);
+        check_grad("dlogits", &mut logits.clone(), &d, f, 1e-2, 1e-3);
+    }
+
+    #[test]
+    fn z_loss_backward_matches_finite_differences() {
+        let (n, v, zc) = (4, 9, 0.3f32);
+        // shifted logits: a log-partition far from 0, as z-loss is for
+        let logits: Vec<f32> = rand_vec(n * v, 2).iter().map(|x| 2.0 * x + 3.0).collect();
+        let targets = [1u32, 5, 8, 0];
+        let f = |x: &[f32]| -> f64 {
+            let (mut l, mut z) = (vec![0f32; n], vec![0f32; n]);
+            let ce = cross_entropy_fwd(&mut l, &mut z, x, &targets, v);
+            ce + zc as f64 * z.iter().map(|&q| (q as f64).powi(2)).sum::<f64>() / n as f64
+        };
+        let (mut l, mut z) = (vec![0f32; n], vec![0f32; n]);
+        cross_entropy_fwd(&mut l, &mut z, &logits, &targets, v);
+        let mut d = logits.clone();
+        cross_entropy_bwd_inplace(&mut d, &z, &targets, v, 1.0 / n as f32, zc);
         check_grad("dlogits", &mut logits.clone(), &d, f, 1e-2, 1e-3);
     }
 }

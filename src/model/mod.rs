@@ -10,7 +10,7 @@ use crate::kernels::attention::{attention_bwd, attention_fwd, AttnShape};
 use crate::kernels::embed::{embed_bwd, embed_fwd};
 use crate::kernels::loss::{cross_entropy_bwd_inplace, cross_entropy_fwd};
 use crate::kernels::matmul::{linear_bwd_input, linear_bwd_weight, linear_fwd};
-use crate::kernels::norm::{rmsnorm_bwd, rmsnorm_fwd};
+use crate::kernels::norm::{headnorm_bwd, headnorm_fwd, rmsnorm_bwd, rmsnorm_fwd};
 use crate::kernels::rope::{rope_bwd, rope_fwd, RopeTables};
 use crate::kernels::swiglu::{swiglu_bwd, swiglu_fwd};
 use crate::kernels::{residual_add, scale_inplace};
@@ -29,6 +29,9 @@ struct Activations {
     rstd1: Vec<f32>, // L × (N)
     /// L × (N, (H+2KV)·D): fused q | k | v projections, q and k after RoPE
     qkv: Vec<f32>,
+    /// qk-norm only (else empty): L × (N, (H+KV)·D) q|k before the norm, L × (N, H+KV) rstd
+    qk_pre: Vec<f32>,
+    qk_rstd: Vec<f32>,
     probs: Vec<f32>, // L × (B, H, T, T)
     atty: Vec<f32>,  // L × (N, C)
     ln2: Vec<f32>,   // L × (N, C)
@@ -74,6 +77,12 @@ impl Activations {
             ln1: z(l * n * d),
             rstd1: z(l * n),
             qkv: z(l * n * (d + 2 * kv)),
+            qk_pre: z(if c.qk_norm { l * n * (d + kv) } else { 0 }),
+            qk_rstd: z(if c.qk_norm {
+                l * n * (c.num_heads + c.num_kv_heads)
+            } else {
+                0
+            }),
             probs: z(l * b * c.num_heads * t * t),
             atty: z(l * n * d),
             ln2: z(l * n * d),
@@ -122,6 +131,8 @@ pub struct ForwardStats {
     /// `capture_grads` is set (`keel check`); same slots as `residual_rms`.
     pub resid_grad_rms: Vec<f64>,
     pub capture_grads: bool,
+    /// Mean of lse² over positions (the z-loss term is `z_loss` × this).
+    pub lse_sq_mean: f32,
 }
 
 /// Root mean square of a buffer, summed in f64.
@@ -164,6 +175,9 @@ pub struct Model {
     /// Gradients, same layout; backward accumulates into them.
     pub grads: Vec<f32>,
     pub stats: ForwardStats,
+    /// z-loss coefficient: backward differentiates mean(CE + z_loss·lse²); the loss
+    /// `forward` returns stays the cross-entropy (0 = off).
+    pub z_loss: f32,
     acts: Activations,
     rope: RopeTables,
 }
@@ -182,6 +196,7 @@ impl Model {
                 max_attn_logit: vec![0.0; cfg.num_layers],
                 ..Default::default()
             },
+            z_loss: 0.0,
             acts: Activations::new(cfg, b, t),
             rope: RopeTables::new(cfg.max_seq_len.max(t), cfg.head_dim(), cfg.rope_theta),
             layout,
@@ -281,6 +296,20 @@ impl Model {
             rmsnorm_fwd(ln1, &mut a.rstd1[l * n..][..n], x, w(lo.ln1, d), d, eps);
             let qkv = &mut a.qkv[l * n * qs..][..n * qs];
             linear_fwd(qkv, ln1, w(lo.q, qs * d), n, d, qs);
+            if let Some(qn) = lo.q_norm {
+                let (hk, hd) = (c.num_heads + c.num_kv_heads, c.head_dim());
+                headnorm_fwd(
+                    qkv,
+                    &mut a.qk_pre[l * n * hk * hd..][..n * hk * hd],
+                    &mut a.qk_rstd[l * n * hk..][..n * hk],
+                    w(qn, hd),
+                    w(qn + hd, hd),
+                    qs,
+                    c.num_heads,
+                    c.num_kv_heads,
+                    eps,
+                );
+            }
             rope_fwd(qkv, qs, &self.rope, t, c.num_heads);
             rope_fwd(&mut qkv[d..], qs, &self.rope, t, c.num_kv_heads);
             let atty = &mut a.atty[l * nd..][..nd];
@@ -332,6 +361,7 @@ impl Model {
         let n = a.lse.len() as f32;
         self.stats.lse_mean = a.lse.iter().sum::<f32>() / n;
         self.stats.lse_max = a.lse.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        self.stats.lse_sq_mean = a.lse.iter().map(|&x| x * x).sum::<f32>() / n;
         a.ready_for_backward = true;
         Ok(loss as f32)
     }
@@ -447,7 +477,7 @@ impl Model {
         a.logits_consumed = true;
         // d(raw logits) = logit_scale · d(scaled logits)
         let ce_scale = grad_scale * c.logit_scale as f32 / n as f32;
-        cross_entropy_bwd_inplace(&mut a.logits, &a.lse, &a.targets, v, ce_scale);
+        cross_entropy_bwd_inplace(&mut a.logits, &a.lse, &a.targets, v, ce_scale, self.z_loss);
         let alpha = c.residual_scale as f32;
         linear_bwd_input(&mut a.dln, &a.logits, w(lay.head, v * d), n, d, v, false);
         linear_bwd_weight(
@@ -528,6 +558,22 @@ impl Model {
             attention_bwd(&mut a.dqkv, &mut a.scratch, &a.datty, qkv, probs, shape);
             rope_bwd(&mut a.dqkv, qs, &self.rope, t, c.num_heads);
             rope_bwd(&mut a.dqkv[d..], qs, &self.rope, t, c.num_kv_heads);
+            if let Some(qn) = lo.q_norm {
+                let (hk, hd) = (c.num_heads + c.num_kv_heads, c.head_dim());
+                let (dwq, dwk) = gr[qn..qn + 2 * hd].split_at_mut(hd);
+                headnorm_bwd(
+                    &mut a.dqkv,
+                    dwq,
+                    dwk,
+                    &a.qk_pre[l * n * hk * hd..][..n * hk * hd],
+                    &a.qk_rstd[l * n * hk..][..n * hk],
+                    w(qn, hd),
+                    w(qn + hd, hd),
+                    qs,
+                    c.num_heads,
+                    c.num_kv_heads,
+                );
+            }
             linear_bwd_input(&mut a.dln, &a.dqkv, w(lo.q, qs * d), n, d, qs, false);
             linear_bwd_weight(&mut gr[lo.q..lo.q + qs * d], &a.dqkv, ln1, n, d, qs);
             // the residual path carries α·d(out); the norm path adds below

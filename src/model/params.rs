@@ -67,6 +67,8 @@ pub struct LayerOffsets {
     pub k: usize,
     pub v: usize,
     pub o: usize,
+    /// Per-head q / k RMSNorm weights (D each, adjacent: k_norm follows q_norm), with qk-norm.
+    pub q_norm: Option<usize>,
     pub ln2: usize,
     pub gate: usize,
     pub up: usize,
@@ -145,6 +147,23 @@ impl ParamLayout {
                     Role::AttnO,
                     ly,
                 ),
+                // after o_proj: q|k|v must stay contiguous for the fused projection
+                q_norm: c.qk_norm.then(|| {
+                    let hd = c.head_dim();
+                    let q = push(
+                        format!("{p}self_attn.q_norm.weight"),
+                        vec![hd],
+                        Role::Norm,
+                        ly,
+                    );
+                    push(
+                        format!("{p}self_attn.k_norm.weight"),
+                        vec![hd],
+                        Role::Norm,
+                        ly,
+                    );
+                    q
+                }),
                 ln2: push(
                     format!("{p}post_attention_layernorm.weight"),
                     vec![d],

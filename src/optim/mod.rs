@@ -23,6 +23,11 @@ pub struct OptimConfig {
     pub grad_clip: f64,
     /// Apply weight decay to the embedding (and a tied head). Norm weights never decay.
     pub decay_embeddings: bool,
+    /// Fully decoupled weight decay (Loshchilov & Hutter; Wortsman et al. 2023): each step
+    /// multiplies weights by 1 − weight_decay·(lr_t / lr), following the schedule but not the
+    /// peak LR, so changing the LR leaves the decay alone (use a weight_decay ~1e-4). Off:
+    /// PyTorch's AdamW, 1 − lr_t·weight_decay.
+    pub decoupled_wd: bool,
 }
 
 impl Default for OptimConfig {
@@ -35,6 +40,7 @@ impl Default for OptimConfig {
             weight_decay: 0.1,
             grad_clip: 1.0,
             decay_embeddings: true,
+            decoupled_wd: false,
         }
     }
 }
@@ -121,6 +127,8 @@ impl AdamW {
             SendPtr(self.v.as_mut_ptr()),
         );
         let wd = c.weight_decay;
+        // decoupled: the decay follows the schedule (lr_t / peak), not the LR's size
+        let decoupled = c.decoupled_wd.then(|| wd * lr / c.lr);
         let part = PartPtr(self.partial.as_mut_ptr());
         let track = self.track;
         // Work items: (offset, len, decay factor), chunked for the pool.
@@ -128,7 +136,11 @@ impl AdamW {
             |(&(off, len, decays, mult), &base)| {
                 let lr = lr * mult;
                 let step_size = (lr / bc1) as f32;
-                let keep = if decays { (1.0 - lr * wd) as f32 } else { 1.0 };
+                let keep = match (decays, decoupled) {
+                    (false, _) => 1.0,
+                    (true, Some(d)) => (1.0 - d) as f32,
+                    (true, None) => (1.0 - lr * wd) as f32,
+                };
                 (0..len.div_ceil(CH)).into_par_iter().for_each(|ci| {
                     let s = off + ci * CH;
                     let e = (s + CH).min(off + len);
@@ -304,6 +316,36 @@ mod tests {
             .unwrap();
         assert_eq!(p[norm.offset], 1.0);
         assert!((p[q.offset] - 0.95).abs() < 1e-6);
+    }
+
+    #[test]
+    fn decoupled_weight_decay_follows_the_schedule_not_the_lr() {
+        let cfg = ModelConfig::preset("micro").unwrap();
+        let layout = ParamLayout::new(&cfg);
+        let q = layout
+            .get("model.layers.0.self_attn.q_proj.weight")
+            .unwrap()
+            .offset;
+        let g = vec![0.0f32; layout.total];
+        // peak LRs 10× apart, both at half of their peak: the same decay, 1e-2 × 0.5
+        for peak in [1e-3, 1e-2] {
+            let mut opt = AdamW::new(
+                OptimConfig {
+                    lr: peak,
+                    weight_decay: 1e-2,
+                    decoupled_wd: true,
+                    ..Default::default()
+                },
+                &layout,
+            );
+            let mut p = vec![1.0f32; layout.total];
+            opt.update(&mut p, &g, 0.5 * peak);
+            assert!(
+                (p[q] - (1.0 - 0.5e-2)).abs() < 1e-7,
+                "peak {peak}: {}",
+                p[q]
+            );
+        }
     }
 
     #[test]

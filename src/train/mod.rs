@@ -251,6 +251,7 @@ impl Trainer {
         let t = cfg.seq_len(&mc);
         let b = cfg.train.batch_size;
         let mut model = Model::new(&mc, b, t);
+        model.z_loss = cfg.train.z_loss as f32;
         crate::init::initialize(&mut model, &cfg.init).map_err(|e| anyhow::anyhow!("{e}"))?;
         let mut opt = AdamW::new(cfg.optim.clone(), &model.layout)
             .with_lr_multipliers(&model.layout, |r| {
@@ -474,6 +475,10 @@ impl Trainer {
         });
         if let Some(r) = update_ratio {
             line["update_ratio"] = num(r);
+        }
+        if self.model.z_loss > 0.0 {
+            // the z-loss term of the objective, last micro-batch (the loss is the cross-entropy)
+            line["z_term"] = num((self.model.z_loss * self.model.stats.lse_sq_mean) as f64);
         }
         let eval_now =
             (self.cfg.eval.every > 0 && s.is_multiple_of(self.cfg.eval.every)) || s == total;

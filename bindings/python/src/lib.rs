@@ -368,9 +368,11 @@ fn check(
                     .filter(|x| x.is_finite() && *x > 0.0)
                     .ok_or_else(bad)?
             }
-            _ => return Err(value_err(format!(
+            _ => {
+                return Err(value_err(format!(
                 "unknown check option '{k}'; use one of: batch, seq, steps, seed, lr, proxy_width"
-            ))),
+            )))
+            }
         }
     }
     let r = py
