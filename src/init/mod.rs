@@ -172,6 +172,9 @@ pub fn section(scheme: &str, seed: u64, sets: &[String]) -> anyhow::Result<InitS
     crate::config::set_path(&mut t, "init.seed", toml::Value::Integer(seed as i64))
         .map_err(|e| anyhow!("{e}"))?;
     for s in sets {
+        if !s.contains('=') {
+            bail!("--set {s}: expected init.KEY=VALUE");
+        }
         if !s.trim_start().starts_with("init.") {
             bail!("--set {s}: only init.* keys apply here (e.g. init.gain=0.5, init.roles.head.std=0.001)");
         }
@@ -215,13 +218,14 @@ pub fn explain(
 pub const MAX_INIT_BYTES: f64 = 64e9;
 
 /// A model of `cfg` (with the variant the scheme implies) initialised as `ic` says: what
-/// `keel init --out` writes and what `keel.init_` copies into a live PyTorch model.
+/// `keel init --out` writes (`keel.init_` draws the same values tensor by tensor with
+/// `sample`, without building the model).
 pub fn initialized(cfg: &crate::config::ModelConfig, ic: &InitSection) -> anyhow::Result<Model> {
     let (cfg, _) = explain(cfg, ic).map_err(|e| anyhow::anyhow!("{e}"))?;
     let bytes = 4.0 * cfg.num_params() as f64;
     if bytes > MAX_INIT_BYTES {
         anyhow::bail!(
-            "{:.0} GB of f32 weights is too large to build here; use explain for the plan",
+            "{:.0} GB of f32 weights is too large to build here; use `keel init --explain` (keel.explain) for the plan",
             bytes / 1e9
         );
     }

@@ -614,6 +614,24 @@ mod tests {
     }
 
     #[test]
+    fn restored_detectors_judge_restored_weights_by_their_own_history() {
+        // trained down to ~2.0; a rollback to the initial weights brings the loss back to ~5
+        let mut g = Guard::new(GuardConfig::default());
+        let fresh = g.monitor.state.clone();
+        for i in 1..300 {
+            let (l, gn) = healthy(i);
+            g.observe(&step(i, l, gn));
+        }
+        let (d, _) = g.observe(&step(300, 5.0, 1.0));
+        assert!(d.iter().any(|d| d.detector == "loss_spike"), "{d:?}");
+        let policy = g.policy.state.clone();
+        g.restore_detectors(fresh);
+        assert_eq!(g.policy.state, policy); // the policy's memory carries on
+        let (d, dec) = g.observe(&step(301, 5.0, 1.0));
+        assert!(d.is_empty() && !dec.skip, "{d:?}");
+    }
+
+    #[test]
     fn ratio_rule_catches_a_spike_in_a_noisy_window() {
         let mut m = Monitor::new(GuardConfig::default());
         for i in 1..=100 {

@@ -3,6 +3,7 @@ update, weights untouched), the rest trains, the events land in keel's format.""
 
 import json
 
+import pytest
 import torch
 from transformers import LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
@@ -86,3 +87,42 @@ def test_guard_callback_rolls_back_and_keeps_training(tmp_path):
     assert cb.guard.lr_factor == 0.5
     ev = [json.loads(l) for l in (tmp_path / "keel-events.jsonl").read_text().splitlines()]
     assert [e["detail"]["to_step"] for e in ev if e["kind"] == "restored"] == [20]
+
+
+def test_guard_state_resumes_with_the_trainer_checkpoint(tmp_path):
+    """trainer_state.json carries the guard (windows, policy, step count): a resumed run
+    numbers its events on from the checkpoint and keeps the LR lowered by a rollback."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(small_config())
+    poison = PoisonAt(model, [11, 12, 13])
+    cb = keel.hf.GuardCallback(snapshot_every=5)
+    a = args(tmp_path, max_steps=20, save_strategy="steps", save_steps=20)
+    Trainer(model=model, args=a, train_dataset=Tokens(), callbacks=[cb, poison]).train()
+    assert cb.guard.lr_factor == 0.5 and cb.gopt.step_count == 20
+    torch.manual_seed(0)
+    model2 = LlamaForCausalLM(small_config())
+    poison2 = PoisonAt(model2, [27])
+    cb2 = keel.hf.GuardCallback(snapshot_every=5)
+    tr = Trainer(model=model2, args=args(tmp_path, max_steps=30), train_dataset=Tokens(), callbacks=[cb2, poison2])
+    tr.train(resume_from_checkpoint=str(tmp_path / "checkpoint-20"))
+    live = next(c for c in tr.callback_handler.callbacks if isinstance(c, keel.hf.GuardCallback))
+    assert live.gopt.step_count == 30 and live.guard.lr_factor == 0.5
+    assert [(x.step, x.kind) for x in live.actions] == [(27, "skip")]
+
+
+def test_gave_up_leaves_the_trainer_unwrapped(tmp_path):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(small_config())
+    poison = PoisonAt(model, range(15, 40))
+    cb = keel.hf.GuardCallback(snapshot_every=10, max_rollbacks=0)
+    tr = Trainer(model=model, args=args(tmp_path), train_dataset=Tokens(), callbacks=[cb, poison])
+    with pytest.raises(keel.GaveUp) as e:
+        tr.train()
+    assert e.value.step == 17
+    assert "training_step" not in tr.__dict__
+    assert "GuardCallback" not in getattr(tr.optimizer.step, "__qualname__", "")
+
+
+def test_bad_guard_keys_fail_when_the_callback_is_made():
+    with pytest.raises(ValueError, match="loss_zz"):
+        keel.hf.GuardCallback(loss_zz=3)

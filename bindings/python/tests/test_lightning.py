@@ -44,10 +44,10 @@ def loader():
     return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=4)
 
 
-def fit(tmp_path, module, cb, steps):
+def fit(tmp_path, module, cb, steps, ckpt=None, **kw):
     tr = L.Trainer(max_steps=steps, callbacks=[cb], default_root_dir=tmp_path, logger=False, enable_checkpointing=False,
-                   enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0, accelerator="cpu")
-    tr.fit(module, loader())
+                   enable_progress_bar=False, enable_model_summary=False, gradient_clip_val=1.0, accelerator="cpu", **kw)
+    tr.fit(module, loader(), ckpt_path=ckpt)
     return tr
 
 
@@ -61,3 +61,17 @@ def test_lightning_skip_and_rollback(tmp_path):
     # the incident began at 15 (the snapshots due at 20 and 30 waited), so back to 10
     assert [e["detail"]["to_step"] for e in ev if e["kind"] == "restored"] == [10]
     assert all(torch.isfinite(p).all() for p in m.parameters())
+
+
+def test_lightning_accumulation_and_checkpoint_resume(tmp_path):
+    """With accumulate_grad_batches=2 a NaN in one micro-batch makes that optimizer step a
+    skip; the guard's state rides in Lightning's checkpoint and a resumed fit continues it."""
+    m = Tiny(poison=[7])  # optimizer step 7 (micro-batches 13-14)
+    cb = keel.lightning.GuardCallback(snapshot_every=5)
+    tr = fit(tmp_path, m, cb, 20, accumulate_grad_batches=2)
+    assert [(a.step, a.kind) for a in cb.actions] == [(7, "skip")]
+    tr.save_checkpoint(tmp_path / "c.ckpt")
+    cb2 = keel.lightning.GuardCallback(snapshot_every=5)
+    fit(tmp_path, Tiny(), cb2, 30, ckpt=str(tmp_path / "c.ckpt"), accumulate_grad_batches=2)
+    assert cb2.gopt.step_count == 30
+    assert cb2.guard.state_dict()["state"] != keel.Guard().state_dict()["state"]

@@ -242,3 +242,49 @@ def test_one_host_read_per_step(monkeypatch):
     reads.clear()
     gopt.step(2.5, 1.0)
     assert reads == []
+
+
+def test_two_rollbacks_to_one_snapshot_restore_the_same_state():
+    """A rollback must not leave the optimizer sharing tensors with the snapshot (torch's
+    load_state_dict keeps tensors whose dtype and device match): the second rollback to the
+    same snapshot restores exactly what the first did."""
+    model, opt, sched = make()
+    gopt = kt.GuardedOptimizer(opt, model=model, scheduler=sched, snapshot_every=10)
+    for i in range(1, 11):
+        train_step(model, gopt, i)
+    at10 = (weights(model), opt_state(opt))
+    for i in range(11, 21):  # no snapshot at 20: the rollbacks below keep the incident open
+        train_step(model, gopt, i, poison=(i in (18, 19, 20)))
+    assert gopt.last_action.kind == "rollback"
+    assert same(at10[0], weights(model)) and same(at10[1], opt_state(opt))
+    for i in range(21, 24):
+        train_step(model, gopt, i)  # moves the moments on
+    kinds = [train_step(model, gopt, i, poison=True).kind for i in (24, 25, 26)]
+    assert kinds[-1] == "rollback", kinds
+    assert same(at10[0], weights(model)) and same(at10[1], opt_state(opt))
+
+
+def test_resume_rolls_back_to_the_resumed_state_not_the_initial_one():
+    model, opt, sched = make()
+    g1 = kt.GuardedOptimizer(opt, model=model)
+    for i in range(1, 31):
+        train_step(model, g1, i)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": g1.state_dict()}, buf)
+    buf.seek(0)
+    ck = torch.load(buf, weights_only=True)
+    model2, opt2, _ = make(seed=5)  # different weights until loaded
+    g2 = kt.GuardedOptimizer(opt2, model=model2)
+    model2.load_state_dict(ck["model"])
+    g2.load_state_dict(ck["opt"])
+    assert g2.snapshots.steps == [30]
+    resumed = weights(model2)
+    kinds = [train_step(model2, g2, i, poison=True).kind for i in (31, 32, 33)]
+    assert kinds[-1] == "rollback" and same(resumed, weights(model2))
+
+
+def test_gave_up_pickles():
+    import pickle
+
+    e = pickle.loads(pickle.dumps(keel.GaveUp("too many rollbacks", 42)))
+    assert (e.diagnosis, e.step) == ("too many rollbacks", 42) and "step 42" in str(e)

@@ -52,6 +52,9 @@ class GaveUp(RuntimeError):
         self.diagnosis = diagnosis
         self.step = step
 
+    def __reduce__(self):  # picklable across processes (ddp_spawn, multiprocessing)
+        return (GaveUp, (self.diagnosis, self.step))
+
 
 @dataclass(frozen=True)
 class Action:
@@ -133,6 +136,12 @@ class Guard:
             diagnosis=diagnosis,
             events=tuple(json.loads(events)) if events else (),
         )
+
+    def restore_detectors(self, state: dict) -> None:
+        """After you roll back yourself: put the detector windows back to those of
+        `state` (a `state_dict()` taken with the restored weights), so the restored weights'
+        losses are judged against their own history. The policy state carries on."""
+        self._core.restore_detectors_json(state["state"] if isinstance(state, dict) else state)
 
     def log_event(self, step: int, kind: str, detail: Optional[dict] = None) -> None:
         """Append an event of your own to events.jsonl (e.g. what a rollback restored)."""

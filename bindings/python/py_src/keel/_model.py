@@ -23,9 +23,9 @@ def _model_config(model, config):
 
 def match_names(keel_names, module):
     """keel name -> (torch name, parameter). Accepts the module as HF names it
-    (LlamaForCausalLM), wrapped under a prefix (DDP's `module.`, torch.compile's
-    `_orig_mod.`), or the bare LlamaModel (no `model.` prefix). Parameters keel does not know
-    are an error that lists them."""
+    (LlamaForCausalLM), or wrapped under a prefix (DDP's `module.`, torch.compile's
+    `_orig_mod.`); keel names missing from the module are returned (the caller decides), and
+    parameters keel does not know are an error that lists them."""
     params = dict(module.named_parameters())
     names = list(params)
     anchor = "embed_tokens.weight"
@@ -37,7 +37,8 @@ def match_names(keel_names, module):
             + (" …" if len(names) > 12 else "")
         )
     base = hits[0][: -len(anchor)]  # prefix standing for keel's "model."
-    outer = base[: -len("model.")] if base.endswith("model.") else base
+    # "model." (LlamaForCausalLM) or "<wrapper>.model."; else the module is the bare LlamaModel
+    outer = base[: -len("model.")] if base == "model." or base.endswith(".model.") else base
 
     def torch_name(k):
         return base + k[len("model."):] if k.startswith("model.") else outer + k

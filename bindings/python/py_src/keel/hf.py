@@ -23,26 +23,13 @@ from typing import Any, Optional
 
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import ExportableState
 
-from . import Guard
+from . import GaveUp, Guard
+from ._adapt import GuardSpec, guard_state, keep_scheduler_marker, load_guard_state, patch
 from .torch import GuardedOptimizer
 
 __all__ = ["GuardCallback"]
-
-
-def _patch(obj, name, fn):
-    """Set obj.name = fn on the instance; returns the undo."""
-    had = name in obj.__dict__
-    old = obj.__dict__.get(name)
-    setattr(obj, name, fn)
-
-    def undo():
-        if had:
-            setattr(obj, name, old)
-        else:
-            delattr(obj, name)
-
-    return undo
 
 
 def _calling_trainer() -> Optional[Trainer]:
@@ -56,10 +43,12 @@ def _calling_trainer() -> Optional[Trainer]:
     return None
 
 
-class GuardCallback(TrainerCallback):
-    """guard: a keel.Guard, or None to build one from `guard_config` ([guard] keys).
-    trainer: the Trainer (found automatically when the callback was given to it).
-    snapshot_every / keep / snapshot_dir: rollback targets (see keel.torch.GuardedOptimizer)."""
+class GuardCallback(TrainerCallback, ExportableState):
+    """guard: a keel.Guard, or None to build one from `guard_config` ([guard] keys, checked
+    now). trainer: the Trainer (found automatically when the callback was given to it).
+    snapshot_every / keep / snapshot_dir: rollback targets (see keel.torch.GuardedOptimizer).
+    The guard's state is saved in the Trainer's checkpoints (trainer_state.json) and restored
+    by `trainer.train(resume_from_checkpoint=...)`."""
 
     def __init__(
         self,
@@ -72,23 +61,35 @@ class GuardCallback(TrainerCallback):
         events: Optional[os.PathLike] = None,
         **guard_config: Any,
     ):
-        if guard is not None and guard_config:
-            raise ValueError("give either guard= or guard keyword arguments, not both")
-        self._guard = guard
-        self._guard_config = guard_config
-        self._events = events
+        self._spec = GuardSpec(guard, events, guard_config)
         self.trainer = trainer
         self.snapshot_every = snapshot_every
         self.keep = keep
         self.snapshot_dir = snapshot_dir
         self.gopt: Optional[GuardedOptimizer] = None
         self.actions: list = []  # every non-proceed Action, for inspection
+        self._resume_state: Optional[dict] = None
         self._loss = None
         self._norm = None
+        self._undo: list = []
 
     @property
     def guard(self) -> Optional[Guard]:
-        return self.gopt.guard if self.gopt is not None else self._guard
+        return self.gopt.guard if self.gopt is not None else self._spec.guard
+
+    def state(self) -> dict:
+        # the Trainer rebuilds the callback from "args" and sets "attributes" on resume
+        cfg = self.guard.config if self.guard is not None else self._spec.config
+        return {
+            "args": {
+                "snapshot_every": self.snapshot_every,
+                "keep": self.keep,
+                "snapshot_dir": None if self.snapshot_dir is None else os.fspath(self.snapshot_dir),
+                "events": None if self._spec.events is None else os.fspath(self._spec.events),
+                **cfg,
+            },
+            "attributes": {"_resume_state": guard_state(self.gopt) if self.gopt is not None else None},
+        }
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kw):
         trainer = self.trainer or _calling_trainer()
@@ -96,12 +97,12 @@ class GuardCallback(TrainerCallback):
             raise RuntimeError("keel.hf.GuardCallback: cannot find the Trainer; pass GuardCallback(trainer=trainer)")
         self.trainer = trainer
         optimizer = optimizer if optimizer is not None else trainer.optimizer
-        guard = self._guard
-        if guard is None:
-            events = self._events
-            if events is None and state.is_world_process_zero:
-                events = os.path.join(args.output_dir, "keel-events.jsonl")
-            guard = Guard(events=events, **self._guard_config)
+        if getattr(optimizer, "scaler", None) is not None:
+            raise RuntimeError(
+                "keel.hf.GuardCallback does not handle fp16 loss scaling (GradScaler) yet: a skipped step "
+                "would leave the scaler's state behind; train in bf16 or fp32"
+            )
+        guard = self._spec.build(args.output_dir, state.is_world_process_zero)
         self.gopt = GuardedOptimizer(
             optimizer,
             guard,
@@ -112,6 +113,16 @@ class GuardCallback(TrainerCallback):
             snapshot_dir=self.snapshot_dir,
             step_scheduler=False,  # the Trainer steps its scheduler itself
         )
+        if self._resume_state is None and state.global_step > 0:
+            # a resumed run: the Trainer restores callback state only with
+            # args.restore_callback_states_from_checkpoint, so read ours from the loaded state
+            saved = (state.stateful_callbacks or {}).get(type(self).__name__)
+            saved = saved[0] if isinstance(saved, list) else saved
+            if saved:
+                self._resume_state = saved.get("attributes", {}).get("_resume_state")
+        if self._resume_state is not None:
+            load_guard_state(self.gopt, self._resume_state)
+            self._resume_state = None
         # the step's loss: training_step's returns (already divided by the accumulation)
         inner_training_step = trainer.training_step
 
@@ -121,7 +132,6 @@ class GuardCallback(TrainerCallback):
             self._loss = d if self._loss is None else self._loss + d
             return loss
 
-        undo = [_patch(trainer, "training_step", training_step)]
         # the pre-clip gradient norm, as the Trainer itself gets it
         acc = trainer.accelerator
         inner_clip = acc.clip_grad_norm_
@@ -131,7 +141,6 @@ class GuardCallback(TrainerCallback):
             self._norm = n
             return n
 
-        undo.append(_patch(acc, "clip_grad_norm_", clip_grad_norm_))
         inner_step = optimizer.step
 
         def step(*a, **k):
@@ -139,18 +148,26 @@ class GuardCallback(TrainerCallback):
             self._loss = self._norm = None
             if loss is None:
                 loss = torch.tensor(float("nan"))
-            act = self.gopt._guarded_step(loss, norm, {}, lambda: inner_step(*a, **k))
+            try:
+                act = self.gopt._guarded_step(loss, norm, {}, lambda: inner_step(*a, **k))
+            except GaveUp:
+                self._unwrap()  # a caught GaveUp leaves a clean Trainer behind
+                raise
             if act.kind != "proceed":
                 self.actions.append(act)
 
-        if hasattr(inner_step, "_wrapped_by_lr_sched"):
-            # keeps torch's LR scheduler from warning that the step was overridden
-            step._wrapped_by_lr_sched = True
-        undo.append(_patch(optimizer, "step", step))
-        self._undo = undo
+        keep_scheduler_marker(inner_step, step)
+        self._undo = [
+            patch(trainer, "training_step", training_step),
+            patch(acc, "clip_grad_norm_", clip_grad_norm_),
+            patch(optimizer, "step", step),
+        ]
+
+    def _unwrap(self):
+        for u in reversed(self._undo):
+            u()
+        self._undo = []
 
     def on_train_end(self, args, state, control, **kw):
         # unwrap, so a later train() on the same Trainer starts clean
-        for u in getattr(self, "_undo", ()):
-            u()
-        self._undo = ()
+        self._unwrap()

@@ -17,10 +17,16 @@
   under `snapshot_dir`); the data loader moves on past the bad batches;
 - give_up: raises keel.GaveUp.
 
-Distributed (DDP/FSDP): pass the local loss tensor. keel averages the loss and the gradient
-norm over the ranks in one all_reduce of two numbers (the one host sync of the step), so every
-rank sees the same values and takes the same action with no further communication. Values
-passed as Python floats are taken as already global (no communication at all).
+Distributed: pass the local loss tensor and the norm `clip_grad_norm_` returned (global under
+DDP and FSDP). keel averages the two over the ranks in one all_reduce (the one host sync of
+the step), so every rank sees the same values and takes the same action with no further
+communication; extra metrics (max_attn_logit, logit_z) take the largest over the ranks.
+Values passed as Python floats are taken as already global (no communication at all).
+Snapshots hold `model.state_dict()` as the model gives it (under FSDP configure it to give
+sharded state) and are per rank, taken at the same steps on every rank.
+
+After a rollback the scheduler is at the snapshot's step: the schedule is replayed from there
+(keel train instead keeps the schedule on the step count); the step count goes on.
 """
 
 from __future__ import annotations
@@ -34,7 +40,16 @@ import torch
 
 from . import Action, GaveUp, Guard
 
-__all__ = ["GuardedOptimizer", "Snapshots"]
+__all__ = ["GuardedOptimizer", "Snapshots", "grad_norm"]
+
+
+def grad_norm(params):
+    """Global L2 norm of the parameters' gradients (local tensors: under FSDP pass the norm
+    `clip_grad_norm_` returns instead, which is reduced over the shards)."""
+    grads = [p.grad.detach() for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
 
 
 def _clone(x):
@@ -78,8 +93,10 @@ def _set_rng_state(st: dict) -> None:
 class Snapshots:
     """The last `keep` training states, in memory or on disk. A disk snapshot is written to a
     temporary file in its directory, fsynced and renamed, so a crash never leaves a
-    half-written one under a snapshot's name. The initial state (step 0) is kept too, so a
-    rollback always has a target (as `keel train` falls back to the initial weights)."""
+    half-written one under a snapshot's name. The first state put (the initial one, or the
+    one a resume starts from) is kept too, so a rollback always has a target (as `keel train`
+    falls back to the initial weights). The first disk snapshot is read back at once, so a
+    state that cannot be reloaded fails now, not at the rollback that needs it."""
 
     def __init__(self, keep: int = 2, directory: Optional[os.PathLike] = None):
         if keep < 1:
@@ -88,6 +105,7 @@ class Snapshots:
         self.dir = None if directory is None else os.fspath(directory)
         self._mem: dict[int, dict] = {}
         self._disk: dict[int, str] = {}
+        self.base: Optional[int] = None
         if self.dir is not None:
             os.makedirs(self.dir, exist_ok=True)
 
@@ -112,16 +130,28 @@ class Snapshots:
                     os.unlink(tmp)
                 raise
             self._disk[step] = final
+            if self.base is None:
+                torch.load(final, map_location="cpu", weights_only=True)
+        if self.base is None:
+            self.base = step
         self._prune()
 
+    def clear(self) -> None:
+        """Forget every snapshot (a resume starts a new history)."""
+        for s in self.steps:
+            self._drop(s)
+        self.base = None
+
+    def _drop(self, s: int) -> None:
+        if self.dir is None:
+            del self._mem[s]
+        else:
+            os.unlink(self._disk.pop(s))
+
     def _prune(self) -> None:
-        # keep the initial state and the `keep` newest
-        victims = [s for s in self.steps if s != 0][: -self.keep]
-        for s in victims:
-            if self.dir is None:
-                del self._mem[s]
-            else:
-                os.unlink(self._disk.pop(s))
+        # keep the base state and the `keep` newest
+        for s in [s for s in self.steps if s != self.base][: -self.keep]:
+            self._drop(s)
 
     def get(self, step: int) -> dict:
         if self.dir is None:
@@ -166,7 +196,13 @@ class GuardedOptimizer:
         **guard_config: Any,
     ):
         if guard is None:
-            guard = Guard(events=events, **guard_config)
+            try:
+                guard = Guard(events=events, **guard_config)
+            except ValueError as e:
+                raise ValueError(
+                    f"{e} (GuardedOptimizer's own arguments: guard, model, scheduler, snapshot_every, keep, "
+                    "snapshot_dir, events, reduce, step_scheduler)"
+                ) from None
         elif guard_config or events is not None:
             raise ValueError("give either guard= or guard keyword arguments (and events=), not both")
         if snapshot_every < 1:
@@ -211,10 +247,7 @@ class GuardedOptimizer:
         return d.is_available() and d.is_initialized() and d.get_world_size() > 1
 
     def _grad_norm(self):
-        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if not grads:
-            return torch.zeros(())
-        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads]))
+        return grad_norm(p for g in self.optimizer.param_groups for p in g["params"])
 
     def _read(self, loss, grad_norm, extra: dict) -> tuple:
         """The step's scalars as floats: one host sync (and one all_reduce when distributed)."""
@@ -235,8 +268,14 @@ class GuardedOptimizer:
         if self.reduce is True or (self.reduce == "auto" and self._dist()):
             # gloo has no AVG: sum, then divide (exact for identical values on 2^k ranks,
             # and the same on every rank in any case)
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
-            t = t / torch.distributed.get_world_size()
+            dist = torch.distributed
+            if len(vals) > 2:  # max_attn_logit / logit_z: the largest over the ranks
+                extra_t = t[2:].clone()
+                dist.all_reduce(extra_t, op=dist.ReduceOp.MAX)
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            t = t / dist.get_world_size()
+            if len(vals) > 2:
+                t = torch.cat([t[:2], extra_t])
         out = t.tolist()
         return tuple(None if v is None else x for v, x in zip(vals, out))
 
@@ -313,9 +352,11 @@ class GuardedOptimizer:
                 params = [p for g in self.optimizer.param_groups for p in g["params"]]
                 for p, v in zip(params, st["params"]):
                     p.copy_(v)
-        self.optimizer.load_state_dict(st["optimizer"])
+        # copies: load_state_dict keeps tensors whose dtype and device already match, and the
+        # next step would then write into the snapshot a later rollback needs
+        self.optimizer.load_state_dict(_clone(st["optimizer"]))
         if self.scheduler is not None and "scheduler" in st:
-            self.scheduler.load_state_dict(st["scheduler"])
+            self.scheduler.load_state_dict(_clone(st["scheduler"]))
         _set_rng_state(st["rng"])
         self.guard._core.restore_detectors_json(st["guard"])
         self._pending_snapshot = False
@@ -332,11 +373,15 @@ class GuardedOptimizer:
         return {"optimizer": self.optimizer.state_dict(), "guard": self.guard.state_dict(), "step": self.step_count}
 
     def load_state_dict(self, d: dict) -> None:
+        """Resume: restore the optimizer, the guard and the step count, and start the snapshot
+        history from here (load the model's weights first: the resumed state is the new
+        rollback base)."""
         if "guard" not in d:
             # a plain optimizer state dict
             self.optimizer.load_state_dict(d)
-            return
-        self.optimizer.load_state_dict(d["optimizer"])
-        self.guard.load_state_dict(d["guard"])
-        self.step_count = int(d["step"])
+        else:
+            self.optimizer.load_state_dict(d["optimizer"])
+            self.guard.load_state_dict(d["guard"])
+            self.step_count = int(d["step"])
+        self.snapshots.clear()
         self.snapshots.put(self.step_count, self._capture())

@@ -1,0 +1,65 @@
+"""What the framework adapters (keel.hf, keel.lightning) share: instance patches that can be
+undone, and the guard they build from their keyword arguments."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+from . import Guard
+
+
+def patch(obj, name: str, fn):
+    """Set obj.name = fn on the instance; returns the undo (which restores what the instance
+    had, or removes the attribute so the class's own shows through again)."""
+    had = name in obj.__dict__
+    old = obj.__dict__.get(name)
+    setattr(obj, name, fn)
+
+    def undo():
+        if had:
+            setattr(obj, name, old)
+        else:
+            delattr(obj, name)
+
+    return undo
+
+
+def keep_scheduler_marker(inner, wrapper) -> None:
+    # torch's LR scheduler marks the optimizer step it wrapped; without the mark it warns
+    # that the step was overridden
+    if hasattr(inner, "_wrapped_by_lr_sched"):
+        wrapper._wrapped_by_lr_sched = True
+
+
+class GuardSpec:
+    """An adapter's guard arguments, checked when the callback is made (a bad key fails
+    before training starts); the guard itself is built at train start, when the events path
+    (the run's directory, main process only) is known."""
+
+    def __init__(self, guard: Optional[Guard], events: Optional[os.PathLike], config: dict):
+        if guard is not None and (config or events is not None):
+            raise ValueError("give either guard= or guard keyword arguments (and events=), not both")
+        if guard is None:
+            Guard(**config)  # validates the keys now
+        self.guard, self.events, self.config = guard, events, config
+
+    def build(self, default_dir: Optional[str], is_main: bool) -> Guard:
+        if self.guard is not None:
+            return self.guard
+        events = self.events
+        if events is None and is_main and default_dir is not None:
+            events = os.path.join(default_dir, "keel-events.jsonl")
+        return Guard(events=events, **self.config)
+
+
+def guard_state(gopt) -> dict:
+    """What an adapter saves in the framework's checkpoint."""
+    return {"guard": gopt.guard.state_dict(), "step": gopt.step_count}
+
+
+def load_guard_state(gopt, st: dict) -> None:
+    gopt.guard.load_state_dict(st["guard"])
+    gopt.step_count = int(st["step"])
+    gopt.snapshots.clear()
+    gopt.snapshots.put(gopt.step_count, gopt._capture())
