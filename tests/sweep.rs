@@ -76,6 +76,11 @@ fn check_outputs(out: &Path, steps: u64) {
         // warm-up 5 + 10 steps above the initial loss at the latest
         assert!(at <= 15, "diverged at {at}");
         assert!(r["steps_done"].as_u64().unwrap() == at);
+        // early warning: the passive detectors' first firings are recorded, before the end
+        let spike = r["first_loss_spike"].as_u64();
+        let attn = r["first_attn_warning"].as_u64();
+        assert!(spike.or(attn).is_some_and(|s| s <= at), "{r}");
+        assert!(r["peak_logit_z"].as_f64().is_some(), "{r}");
     }
     for lr in [1e-3, 1e-2] {
         for r in by_lr(&rs, lr) {

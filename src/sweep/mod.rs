@@ -368,6 +368,12 @@ impl SweepSpec {
         for (k, v) in &t.assign {
             set(&mut table, k, v.clone())?;
         }
+        // a seed axis is a whole seed: the init's too, unless the sweep sets init.seed
+        if let Some((_, seed)) = t.assign.iter().find(|(k, _)| k == "train.seed") {
+            if !has(&self.base, "init.seed") && !t.assign.iter().any(|(k, _)| k == "init.seed") {
+                set(&mut table, "init.seed", seed.clone())?;
+            }
+        }
         // a width axis scales the MLP with it unless the sweep fixes intermediate_size
         let width_axis = t.assign.iter().find(|(k, _)| k == "model.hidden_size");
         if let Some((_, w)) = width_axis {
@@ -574,6 +580,17 @@ model.preset = "micro"
             (1e-3, "xavier-normal")
         );
         assert!(cfg.train.stop_if_diverged && !cfg.guard.enabled);
+    }
+
+    #[test]
+    fn seed_axis_seeds_the_init_too() {
+        let s = spec("[base]\nmodel.preset = \"micro\"\n[axes]\n\"optim.lr\" = [1e-3]\n\"train.seed\" = [0, 3]\n").unwrap();
+        let t = s.trial_table(&s.trials()[1], None).unwrap();
+        let rc = RunConfig::from_table(t).unwrap();
+        assert_eq!((rc.train.seed, rc.init.seed), (3, 3));
+        let s = spec("[base]\nmodel.preset = \"micro\"\ninit.seed = 7\n[axes]\n\"optim.lr\" = [1e-3]\n\"train.seed\" = [0, 3]\n").unwrap();
+        let rc = RunConfig::from_table(s.trial_table(&s.trials()[1], None).unwrap()).unwrap();
+        assert_eq!((rc.train.seed, rc.init.seed), (3, 7));
     }
 
     #[test]

@@ -38,6 +38,14 @@ pub struct TrialResult {
     /// Guard detections (the guard is off in sweeps: they are logged, not acted on).
     pub spikes: usize,
     pub warnings: usize,
+    /// Early warning: the first step each passive detector fired (attention logit above
+    /// guard.attn_logit_max, output log-partition drift, a loss spike), to set against
+    /// `diverged_at`.
+    pub first_attn_warning: Option<u64>,
+    pub first_logit_warning: Option<u64>,
+    pub first_loss_spike: Option<u64>,
+    /// Largest |mean output log-partition| over the trial (output-logit divergence).
+    pub peak_logit_z: Option<f64>,
     pub wall_s: Option<f64>,
     pub tokens_per_s: Option<f64>,
 }
@@ -118,6 +126,14 @@ pub fn collect_trial(dir: &Path, t: &Trial, plan: &Plan, exit: Option<i32>) -> T
         .iter()
         .filter_map(|m| num_field(m, "max_attn_logit"))
         .collect();
+    // the first step a detector of the given name fired
+    let first = |det: &str| {
+        events
+            .iter()
+            .filter(|e| e.pointer("/detail/detector").and_then(Value::as_str) == Some(det))
+            .filter_map(|e| e.get("step").and_then(Value::as_u64))
+            .min()
+    };
     let mut tps: Vec<f64> = metrics
         .iter()
         .filter_map(|m| num_field(m, "tokens_per_s"))
@@ -147,6 +163,14 @@ pub fn collect_trial(dir: &Path, t: &Trial, plan: &Plan, exit: Option<i32>) -> T
         final_grad_norm: metrics.iter().rev().find_map(|m| num_field(m, "grad_norm")),
         spikes: count("spike"),
         warnings: count("warning"),
+        first_attn_warning: first("attn_logit"),
+        first_logit_warning: first("logit_drift"),
+        first_loss_spike: first("loss_spike"),
+        peak_logit_z: metrics
+            .iter()
+            .filter_map(|m| num_field(m, "logit_z"))
+            .map(f64::abs)
+            .reduce(f64::max),
         wall_s: metrics.last().and_then(|m| num_field(m, "elapsed_s")),
         tokens_per_s: {
             tps.sort_by(f64::total_cmp);
@@ -910,6 +934,10 @@ pub fn to_csv(plan: &Plan, results: &[TrialResult]) -> String {
         "final_grad_norm",
         "spikes",
         "warnings",
+        "first_attn_warning",
+        "first_logit_warning",
+        "first_loss_spike",
+        "peak_logit_z",
         "wall_s",
         "tokens_per_s",
     ];
@@ -1028,6 +1056,10 @@ mod tests {
             final_grad_norm: None,
             spikes: 0,
             warnings: 0,
+            first_attn_warning: None,
+            first_logit_warning: None,
+            first_loss_spike: None,
+            peak_logit_z: None,
             wall_s: None,
             tokens_per_s: None,
         }
