@@ -15,5 +15,5 @@ COMMON=(--preset tiny --steps 300 --set train.batch_size=4)
 for r in unguarded guarded stable; do
   printf '%-10s ' "$r"
   grep val_loss "$OUT/$r/metrics.jsonl" | tail -1 |
-    python3 -c 'import json,sys; m=json.load(sys.stdin); print(f"step {m[\"step\"]}  train loss {m[\"loss\"]:.4f}  val loss {m[\"val_loss\"]:.4f}")'
+    python3 -c 'import json,sys; m=json.load(sys.stdin); print("step %d  train loss %.4f  val loss %.4f" % (m["step"], m["loss"], m["val_loss"]))'
 done
