@@ -238,6 +238,32 @@ fn clean_micro_runs_raise_no_events_over_five_seeds() {
     }
 }
 
+#[test]
+fn a_broken_init_is_rescued_before_the_first_update() {
+    // σ = 1 everywhere: first loss ~10× ln(vocab); the guard rescales the matrices at step 1
+    let d = tmpdir("rescue");
+    ok(&train(&d, 40, &["--set", "init.std=1.0"]));
+    let ev = events(&d);
+    let r = of_kind(&ev, "init_rescue");
+    assert_eq!(r.len(), 1, "{ev:?}");
+    assert_eq!(r[0]["step"], 1);
+    assert!(r[0]["detail"]["largest_std_before"].as_f64().unwrap() > 0.5);
+    let m = keel::train::read_jsonl(&d.join("metrics.jsonl")).unwrap();
+    let lnv = (256f64).ln();
+    assert!(m[0]["loss"].as_f64().unwrap() > 2.0 * lnv && m[0]["skipped"] == true);
+    // from step 2 the loss is that of a sane init, and it trains
+    assert!(m[1]["loss"].as_f64().unwrap() < 1.2 * lnv, "{}", m[1]);
+    assert!(m.last().unwrap()["loss"].as_f64().unwrap() < m[1]["loss"].as_f64().unwrap());
+    // unguarded: no rescue
+    let u = tmpdir("rescue-off");
+    ok(&train(
+        &u,
+        5,
+        &["--set", "init.std=1.0", "--set", "guard.enabled=false"],
+    ));
+    assert!(of_kind(&events(&u), "init_rescue").is_empty());
+}
+
 /// Clean tiny runs (a few minutes): `cargo test --release -- --ignored clean_tiny`.
 #[test]
 #[ignore]

@@ -255,6 +255,10 @@ pub struct TrainerState {
     pub initial_loss: Option<f64>,
     #[serde(default)]
     pub above_initial: u64,
+    /// The guard rescued a broken init at step 1 (`guard.init_rescue`): a rollback to the
+    /// initial weights restores the rescued ones.
+    #[serde(default)]
+    pub init_rescued: bool,
 }
 
 /// Write a complete checkpoint atomically as `root/step-NNNNNNNN`; returns its path.

@@ -233,3 +233,20 @@ pub fn initialized(cfg: &crate::config::ModelConfig, ic: &InitSection) -> anyhow
     initialize(&mut model, ic).map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(model)
 }
+
+/// Rescale every weight matrix (not the norms) to RMS `std`, keeping its direction; returns
+/// the largest RMS found before. The guard's rescue of a broken init (`guard.init_rescue`).
+pub fn rescale_matrices(model: &mut Model, std: f64) -> f64 {
+    let specs = model.layout.specs.clone();
+    let mut worst = 0f64;
+    for s in specs.iter().filter(|s| s.role != Role::Norm) {
+        let w = &mut model.params[s.offset..s.offset + s.len];
+        let r = crate::model::rms(w);
+        worst = worst.max(r);
+        if r > 0.0 && r.is_finite() {
+            let k = (std / r) as f32;
+            w.iter_mut().for_each(|x| *x *= k);
+        }
+    }
+    worst
+}

@@ -63,6 +63,16 @@ pub struct GuardConfig {
     pub max_rollbacks: u32,
     /// Total skipped steps before giving up.
     pub max_skips: u64,
+    /// An attention-logit warning within this many steps of the start (or of the last
+    /// rollback) rolls back and multiplies the LR by `early_lr_factor`: in the stability sweep
+    /// (README) that warning came before 34 of 36 degraded plain-model runs, at steps 3–17,
+    /// before the loss showed anything. 0 = off.
+    pub early_window: u64,
+    pub early_lr_factor: f64,
+    /// `keel train`: a first-step loss above this × ln(vocab) means the init is broken
+    /// (σ far too large); every weight matrix is then rescaled to HF's σ 0.02, keeping its
+    /// direction, before any update. 0 = off.
+    pub init_rescue: f64,
 }
 
 impl Default for GuardConfig {
@@ -89,6 +99,9 @@ impl Default for GuardConfig {
             backoff_steps: 100,
             max_rollbacks: 3,
             max_skips: 200,
+            early_window: 30,
+            early_lr_factor: 1.0 / 3.0,
+            init_rescue: 2.0,
         }
     }
 }
@@ -127,6 +140,12 @@ impl GuardConfig {
         }
         if !(self.lr_backoff > 0.0 && self.lr_backoff < 1.0) {
             return bad("lr_backoff", "must be in (0, 1)");
+        }
+        if !(self.early_lr_factor > 0.0 && self.early_lr_factor < 1.0) {
+            return bad("early_lr_factor", "must be in (0, 1)");
+        }
+        if !(self.init_rescue == 0.0 || self.init_rescue > 1.0) {
+            return bad("init_rescue", "must be 0 (off) or greater than 1");
         }
         if !(self.rollback_lr_factor > 0.0 && self.rollback_lr_factor <= 1.0) {
             return bad("rollback_lr_factor", "must be in (0, 1]");

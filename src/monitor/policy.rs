@@ -53,6 +53,9 @@ pub struct PolicyState {
     pub rollbacks: u32,
     pub incident_start: Option<u64>,
     pub last_flag: Option<u64>,
+    /// Step of the last rollback (the early window counts from it; None: from the start).
+    #[serde(default)]
+    pub restart: Option<u64>,
 }
 
 pub struct Policy {
@@ -101,7 +104,7 @@ impl Policy {
         None
     }
 
-    fn escalate_to_rollback(&mut self, step: u64, why: &str, d: &mut Decision) {
+    fn escalate_to_rollback(&mut self, step: u64, why: &str, factor: f64, d: &mut Decision) {
         let c = &self.cfg;
         let s = &mut self.state;
         if s.rollbacks >= c.max_rollbacks {
@@ -114,6 +117,7 @@ impl Policy {
             return;
         }
         s.rollbacks += 1;
+        s.restart = Some(step);
         let start = s.incident_start.unwrap_or(step);
         d.actions.push(Action::Rollback { before_step: start });
         s.recent_skips.clear();
@@ -125,7 +129,7 @@ impl Policy {
             s.base_factor
         } else {
             1.0
-        } * c.rollback_lr_factor;
+        } * factor;
         s.lr_factor = s.base_factor;
         s.backoff_until = None;
         d.actions.push(Action::LrBackoff {
@@ -139,6 +143,27 @@ impl Policy {
         let mut d = Decision::default();
         let spike = detections.iter().any(|x| x.kind == Severity::Spike);
         let diverged = detections.iter().find(|x| x.kind == Severity::Divergence);
+        // attention logits past the limit early in a run (or right after a rollback): the LR
+        // is too high for these weights, though the loss does not show it yet
+        let early = self.cfg.early_window > 0
+            && step <= self.state.restart.unwrap_or(0) + self.cfg.early_window;
+        let attn = detections
+            .iter()
+            .find(|x| early && x.detector == "attn_logit");
+        if let Some(x) = attn.filter(|_| !spike && diverged.is_none()) {
+            {
+                let s = &mut self.state;
+                s.last_flag = Some(step);
+                s.incident_start.get_or_insert(step);
+            }
+            let why = format!(
+                "attention logit {:.0} > {} within {} steps of the start or the last rollback",
+                x.value, x.threshold, self.cfg.early_window
+            );
+            d.skip = true;
+            self.escalate_to_rollback(step, &why, self.cfg.early_lr_factor, &mut d);
+            return d;
+        }
         if !spike && diverged.is_none() {
             let s = &mut self.state;
             if s.last_flag
@@ -180,7 +205,7 @@ impl Policy {
         }
         if let Some(x) = diverged {
             let why = format!("diverged ({}: {})", x.detector, x.reason);
-            self.escalate_to_rollback(step, &why, &mut d);
+            self.escalate_to_rollback(step, &why, self.cfg.rollback_lr_factor, &mut d);
             return d;
         }
         if self.state.recent_skips.len() >= self.cfg.skips_before_backoff {
@@ -189,7 +214,7 @@ impl Policy {
                     "{} more spikes while the LR was backed off",
                     self.state.recent_skips.len()
                 );
-                self.escalate_to_rollback(step, &why, &mut d);
+                self.escalate_to_rollback(step, &why, self.cfg.rollback_lr_factor, &mut d);
             } else {
                 let s = &mut self.state;
                 s.recent_skips.clear();
@@ -280,6 +305,40 @@ mod tests {
         }
         let d = p.decide(5000, &[det(5000, Severity::Warning)]);
         assert!(!d.skip && d.actions.is_empty());
+    }
+
+    fn attn(step: u64) -> Detection {
+        Detection {
+            detector: "attn_logit".into(),
+            value: 500.0,
+            threshold: 100.0,
+            ..det(step, Severity::Warning)
+        }
+    }
+
+    #[test]
+    fn early_attention_warnings_roll_back_and_cut_the_lr() {
+        let cfg = GuardConfig::default();
+        let mut p = Policy::new(cfg.clone());
+        // within the early window: roll back (before this step) and cut the LR
+        let d = p.decide(3, &[attn(3)]);
+        assert!(d.skip && d.actions.contains(&Action::Rollback { before_step: 3 }));
+        assert!((p.lr_factor() - cfg.early_lr_factor).abs() < 1e-12);
+        // the window restarts at the rollback: 3 + 30 still counts, later does not
+        let d = p.decide(3 + cfg.early_window, &[attn(3 + cfg.early_window)]);
+        assert!(d
+            .actions
+            .iter()
+            .any(|a| matches!(a, Action::Rollback { .. })));
+        let late = 3 + 2 * cfg.early_window + 1;
+        let d = p.decide(late, &[attn(late)]);
+        assert!(!d.skip && d.actions.is_empty(), "{d:?}");
+        // off: a warning stays a warning
+        let mut off = Policy::new(GuardConfig {
+            early_window: 0,
+            ..cfg
+        });
+        assert!(off.decide(3, &[attn(3)]).actions.is_empty());
     }
 
     #[test]

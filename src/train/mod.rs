@@ -226,8 +226,12 @@ fn fresh_state() -> TrainerState {
         guard: Default::default(),
         initial_loss: None,
         above_initial: 0,
+        init_rescued: false,
     }
 }
+
+/// σ a broken init is rescaled to (`guard.init_rescue`): HF's default for every matrix.
+const RESCUE_STD: f64 = 0.02;
 
 /// JSON for a float that may be non-finite (null then).
 fn num(x: f64) -> serde_json::Value {
@@ -366,6 +370,9 @@ impl Trainer {
             None => {
                 crate::init::initialize(&mut self.model, &self.cfg.init)
                     .map_err(|e| anyhow::anyhow!("{e}"))?;
+                if self.state.init_rescued {
+                    crate::init::rescale_matrices(&mut self.model, RESCUE_STD);
+                }
                 self.opt.m.fill(0.0);
                 self.opt.v.fill(0.0);
                 self.opt.step = 0;
@@ -437,8 +444,35 @@ impl Trainer {
             max_attn_logit: Some(max_attn as f64),
             logit_z: Some(logit_z as f64),
         };
+        // A first loss far above ln(vocab) is a broken init, not a bad step: rescale the
+        // weights to a sane σ before any update (this step's gradients are discarded).
+        let rescue = self.cfg.guard.init_rescue;
+        let lnv = (self.model.cfg.vocab_size as f64).ln();
+        let broken = !loss.is_finite() || loss > rescue * lnv;
+        let rescued = s == 1 && self.guard.enabled() && rescue > 0.0 && broken;
+        if rescued {
+            let worst = crate::init::rescale_matrices(&mut self.model, RESCUE_STD);
+            self.state.init_rescued = true;
+            self.event_at(
+                s,
+                "init_rescue",
+                json!({"loss": num(loss), "threshold": rescue * lnv, "std": RESCUE_STD,
+                       "largest_std_before": worst,
+                       "reason": format!("first-step loss {loss:.2} > {rescue} × ln(vocab) = {:.2}: the init is broken; every weight matrix rescaled to σ {RESCUE_STD}", rescue * lnv)}),
+            )?;
+        }
         // guard off: detect and log, never act (an unguarded baseline runs to the end)
-        let (detections, decision) = self.guard.observe(&m);
+        let (detections, decision) = if rescued {
+            (
+                Vec::new(),
+                crate::monitor::Decision {
+                    skip: true,
+                    actions: Vec::new(),
+                },
+            )
+        } else {
+            self.guard.observe(&m)
+        };
         let mut update_ratio = None;
         if !decision.skip {
             crate::optim::clip_grad_norm(&mut self.model.grads, self.cfg.optim.grad_clip);
