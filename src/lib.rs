@@ -3,6 +3,7 @@
 //! Layers (see DESIGN.md): `cli` → `train`/`sweep`/`probe`/`report`/`bench`/`sample` →
 //! `monitor`, `model`, `optim`, `init` → `kernels`; `config`, `data` and `checkpoint` handle
 //! what is on disk. `sweep` runs `keel train` processes; `report` draws what the others wrote.
+//! `bindings/python` is the Python package over this library (guard, init, audit, check).
 
 pub mod bench;
 pub mod checkpoint;
