@@ -254,6 +254,12 @@ fn a_broken_init_is_rescued_before_the_first_update() {
     // from step 2 the loss is that of a sane init, and it trains
     assert!(m[1]["loss"].as_f64().unwrap() < 1.2 * lnv, "{}", m[1]);
     assert!(m.last().unwrap()["loss"].as_f64().unwrap() < m[1]["loss"].as_f64().unwrap());
+    // a non-finite first loss is a fault for the nonfinite detector, not a broken init
+    let n = tmpdir("rescue-nan");
+    ok(&train(&n, 5, &["--inject", "nan@1"]));
+    let ev = events(&n);
+    assert!(of_kind(&ev, "init_rescue").is_empty(), "{ev:?}");
+    assert_eq!(of_kind(&ev, "skip")[0]["step"], 1);
     // unguarded: no rescue
     let u = tmpdir("rescue-off");
     ok(&train(

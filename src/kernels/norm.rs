@@ -2,6 +2,26 @@
 
 use rayon::prelude::*;
 
+/// One vector's RMSNorm: out = w ⊙ x·rstd; returns rstd (shared by rmsnorm and qk-norm).
+#[inline]
+fn norm_vec(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) -> f32 {
+    let rs = 1.0 / (super::dot(x, x) / x.len() as f32 + eps).sqrt();
+    for ((o, xi), wi) in out.iter_mut().zip(x).zip(w) {
+        *o = wi * (xi * rs);
+    }
+    rs
+}
+
+/// The coupling term of one vector's backward, rstd³·Σ(w ⊙ dout ⊙ x)/C: dx = rstd·w ⊙ dout − x·coef.
+#[inline]
+fn bwd_coef(dout: &[f32], x: &[f32], w: &[f32], rs: f32) -> f32 {
+    let mut gx = 0f32;
+    for i in 0..x.len() {
+        gx += w[i] * dout[i] * x[i];
+    }
+    rs * rs * rs * gx / x.len() as f32
+}
+
 /// Forward. x (N, C), w (C) → out (N, C), rstd (N) saved for backward.
 pub fn rmsnorm_fwd(out: &mut [f32], rstd: &mut [f32], x: &[f32], w: &[f32], c: usize, eps: f32) {
     let n = x.len() / c;
@@ -10,14 +30,7 @@ pub fn rmsnorm_fwd(out: &mut [f32], rstd: &mut [f32], x: &[f32], w: &[f32], c: u
     out.par_chunks_mut(c)
         .zip(rstd.par_iter_mut())
         .zip(x.par_chunks(c))
-        .for_each(|((o, r), xr)| {
-            let ms = super::dot(xr, xr) / c as f32;
-            let rs = 1.0 / (ms + eps).sqrt();
-            *r = rs;
-            for ((oi, xi), wi) in o.iter_mut().zip(xr).zip(w) {
-                *oi = wi * (xi * rs);
-            }
-        });
+        .for_each(|((o, r), xr)| *r = norm_vec(o, xr, w, eps));
 }
 
 /// Backward. dout (N, C), x (N, C), w (C), rstd (N) → dx (N, C) *accumulated* (the residual
@@ -48,11 +61,7 @@ pub fn rmsnorm_bwd(
                 let xr = &x[row * c..(row + 1) * c];
                 let dr = &dout[row * c..(row + 1) * c];
                 let rs = rstd[row];
-                let mut gx = 0f32;
-                for i in 0..c {
-                    gx += w[i] * dr[i] * xr[i];
-                }
-                let coef = rs * rs * rs * gx / c as f32;
+                let coef = bwd_coef(dr, xr, w, rs);
                 let dxr = &mut dxb[r * c..(r + 1) * c];
                 for i in 0..c {
                     dxr[i] += rs * w[i] * dr[i] - xr[i] * coef;
@@ -93,11 +102,7 @@ pub fn headnorm_fwd(
             pr.copy_from_slice(&row[..hk * d]);
             for (j, (x, r)) in pr.chunks(d).zip(rs.iter_mut()).enumerate() {
                 let w = if j < heads { wq } else { wk };
-                let inv = 1.0 / (super::dot(x, x) / d as f32 + eps).sqrt();
-                *r = inv;
-                for ((o, xi), wi) in row[j * d..(j + 1) * d].iter_mut().zip(x).zip(w) {
-                    *o = wi * (xi * inv);
-                }
+                *r = norm_vec(&mut row[j * d..(j + 1) * d], x, w, eps);
             }
         });
 }
@@ -134,11 +139,7 @@ pub fn headnorm_bwd(
                     let x = &pre[(i * hk + j) * d..][..d];
                     let rs = rstd[i * hk + j];
                     let dr = &mut row[j * d..(j + 1) * d];
-                    let mut gx = 0f32;
-                    for k in 0..d {
-                        gx += w[k] * dr[k] * x[k];
-                    }
-                    let coef = rs * rs * rs * gx / d as f32;
+                    let coef = bwd_coef(dr, x, w, rs);
                     for k in 0..d {
                         dw[dwp + k] += dr[k] * x[k] * rs;
                         dr[k] = rs * w[k] * dr[k] - x[k] * coef;

@@ -147,24 +147,11 @@ impl Policy {
         // is too high for these weights, though the loss does not show it yet
         let early = self.cfg.early_window > 0
             && step <= self.state.restart.unwrap_or(0) + self.cfg.early_window;
+        // (a spike or a divergence on the same step takes its own, ordinary path)
         let attn = detections
             .iter()
-            .find(|x| early && x.detector == "attn_logit");
-        if let Some(x) = attn.filter(|_| !spike && diverged.is_none()) {
-            {
-                let s = &mut self.state;
-                s.last_flag = Some(step);
-                s.incident_start.get_or_insert(step);
-            }
-            let why = format!(
-                "attention logit {:.0} > {} within {} steps of the start or the last rollback",
-                x.value, x.threshold, self.cfg.early_window
-            );
-            d.skip = true;
-            self.escalate_to_rollback(step, &why, self.cfg.early_lr_factor, &mut d);
-            return d;
-        }
-        if !spike && diverged.is_none() {
+            .find(|x| early && !spike && diverged.is_none() && x.detector == "attn_logit");
+        if !spike && diverged.is_none() && attn.is_none() {
             let s = &mut self.state;
             if s.last_flag
                 .is_some_and(|l| step >= l + self.cfg.incident_window)
@@ -179,6 +166,15 @@ impl Policy {
             if s.incident_start.is_none() {
                 s.incident_start = Some(step);
             }
+        }
+        if let Some(x) = attn {
+            let why = format!(
+                "attention logit {:.0} > {} within {} steps of the start or the last rollback",
+                x.value, x.threshold, self.cfg.early_window
+            );
+            d.skip = true;
+            self.escalate_to_rollback(step, &why, self.cfg.early_lr_factor, &mut d);
+            return d;
         }
         if spike {
             d.skip = true;

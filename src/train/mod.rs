@@ -446,10 +446,15 @@ impl Trainer {
         };
         // A first loss far above ln(vocab) is a broken init, not a bad step: rescale the
         // weights to a sane σ before any update (this step's gradients are discarded).
+        // A non-finite first loss is left to the nonfinite detector (a transient fault, or
+        // `--inject nan@1`, is no reason to rescale the weights).
         let rescue = self.cfg.guard.init_rescue;
         let lnv = (self.model.cfg.vocab_size as f64).ln();
-        let broken = !loss.is_finite() || loss > rescue * lnv;
-        let rescued = s == 1 && self.guard.enabled() && rescue > 0.0 && broken;
+        let rescued = s == 1
+            && self.guard.enabled()
+            && rescue > 0.0
+            && loss.is_finite()
+            && loss > rescue * lnv;
         if rescued {
             let worst = crate::init::rescale_matrices(&mut self.model, RESCUE_STD);
             self.state.init_rescued = true;
