@@ -18,7 +18,21 @@ fn default_sigpipe() {
 fn main() {
     #[cfg(unix)]
     default_sigpipe();
-    let cli = keel::cli::Cli::parse();
+    // Usage errors exit 1 like any bad input: 2 means "diverged", and a sidecar script must
+    // not stop a healthy job over a typo in its own flags.
+    let cli = match keel::cli::Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = match e.kind() {
+                clap::error::ErrorKind::DisplayHelp
+                | clap::error::ErrorKind::DisplayVersion
+                | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => 0,
+                _ => 1,
+            };
+            let _ = e.print();
+            std::process::exit(code);
+        }
+    };
     match keel::cli::run(cli) {
         Ok(code) => std::process::exit(code),
         Err(e) => {

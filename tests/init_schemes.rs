@@ -432,5 +432,69 @@ fn check_exits_4_on_a_failing_audit() {
         "normal",
     ]);
     assert_eq!(o.status.code(), Some(4));
-    assert!(String::from_utf8_lossy(&o.stdout).contains("depth scaling"));
+    // the directory says what wrote it: the audit names that instead of guessing a bug
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("was initialised with megatron"), "{out}");
+}
+
+/// The README's init → audit example: options recorded by `keel init` are what the audit
+/// checks against; without the record, no per-tensor cause is guessed and a common factor
+/// is named as one gain.
+#[test]
+fn audit_uses_the_recorded_init_and_does_not_guess_without_it() {
+    let dir = std::env::temp_dir().join(format!("keel-init-gain-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_keel"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let d = dir.to_str().unwrap();
+    let o = run(&[
+        "init",
+        "--preset",
+        "tiny",
+        "--init",
+        "xavier-normal",
+        "--set",
+        "init.gain=0.5",
+        "--out",
+        d,
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = run(&["check", "--model", d, "--init", "xavier-normal"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert!(out.contains("init.gain=0.5"), "{out}");
+    // the same weights with the record removed: a FAIL, but no made-up cause
+    std::fs::remove_file(dir.join("keel_init.json")).unwrap();
+    let o = run(&["check", "--model", d, "--init", "xavier-normal"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(4), "{out}");
+    assert!(!out.contains("depth scaling applied"), "{out}");
+    assert!(
+        out.contains("options these weights were written with are unknown"),
+        "{out}"
+    );
+    assert!(
+        out.contains("σ 0.50") && out.contains("init.gain=0.50"),
+        "{out}"
+    );
+    // options given on the command line are taken as known
+    let o = run(&[
+        "check",
+        "--model",
+        d,
+        "--init",
+        "xavier-normal",
+        "--set",
+        "init.gain=0.5",
+    ]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
 }

@@ -364,7 +364,7 @@ fn incompatible_run_directory_and_tokenizer_are_refused() {
     let before = std::fs::read(d.join("checkpoints/step-00000005/model.safetensors")).unwrap();
     let mut a = micro_args(&d, 10);
     a.extend(["--set".into(), "model.hidden_size=128".into()]);
-    expect_error(&a, &["different model", "--out"]);
+    expect_error(&a, &["model.hidden_size", "(unset) → 128", "--out"]);
     let after = std::fs::read(d.join("checkpoints/step-00000005/model.safetensors")).unwrap();
     assert!(before == after, "the earlier checkpoint was touched");
     // a tokenizer with more ids than the model's vocabulary
@@ -434,6 +434,12 @@ fn a_second_trainer_on_the_same_run_directory_is_refused() {
         &micro_args(&d, 10),
         &["in use by keel process", &child.id().to_string()],
     );
+    // the gap a PID file has (created empty, PID written after) is not a hole: the OS lock
+    // is held whatever the file says, so an empty or garbled lock file is still refused
+    std::fs::write(d.join("keel.lock"), "").unwrap();
+    expect_error(&micro_args(&d, 10), &["in use by"]);
+    std::fs::write(d.join("keel.lock"), "not a pid").unwrap();
+    expect_error(&micro_args(&d, 10), &["in use by"]);
     child.kill().unwrap();
     child.wait().unwrap();
     // the lock of the killed process is stale: the next run takes over and resumes
@@ -522,4 +528,153 @@ fn survives_twenty_sigkills_including_during_checkpoint_writes() {
         "metrics differ after {kills} kills"
     );
     assert_same_weights(&a, &b, steps, &format!("after {kills} kills"));
+}
+
+fn bare_resume(d: &Path, extra: &[&str]) -> Output {
+    let mut a: Vec<String> = ["train", "--threads", "2", "--out"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    a.push(d.display().to_string());
+    a.extend(extra.iter().map(|s| s.to_string()));
+    run(&a)
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+#[test]
+fn a_resume_may_change_steps_and_cadence_but_not_what_was_trained() {
+    let d = tmpdir("resume-change");
+    let o = run(&micro_args(&d, 20));
+    assert!(o.status.success(), "{}", stderr(&o));
+    // extend a finished run with --steps alone: the run's own config, 10 more steps
+    let o = bare_resume(&d, &["--steps", "30"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("resuming from step 20"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(metrics(&d).len(), 30);
+    let cfg = std::fs::read_to_string(d.join("config.toml")).unwrap();
+    assert!(cfg.contains("steps = 30"), "{cfg}");
+    let h = keel::train::read_jsonl(&d.join("config_history.jsonl")).unwrap();
+    assert_eq!(h.len(), 1);
+    assert_eq!(h[0]["until_step"], 20);
+    assert_eq!(h[0]["changes"][0]["key"], "train.steps");
+    // change the eval cadence on the way
+    let o = bare_resume(&d, &["--steps", "40", "--set", "eval.every=5"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let m = metrics(&d);
+    assert_eq!(m.len(), 40);
+    assert!(m[34]["val_loss"].is_number(), "{}", m[34]);
+    assert!(m[24]["val_loss"].is_null(), "{}", m[24]);
+    // a finished run: "already complete" with its real figures, and nothing rewritten
+    let before: Vec<Vec<u8>> = ["metrics.jsonl", "events.jsonl", "config.toml"]
+        .iter()
+        .map(|f| std::fs::read(d.join(f)).unwrap())
+        .collect();
+    for extra in [vec![], vec!["--steps", "35"]] {
+        let o = bare_resume(&d, &extra);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let out = stdout(&o);
+        assert!(out.contains("already complete at step 40"), "{out}");
+        assert!(!out.contains("NaN"), "{out}");
+        let last = m[39]["loss"].as_f64().unwrap();
+        assert!(out.contains(&format!("{last:.4}")), "{out}");
+    }
+    let after: Vec<Vec<u8>> = ["metrics.jsonl", "events.jsonl", "config.toml"]
+        .iter()
+        .map(|f| std::fs::read(d.join(f)).unwrap())
+        .collect();
+    assert!(
+        before == after,
+        "a resume of a finished run rewrote its logs"
+    );
+    // what the checkpoints were trained on cannot change: named, old and new
+    expect_error(
+        &{
+            let mut a = micro_args(&d, 50);
+            a.extend(["--set".into(), "train.batch_size=8".into()]);
+            a
+        },
+        &["train.batch_size: 4 → 8"],
+    );
+    let o = bare_resume(&d, &["--steps", "50", "--preset", "tiny"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("model.preset: \"micro\" → \"tiny\""),
+        "{}",
+        stderr(&o)
+    );
+    // replay runs each step under the config in force then: step 15 under the 20-step
+    // schedule reproduces (under today's 40-step schedule its weights would differ)
+    let o = keel()
+        .args([
+            "replay",
+            "--json",
+            "--step",
+            "15",
+            "--threads",
+            "2",
+            "--run",
+        ])
+        .arg(&d)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(r["reproduces"], true, "{r}");
+}
+
+#[test]
+fn a_failed_start_leaves_nothing_that_refuses_the_corrected_command() {
+    let d = tmpdir("failed-start");
+    let mut a = micro_args(&d, 5);
+    a.extend(["--data".into(), "/nonexistent/corpus.txt".into()]);
+    let o = run(&a);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        !d.join("config.toml").exists(),
+        "a failed start wrote config.toml"
+    );
+    let o = run(&micro_args(&d, 5));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(metrics(&d).len(), 5);
+}
+
+#[test]
+fn a_hand_edited_state_json_is_refused() {
+    let d = tmpdir("edited-state");
+    let o = run(&micro_args(&d, 20));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let sp = d.join("checkpoints/step-00000020/state.json");
+    let orig: Value = serde_json::from_str(&std::fs::read_to_string(&sp).unwrap()).unwrap();
+    let edit = |f: &dyn Fn(&mut Value)| {
+        let mut v = orig.clone();
+        f(&mut v);
+        std::fs::write(&sp, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+    };
+    // a step far beyond the checkpoint's name: not "finished", refused
+    edit(&|v| v["step"] = 1_000_000_000_000u64.into());
+    let o = bare_resume(&d, &["--steps", "30"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    assert!(
+        stderr(&o).contains("state.json") && stderr(&o).contains("step-00000020"),
+        "{}",
+        stderr(&o)
+    );
+    let o = bare_resume(&d, &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    // Adam's step count zeroed while its moments are there: refused, not a silent retrain
+    edit(&|v| v["adam_step"] = 0.into());
+    let o = bare_resume(&d, &["--steps", "30"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    assert!(stderr(&o).contains("adam_step"), "{}", stderr(&o));
+    // the checkpoint's own state resumes
+    std::fs::write(&sp, serde_json::to_string_pretty(&orig).unwrap()).unwrap();
+    let o = bare_resume(&d, &["--steps", "30"]);
+    assert!(o.status.success(), "{}", stderr(&o));
 }

@@ -450,10 +450,63 @@ pub fn load(dir: &Path, model: &mut Model, m: &mut [f32], v: &mut [f32]) -> Resu
             read_f32(&file, &name, &t, &mut buf[s.offset..s.offset + s.len])?;
         }
     }
+    let st = read_state(dir)?;
+    // Adam's bias correction divides by 1 − β₂^step: moments with a step count of 0 are a
+    // state.json that does not belong to these tensors (edited, or copied from elsewhere)
+    if st.adam_step == 0 && v.iter().any(|&x| x != 0.0) {
+        bail!(
+            "{}: adam_step is 0 but {} holds second moments of earlier updates; the files do \
+             not belong together (state.json edited or copied from another checkpoint); fix: \
+             restore the checkpoint's own state.json, or resume from an older checkpoint by \
+             moving this one aside",
+            dir.join("state.json").display(),
+            ts.display()
+        );
+    }
+    Ok(st)
+}
+
+/// A checkpoint's `state.json`, cross-checked against the checkpoint's name: a hand-edited
+/// or misplaced state is refused, not trusted.
+pub fn read_state(dir: &Path) -> Result<TrainerState> {
     let sp = dir.join("state.json");
     let text =
         std::fs::read_to_string(&sp).with_context(|| format!("{}: cannot read", sp.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{}: invalid state file", sp.display()))
+    let st: TrainerState = serde_json::from_str(&text)
+        .with_context(|| format!("{}: invalid state file", sp.display()))?;
+    let named = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("step-"))
+        .and_then(|n| n.parse::<u64>().ok());
+    let fix = "fix: restore the checkpoint's own state.json, or move this checkpoint aside to resume from an older one";
+    if let Some(n) = named {
+        if st.step != n {
+            bail!(
+                "{}: step is {} but the checkpoint is {}; {fix}",
+                sp.display(),
+                st.step,
+                dir.file_name().and_then(|n| n.to_str()).unwrap_or("")
+            );
+        }
+    }
+    if st.adam_step > st.step {
+        bail!(
+            "{}: adam_step {} exceeds step {} (an optimizer update per step at most); {fix}",
+            sp.display(),
+            st.adam_step,
+            st.step
+        );
+    }
+    if st.data_cursor < st.step {
+        bail!(
+            "{}: data_cursor {} is behind step {} (each step consumes at least one batch); {fix}",
+            sp.display(),
+            st.data_cursor,
+            st.step
+        );
+    }
+    Ok(st)
 }
 
 #[cfg(test)]

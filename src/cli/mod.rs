@@ -46,10 +46,13 @@ pub enum Command {
         #[arg(long, value_name = "KIND@STEP")]
         inject: Vec<crate::train::Injection>,
     },
-    /// Run the guard's detectors over any trainer's metrics log (JSONL or CSV); exit 2 on
-    /// divergence, so it can stop a job as a sidecar
+    /// Run the guard's detectors over any trainer's metrics log; exit 2 on a divergence the
+    /// trainer did not handle, so it can stop a job as a sidecar (exit 1 on bad input)
     Watch {
-        /// Metrics file: JSON lines, or CSV with a header row
+        /// Metrics file: JSON lines (Python's NaN/Infinity included), CSV with a header row,
+        /// an HF trainer_state.json, or a text log of `name: value` pairs (nanoGPT,
+        /// torchtitan, Megatron). Common field names are recognised (loss, train/loss,
+        /// train_loss, lm loss; step, iter, global_step; grad_norm, gnorm, grad norm)
         file: PathBuf,
         /// Keep reading as the file grows (until divergence or Ctrl-C)
         #[arg(long)]
@@ -64,6 +67,11 @@ pub enum Command {
         /// Detector thresholds: --set guard.loss_z=5 (keys of the [guard] section)
         #[arg(long = "set", value_name = "guard.KEY=VALUE")]
         sets: Vec<String>,
+        /// The guarded trainer's events log (default: events.jsonl or keel-events.jsonl
+        /// beside the file): rows it skipped stay out of the windows, and a divergence it
+        /// rolled back from is reported as handled, not as exit 2
+        #[arg(long, value_name = "EVENTS_JSONL")]
+        events: Option<PathBuf>,
     },
     /// Re-run one recorded training step (same weights, same batch) and say whether its loss
     /// and gradient reproduce: data and numerics, or nondeterminism and faults
@@ -295,7 +303,15 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             json,
             fields,
             sets,
-        } => crate::watch::cmd_watch(&file, follow, json, &fields, &sets),
+            events,
+        } => crate::watch::cmd_watch(crate::watch::WatchArgs {
+            file: &file,
+            follow,
+            json,
+            fields: &fields,
+            sets: &sets,
+            events: events.as_deref(),
+        }),
         Command::Replay { run, step, json } => crate::train::replay::cmd_replay(&run, step, json),
         Command::Init {
             preset,
@@ -417,11 +433,6 @@ fn cmd_train(
     threads: usize,
 ) -> anyhow::Result<i32> {
     use crate::train::{Outcome, TrainOptions};
-    let explicit = config.is_some()
-        || preset.is_some()
-        || data.is_some()
-        || steps.is_some()
-        || !sets.is_empty();
     let mut all = Vec::new();
     if let Some(p) = &preset {
         all.push(format!("model.preset={}", quoted(p)));
@@ -451,48 +462,52 @@ fn cmd_train(
     let s = crate::train::run(&TrainOptions {
         config: cfg,
         out: out.clone(),
-        explicit_config: explicit,
+        config_file: config,
+        overrides: all,
         progress,
         inject,
     })?;
     let status = match s.outcome {
-        Outcome::Finished => "finished",
-        Outcome::Interrupted => "interrupted (checkpoint saved; resume with the same --out)",
-        Outcome::Diverged => "diverged (see the diagnosis)",
+        Outcome::Finished => "finished".to_string(),
+        Outcome::Interrupted => "interrupted (checkpoint saved; resume with the same --out)".into(),
+        Outcome::Diverged => "diverged (see the diagnosis)".into(),
+        Outcome::AlreadyComplete => format!(
+            "already complete at step {} (nothing trained; raise --steps to train on)",
+            s.steps
+        ),
     };
-    println!("run {status}: {} steps", s.steps);
-    println!("  final train loss   {:.4}", s.final_loss);
-    println!(
-        "  unigram entropy    {:.4}  (loss of a model that ignores context)",
-        s.unigram_entropy
-    );
-    if let Some(v) = s.best_val_loss {
-        println!("  best val loss      {v:.4}");
+    // one set of figures, read back from the run's logs: the report shows the same ones
+    let fig = crate::train::figures_of(&out);
+    println!("run {status}: {} steps", fig.steps.max(s.steps));
+    for (label, value) in fig.rows() {
+        println!("  {label:<30} {value}");
     }
-    println!("  tokens/s (last)    {:.0}", s.tokens_per_s);
-    println!("  events             {}", s.events);
+    if s.unigram_entropy.is_finite() {
+        println!(
+            "  {:<30} {:.4}",
+            "unigram entropy (no context)", s.unigram_entropy
+        );
+    }
     if let Some(c) = &s.checkpoint {
-        println!("  checkpoint         {}", c.display());
+        println!("  {:<30} {}", "checkpoint", c.display());
     }
     println!(
-        "  metrics            {}",
+        "  {:<30} {}",
+        "metrics",
         out.join("metrics.jsonl").display()
     );
     if s.report {
         match crate::report::write(&out) {
-            Ok(p) => println!("  report             {}", p.display()),
+            Ok(p) => println!("  {:<30} {}", "report", p.display()),
             Err(e) => eprintln!("note: the report could not be written: {e:#}"),
         }
     }
     if let Some(d) = &s.diagnosis {
-        println!("  diagnosis          {d}");
-        println!(
-            "  events             {}",
-            out.join("events.jsonl").display()
-        );
+        println!("  {:<30} {d}", "diagnosis");
+        println!("  {:<30} {}", "events", out.join("events.jsonl").display());
     }
     Ok(match s.outcome {
-        Outcome::Finished => 0,
+        Outcome::Finished | Outcome::AlreadyComplete => 0,
         Outcome::Diverged => 2,
         Outcome::Interrupted => 3,
     })
@@ -559,6 +574,9 @@ fn print_plan(plans: &[crate::init::TensorPlan]) {
     }
 }
 
+/// The file `keel init --out` writes beside the weights: scheme, seed and options.
+const INIT_RECORD: &str = "keel_init.json";
+
 fn cmd_init(
     preset: Option<String>,
     hf: Option<PathBuf>,
@@ -601,6 +619,15 @@ fn cmd_init(
     };
     let model = crate::init::initialized(&raw, &ic)?;
     crate::checkpoint::write_model_dir(&model, &out)?;
+    // what wrote these weights, so `keel check --model` audits against it, not a guess
+    let record = serde_json::json!({
+        "scheme": scheme, "seed": seed, "sets": sets, "init": ic,
+        "written_by": format!("keel {}", env!("CARGO_PKG_VERSION")),
+    });
+    crate::checkpoint::write_atomic(
+        &out.join(INIT_RECORD),
+        serde_json::to_string_pretty(&record)?.as_bytes(),
+    )?;
     eprintln!(
         "wrote {} ({} parameters, init {scheme}, seed {seed})",
         out.display(),
@@ -616,10 +643,64 @@ fn cmd_check(
     json: bool,
     all: bool,
 ) -> anyhow::Result<i32> {
-    use crate::init::audit::{audit_model, worst, Verdict};
-    let ic = crate::init::section(scheme, 0, sets)?;
+    use crate::init::audit::{audit_model, without_guesses, worst, Verdict};
+    // the options the weights were written with, when `keel init` recorded them
+    let rec_path = model.join(INIT_RECORD);
+    let record: Option<serde_json::Value> = std::fs::read_to_string(&rec_path)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok());
+    let rec_scheme = record
+        .as_ref()
+        .and_then(|r| r["scheme"].as_str().map(str::to_string));
+    let mut notes = Vec::new();
+    let (ic, known) = match (&record, &rec_scheme) {
+        (Some(r), Some(rs)) if rs == scheme => {
+            let mut all: Vec<String> = r["sets"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|s| s.as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default();
+            all.extend(sets.iter().cloned());
+            notes.push(format!(
+                "options from {}: seed {}{}",
+                rec_path.display(),
+                r["seed"],
+                if all.is_empty() {
+                    String::new()
+                } else {
+                    format!(", {}", all.join(" "))
+                }
+            ));
+            (
+                crate::init::section(scheme, r["seed"].as_u64().unwrap_or(0), &all)?,
+                true,
+            )
+        }
+        (_, Some(rs)) => {
+            notes.push(format!(
+                "{} was initialised with {rs} ({}); auditing against {scheme} as asked (--init {rs} audits against what was written)",
+                model.display(),
+                rec_path.display()
+            ));
+            (crate::init::section(scheme, 0, sets)?, !sets.is_empty())
+        }
+        _ => (crate::init::section(scheme, 0, sets)?, !sets.is_empty()),
+    };
     let m = crate::checkpoint::load_model_dir(model, 1, 1)?;
-    let audits = audit_model(&m, &ic).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut audits = audit_model(&m, &ic).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if !known {
+        notes.push(format!(
+            "no record of the options these weights were written with ({} absent): findings \
+             compare with {scheme}'s defaults",
+            rec_path.display()
+        ));
+        if let Some(f) = without_guesses(&mut audits) {
+            notes.push(f);
+        }
+    }
     let worst = worst(&audits);
     if json {
         for a in &audits {
@@ -627,6 +708,9 @@ fn cmd_check(
         }
     } else {
         println!("init audit of {} against {scheme}", model.display());
+        for n in &notes {
+            println!("  note: {n}");
+        }
         println!(
             "{:<44} {:<9} {:>10} {:>10} {:>6} {:>9} {:>7} {:>7}  verdict",
             "tensor", "role", "std", "target", "ratio", "max/σ", "kurt", "@bound"

@@ -265,12 +265,47 @@ impl ModelConfig {
         let model_type = obj.get("model_type").and_then(Value::as_str);
         let qwen3 = model_type == Some("qwen3");
         if let Some(mt) = model_type {
-            if mt != "llama" && !qwen3 {
-                return Err(ConfigError::new(
+            // Llama-architecture models under other names are taken as the Llama they are;
+            // what keel cannot represent is refused, named
+            let why_not = match mt {
+                "llama" | "qwen3" | "mistral" => None,
+                "qwen2" => Some((
                     "model_type",
-                    format!("'{mt}' is not a Llama or Qwen3 model"),
-                    "keel trains LlamaForCausalLM and Qwen3ForCausalLM configs (model_type \"llama\" or \"qwen3\")",
-                ));
+                    "Qwen2 adds learned biases to the q, k and v projections; keel's attention has none".to_string(),
+                    "use a Llama, Mistral or Qwen3 config (Qwen3 dropped the biases)",
+                )),
+                "olmo2" => Some((
+                    "model_type",
+                    "OLMo 2 normalises after each attention and MLP block and over the whole q/k width; keel is pre-norm with per-head q/k norm".to_string(),
+                    "use a Llama config of the same shape (hidden_size, layers, heads) to study its init",
+                )),
+                "mixtral" | "qwen2_moe" | "qwen3_moe" => Some((
+                    "model_type",
+                    format!("'{mt}' is a mixture of experts; keel's MLP is one dense SwiGLU"),
+                    "use the dense config of the same family",
+                )),
+                _ => Some((
+                    "model_type",
+                    format!("'{mt}' is not a Llama-architecture model keel knows"),
+                    "keel takes model_type \"llama\", \"mistral\" (no sliding window) or \"qwen3\"; for another Llama-shaped model set model_type to \"llama\"",
+                )),
+            };
+            if let Some((field, problem, fix)) = why_not {
+                return Err(ConfigError::new(field, problem, fix));
+            }
+            if mt == "mistral" {
+                // Mistral is Llama with an optional sliding window: none, or one at least as
+                // long as the context, is plain causal attention
+                let max_pos = obj.get("max_position_embeddings").and_then(Value::as_u64);
+                if let Some(w) = obj.get("sliding_window").and_then(Value::as_u64) {
+                    if max_pos.is_none_or(|m| w < m) {
+                        return Err(ConfigError::new(
+                            "sliding_window",
+                            format!("sliding-window attention ({w} tokens) is not supported"),
+                            "set sliding_window to null (Mistral 7B v0.2 and later have none)",
+                        ));
+                    }
+                }
             }
         }
         if qwen3 {

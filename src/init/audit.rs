@@ -70,6 +70,55 @@ pub fn audit_model(
         .collect())
 }
 
+/// The per-tensor guesses `audit_tensor` adds to a σ mismatch.
+const DEPTH_HINTS: [&str; 2] = [
+    " (depth scaling applied to a tensor the scheme leaves unscaled?)",
+    " (the scheme's depth scaling is missing here?)",
+];
+
+/// For weights written with options nobody recorded (no `keel_init.json`): guessing a cause
+/// per tensor misleads (a gain of 0.5 is not "depth scaling on the wrong tensor"). Drop the
+/// guesses, and when most matrices are off by one common factor, say that instead: one
+/// gain or base σ, not per-tensor bugs. Returns that model-level finding.
+pub fn without_guesses(audits: &mut [TensorAudit]) -> Option<String> {
+    for a in audits.iter_mut() {
+        for r in a.reasons.iter_mut() {
+            for h in DEPTH_HINTS {
+                if let Some(i) = r.find(h) {
+                    r.replace_range(
+                        i..i + h.len(),
+                        " (the init options these weights were written with are unknown)",
+                    );
+                }
+            }
+        }
+    }
+    let mut ratios: Vec<f64> = audits
+        .iter()
+        .filter(|a| a.target_std > 0.0 && a.role != "norm")
+        .map(|a| a.std / a.target_std)
+        .collect();
+    if ratios.len() < 2 {
+        return None;
+    }
+    ratios.sort_by(f64::total_cmp);
+    let med = ratios[ratios.len() / 2];
+    let near = ratios
+        .iter()
+        .filter(|r| (*r / med - 1.0).abs() < 0.03)
+        .count();
+    if (med - 1.0).abs() > 0.05 && near * 5 >= ratios.len() * 4 {
+        Some(format!(
+            "{near} of {} weight matrices have σ {med:.3}× their target: one gain or base σ \
+             differs from the scheme's (e.g. --set init.gain={med:.2}), not a bug in each tensor; \
+             `keel init --out` records its options in keel_init.json so the audit can use them",
+            ratios.len()
+        ))
+    } else {
+        None
+    }
+}
+
 /// The worst verdict of an audit (PASS when empty).
 pub fn worst(audits: &[TensorAudit]) -> Verdict {
     audits
@@ -139,9 +188,9 @@ pub fn audit_tensor(plan: &TensorPlan, w: &[f32]) -> TensorAudit {
                 let tol = (6.0 / (2.0 * nf).sqrt()).max(0.03);
                 if (ratio - 1.0).abs() > tol {
                     let hint = if ratio < 1.0 && plan.depth_scaling.is_empty() {
-                        " (depth scaling applied to a tensor the scheme leaves unscaled?)"
+                        DEPTH_HINTS[0]
                     } else if ratio > 1.0 && !plan.depth_scaling.is_empty() {
-                        " (the scheme's depth scaling is missing here?)"
+                        DEPTH_HINTS[1]
                     } else {
                         ""
                     };

@@ -318,7 +318,9 @@ impl Monitor {
             // the z rule needs a window to estimate σ
             if !s.losses.is_empty() {
                 let (med, sd) = robust_stats(&s.losses, &mut self.scratch);
-                let sd = sd.max(c.sigma_floor * med.abs()).max(1e-12);
+                // the floor keeps a flat series from flagging noise; for a series at zero it
+                // is an absolute 1e-6 (a loss of exactly 0 forever, then 1e-9, is not a spike)
+                let sd = sd.max(c.sigma_floor * med.abs()).max(1e-6);
                 let z = (m.loss - med) / sd;
                 let mean = s.losses.iter().sum::<f64>() / s.losses.len() as f64;
                 if z >= c.loss_z && s.losses.len() >= c.min_history {
@@ -333,7 +335,9 @@ impl Monitor {
                             c.loss_z
                         ),
                     ));
-                } else if m.loss >= c.loss_ratio * mean {
+                } else if mean > 0.0 && m.loss >= c.loss_ratio * mean {
+                    // a ratio means nothing for a window at or below zero (a constant-zero or
+                    // negative objective): there only the z rule speaks
                     out.push(det(
                         Severity::Spike,
                         "loss_spike",
@@ -385,7 +389,8 @@ impl Monitor {
                 let mean = s.recent.iter().sum::<f64>() / s.recent.len() as f64;
                 let best = s.best_recent_mean.map_or(mean, |b| b.min(mean));
                 s.best_recent_mean = Some(best);
-                if mean > c.diverge_ratio * best {
+                // a ratio to the best mean is defined for positive losses only
+                if best > 0.0 && mean > c.diverge_ratio * best {
                     if !s.diverging {
                         s.diverging = true;
                         out.push(det(
@@ -648,6 +653,33 @@ mod tests {
         assert_eq!(g.policy.state, policy); // the policy's memory carries on
         let (d, dec) = g.observe(&step(301, 5.0, 1.0));
         assert!(d.is_empty() && !dec.skip, "{d:?}");
+    }
+
+    #[test]
+    fn zero_and_negative_losses_are_not_spikes() {
+        // a constant-zero objective, a constant negative one, and one drifting below zero
+        for base in [0.0, -1.0, -5.0] {
+            let mut m = Monitor::new(GuardConfig::default());
+            for i in 1..300u64 {
+                let d = m.observe(&step(i, base, 1.0));
+                assert!(d.is_empty(), "loss {base} at {i}: {d:?}");
+            }
+        }
+        let mut m = Monitor::new(GuardConfig::default());
+        for i in 1..300u64 {
+            let (l, g) = healthy(i);
+            let d = m.observe(&step(i, l - 3.0 - i as f64 * 0.001, g));
+            assert!(d.is_empty(), "at {i}: {d:?}");
+        }
+        // the z rule still speaks below zero
+        let mut m = Monitor::new(GuardConfig::default());
+        for i in 1..100u64 {
+            let (l, g) = healthy(i);
+            m.observe(&step(i, l - 10.0, g));
+        }
+        let d = m.observe(&step(100, 5.0, 1.0));
+        assert!(d.iter().any(|d| d.detector == "loss_spike"), "{d:?}");
+        assert!(d.iter().all(|d| !d.reason.contains("NaN")), "{d:?}");
     }
 
     #[test]

@@ -208,42 +208,13 @@ fn run_page(dir: &Path) -> Result<Page> {
     };
     let losses = series_of(&metrics, "loss");
     let val = series_of(&metrics, "val_loss");
-    let tail: Vec<f64> = losses
-        .iter()
-        .rev()
-        .take(10)
-        .map(|p| p.1)
-        .filter(|x| x.is_finite())
-        .collect();
-    let final_loss = (!tail.is_empty()).then(|| tail.iter().sum::<f64>() / tail.len() as f64);
-    let best_val = val
-        .iter()
-        .map(|p| p.1)
-        .fold(None, |a: Option<f64>, b| Some(a.map_or(b, |a| a.min(b))));
-    let mut tps: Vec<f64> = metrics
-        .iter()
-        .filter_map(|m| num_field(m, "tokens_per_s"))
-        .collect();
-    tps.sort_by(f64::total_cmp);
-    let n_events = kinds
-        .iter()
-        .filter(|k| !matches!(**k, "checkpoint" | "resume" | "inject"))
-        .count();
+    // the same figures, labelled the same way, as the end-of-run summary on the terminal
+    let fig = crate::train::figures::figures(&metrics, &events);
     page.status = Some((status.0.to_string(), status.1.to_string()));
     page.stat("steps", &format!("{steps} / {planned}"));
-    page.stat(
-        "final train loss",
-        &final_loss.map_or("—".into(), |l| format!("{l:.4}")),
-    );
-    page.stat(
-        "best val loss",
-        &best_val.map_or("—".into(), |l| format!("{l:.4}")),
-    );
-    page.stat(
-        "tokens/s (median)",
-        &tps.get(tps.len() / 2)
-            .map_or("—".into(), |t| format!("{t:.0}")),
-    );
+    for (label, value) in fig.rows() {
+        page.stat(&label, &value);
+    }
     page.stat(
         "tokens",
         &last
@@ -256,7 +227,6 @@ fn run_page(dir: &Path) -> Result<Page> {
             .and_then(|m| num_field(m, "elapsed_s"))
             .map_or("—".into(), |t| format!("{:.0} s", t)),
     );
-    page.stat("guard events", &n_events.to_string());
     if let Some(c) = &cfg {
         if let Ok(mc) = c.model_config() {
             page.subtitle = format!(

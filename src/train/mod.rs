@@ -1,9 +1,11 @@
 //! `keel train`: the training loop, run directory, checkpoints and exact resume.
 
+pub mod figures;
 pub(crate) mod lock;
 mod log;
 pub mod replay;
 
+pub use figures::{figures_of, Figures};
 pub use log::{event_line, num_field, read_jsonl, JsonlWriter};
 
 use crate::checkpoint::{self, TrainerState};
@@ -39,14 +41,19 @@ pub enum Outcome {
     Interrupted,
     /// The guard could not recover (exit code 2); the summary carries the diagnosis.
     Diverged,
+    /// A resume found the run already at its last step: nothing was trained or written.
+    AlreadyComplete,
 }
 
 pub struct TrainOptions {
+    /// The command line's configuration (a fresh run trains with it).
     pub config: RunConfig,
     pub out: PathBuf,
-    /// The user gave configuration (file, preset, data or --set); otherwise a resume takes
-    /// the run directory's own config.toml.
-    pub explicit_config: bool,
+    /// `--config` given; a resume then compares that whole file with the run's config.toml.
+    pub config_file: Option<PathBuf>,
+    /// `--set`, `--steps`, `--preset`, `--data` as `section.key=value`: a resume applies them
+    /// on top of the run's own config.toml.
+    pub overrides: Vec<String>,
     /// Show a progress bar (stderr is a terminal).
     pub progress: bool,
     /// Faults to inject (`--inject`).
@@ -71,33 +78,160 @@ pub struct Summary {
     pub report: bool,
 }
 
-/// Resolve the configuration of a run directory: a fresh run writes config.toml; a resume
-/// reuses it, and refuses a differently-shaped configuration.
-fn resolve_config(opts: &TrainOptions) -> Result<(RunConfig, bool)> {
+/// Keys whose change would break a resumed run's exactness (the weights, the data stream or
+/// the batches would differ from those the checkpoint was trained on): a resume refuses them.
+const FROZEN: &[&str] = &[
+    "model.",
+    "data.",
+    "init.",
+    "train.batch_size",
+    "train.seq_len",
+    "train.grad_accum",
+    "train.seed",
+];
+
+/// Flatten a config into `section.key` → value (nested tables joined with dots).
+fn flat(cfg: &RunConfig) -> std::collections::BTreeMap<String, toml::Value> {
+    fn walk(
+        prefix: &str,
+        v: &toml::Value,
+        out: &mut std::collections::BTreeMap<String, toml::Value>,
+    ) {
+        match v {
+            toml::Value::Table(t) => {
+                for (k, x) in t {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    walk(&key, x, out);
+                }
+            }
+            _ => {
+                out.insert(prefix.to_string(), v.clone());
+            }
+        }
+    }
+    let mut out = Default::default();
+    if let Ok(v) = toml::Value::try_from(cfg) {
+        walk("", &v, &mut out);
+    }
+    out
+}
+
+/// The keys that differ between two configs, with (old, new) as TOML text ("(unset)" when absent).
+pub fn config_changes(old: &RunConfig, new: &RunConfig) -> Vec<(String, String, String)> {
+    let (a, b) = (flat(old), flat(new));
+    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let show = |v: Option<&toml::Value>| v.map_or("(unset)".to_string(), |v| v.to_string());
+    keys.into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| (k.clone(), show(a.get(k)), show(b.get(k))))
+        .collect()
+}
+
+/// A resolved run configuration: what to train with, and what a resume changed.
+pub struct Resolved {
+    pub cfg: RunConfig,
+    pub resuming: bool,
+    /// (key, old, new) of each setting a resume changed (steps, cadences, schedule, ...).
+    pub changes: Vec<(String, String, String)>,
+    /// The configuration in force before this resume (recorded in the history when changed).
+    pub previous: Option<RunConfig>,
+}
+
+/// Resolve the configuration of a run directory. A fresh run takes the command line's. A
+/// resume starts from the directory's own config.toml, with this command's `--set`/`--steps`
+/// (or a whole `--config`) on top: settings that leave the past intact (steps, eval,
+/// checkpoint and log cadence, the schedule, the guard) may change; one that would break
+/// exactness (model, data, init, batch, seed) is refused naming the key, old and new value.
+fn resolve_config(opts: &TrainOptions) -> Result<Resolved> {
     let path = opts.out.join("config.toml");
     if !path.exists() {
-        return Ok((opts.config.clone(), false));
+        return Ok(Resolved {
+            cfg: opts.config.clone(),
+            resuming: false,
+            changes: vec![],
+            previous: None,
+        });
     }
     let saved = RunConfig::load(Some(&path), &[]).map_err(|e| anyhow::anyhow!("{e}"))?;
-    if !opts.explicit_config {
-        return Ok((saved, true));
+    let new = match &opts.config_file {
+        Some(f) => RunConfig::load(Some(f), &opts.overrides),
+        None => RunConfig::load(Some(&path), &opts.overrides),
     }
-    let new = &opts.config;
-    let same_shape = new.model_config().ok() == saved.model_config().ok()
-        && new.data == saved.data
-        && new.init == saved.init
-        && new.train.batch_size == saved.train.batch_size
-        && new.train.seq_len == saved.train.seq_len
-        && new.train.grad_accum == saved.train.grad_accum
-        && new.train.seed == saved.train.seed;
-    if !same_shape {
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let changes = config_changes(&saved, &new);
+    // the thread count changes speed only (and exactness only across thread counts, which
+    // the README states); it is not a change of the run
+    let changes: Vec<_> = changes
+        .into_iter()
+        .filter(|(k, _, _)| k != "train.threads")
+        .collect();
+    let frozen: Vec<String> = changes
+        .iter()
+        .filter(|(k, _, _)| {
+            FROZEN
+                .iter()
+                .any(|f| k.starts_with(f) || k == f.trim_end_matches('.'))
+        })
+        .map(|(k, o, n)| format!("{k}: {o} → {n}"))
+        .collect();
+    let trained = !checkpoint::list(&opts.out.join("checkpoints")).is_empty()
+        || std::fs::metadata(opts.out.join("metrics.jsonl")).is_ok_and(|m| m.len() > 0);
+    if !frozen.is_empty() && !trained {
+        // a start that never trained a step (killed or failed while reading the data): the
+        // command given now is the run
+        return Ok(Resolved {
+            cfg: new,
+            resuming: false,
+            changes: vec![],
+            previous: None,
+        });
+    }
+    if !frozen.is_empty() {
         bail!(
-            "{}: this run directory was made with a different model/data/batch configuration; fix: resume with `keel train --out {}` alone, or pick a new --out",
+            "{}: resuming cannot change what the checkpoints were trained on:\n  {}\n  fix: resume \
+             with `keel train --out {}` (plus --steps or --set of steps, cadences, schedule or \
+             guard), or start a new run with another --out",
             path.display(),
+            frozen.join("\n  "),
             opts.out.display()
         );
     }
-    Ok((new.clone(), true))
+    Ok(Resolved {
+        cfg: new,
+        resuming: true,
+        changes,
+        previous: Some(saved),
+    })
+}
+
+/// The configuration in force at `step` of a run: config.toml, unless a resume changed it
+/// after that step (`config_history.jsonl` keeps each replaced config with its last step).
+pub fn config_at(run: &Path, step: u64) -> Result<RunConfig> {
+    let hist = run.join("config_history.jsonl");
+    if let Ok(entries) = read_jsonl(&hist) {
+        for e in entries {
+            let (Some(until), Some(text)) = (e["until_step"].as_u64(), e["config"].as_str()) else {
+                continue;
+            };
+            if step <= until {
+                let table = text.parse::<toml::Table>().with_context(|| {
+                    format!(
+                        "{}: a config of the history is not valid TOML",
+                        hist.display()
+                    )
+                })?;
+                return RunConfig::from_table(table)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", hist.display()));
+            }
+        }
+    }
+    RunConfig::load(Some(&run.join("config.toml")), &[]).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 /// Mean validation loss over the fixed validation batches.
@@ -182,6 +316,8 @@ pub struct StepReport {
     pub gave_up: Option<String>,
     /// `train.stop_if_diverged` fired: why.
     pub diverged: Option<String>,
+    /// One line for each thing the guard did this step (the terminal prints them).
+    pub said: Vec<String>,
 }
 
 /// Consecutive steps above the first step's loss (after warm-up) that count as diverged.
@@ -356,7 +492,7 @@ impl Trainer {
 
     /// Roll back to the newest checkpoint that predates the incident (or the initial
     /// weights); the step count and data cursor keep going, so the batches since are skipped.
-    fn rollback(&mut self, before_step: u64) -> Result<()> {
+    fn rollback(&mut self, before_step: u64) -> Result<String> {
         let target = checkpoint::list(&self.ck_root)
             .into_iter()
             .rfind(|(s, _)| s + 1 < before_step);
@@ -385,7 +521,15 @@ impl Trainer {
             json!({"to_step": restored.0, "from": restored.2,
                    "skipped_batches": [restored.1, self.state.data_cursor],
                    "reason": format!("incident began at step {before_step}")}),
-        )
+        )?;
+        Ok(if restored.0 == 0 {
+            format!("rolled back to the initial weights (the incident began at step {before_step}; no checkpoint before it)")
+        } else {
+            format!(
+                "rolled back to step {} ({}; the incident began at step {before_step})",
+                restored.0, restored.2
+            )
+        })
     }
 
     /// One optimizer step under the guard.
@@ -455,8 +599,13 @@ impl Trainer {
             && rescue > 0.0
             && loss.is_finite()
             && loss > rescue * lnv;
+        let mut said = Vec::new();
         if rescued {
             let worst = crate::init::rescale_matrices(&mut self.model, RESCUE_STD);
+            said.push(format!(
+                "init rescue: first-step loss {loss:.2} > {rescue} × ln(vocab) = {:.2}; every weight matrix rescaled to σ {RESCUE_STD} (largest σ was {worst:.3}), this step's update discarded",
+                rescue * lnv
+            ));
             self.state.init_rescued = true;
             self.event_at(
                 s,
@@ -580,12 +729,15 @@ impl Trainer {
         }
         let mut gave_up = None;
         for a in &decision.actions {
+            if !matches!(a, Action::Rollback { .. }) {
+                said.push(describe(a));
+            }
             match a {
                 Action::Skip => self.event(
                     "skip",
                     json!({"batches": [self.state.data_cursor - accum as u64, self.state.data_cursor]}),
                 )?,
-                Action::Rollback { before_step } => self.rollback(*before_step)?,
+                Action::Rollback { before_step } => said.push(self.rollback(*before_step)?),
                 Action::GiveUp { diagnosis } => {
                     let (kind, detail) = a.event();
                     self.event(kind, detail)?;
@@ -607,6 +759,7 @@ impl Trainer {
             actions: decision.actions,
             gave_up,
             diverged,
+            said,
         })
     }
 
@@ -703,12 +856,50 @@ pub fn run(opts: &TrainOptions) -> Result<Summary> {
     std::fs::create_dir_all(out)
         .with_context(|| format!("{}: cannot create run directory", out.display()))?;
     let _lock = lock::RunLock::acquire(out)?;
-    let (cfg, resuming) = resolve_config(opts)?;
+    let Resolved {
+        cfg,
+        resuming,
+        changes,
+        previous,
+    } = resolve_config(opts)?;
     crate::kernels::init_threads(cfg.train.threads);
-    if !resuming {
-        checkpoint::write_atomic(&out.join("config.toml"), cfg.to_toml().as_bytes())?;
+    let ck_root = out.join("checkpoints");
+    let done = resuming
+        .then(|| checkpoint::list(&ck_root).pop())
+        .flatten()
+        .filter(|(s, _)| *s >= cfg.train.steps);
+    if let Some((s, dir)) = done {
+        // nothing to train: say so with the run's own figures, and write nothing
+        checkpoint::read_state(&dir)?;
+        return Ok(Summary {
+            outcome: Outcome::AlreadyComplete,
+            steps: s,
+            final_loss: f64::NAN,
+            best_val_loss: None,
+            tokens_per_s: f64::NAN,
+            checkpoint: Some(dir),
+            events: 0,
+            unigram_entropy: f64::NAN,
+            diagnosis: None,
+            report: false,
+        });
     }
-    let ds = prepare_data(&cfg, out, opts.progress)?;
+    // config.toml is written first, so a start killed while reading the data resumes as
+    // the command said; a start that fails with an error removes it again, so the
+    // corrected command is not refused as a change of the run
+    let cfg_path = out.join("config.toml");
+    if !resuming {
+        checkpoint::write_atomic(&cfg_path, cfg.to_toml().as_bytes())?;
+    }
+    let ds = match prepare_data(&cfg, out, opts.progress) {
+        Ok(ds) => ds,
+        Err(e) => {
+            if !resuming {
+                let _ = std::fs::remove_file(&cfg_path);
+            }
+            return Err(e);
+        }
+    };
     let unigram = ds.unigram_entropy();
     eprintln!(
         "data: {} — {} train / {} val tokens, unigram entropy {unigram:.3} nats/token",
@@ -716,27 +907,58 @@ pub fn run(opts: &TrainOptions) -> Result<Summary> {
         ds.train.len(),
         ds.val.len()
     );
-    let ck_root = out.join("checkpoints");
     checkpoint::prune(&ck_root, usize::MAX)?; // clears leftovers of interrupted saves
     let metrics_path = out.join("metrics.jsonl");
     let latest = checkpoint::list(&ck_root).pop().map(|(_, d)| d);
-    if let Some(dir) = &latest {
-        let st: TrainerState = serde_json::from_str(
-            &std::fs::read_to_string(dir.join("state.json"))
-                .with_context(|| format!("{}: cannot read state.json", dir.display()))?,
-        )
-        .with_context(|| format!("{}/state.json: invalid state file", dir.display()))?;
-        log::truncate_after_step(&metrics_path, st.step)?;
-        log::truncate_after_step(&out.join("telemetry.jsonl"), st.step)?;
+    let resumed_at = match &latest {
+        Some(dir) => checkpoint::read_state(dir)?.step,
+        None => 0,
+    };
+    if latest.is_some() {
+        log::truncate_after_step(&metrics_path, resumed_at)?;
+        log::truncate_after_step(&out.join("telemetry.jsonl"), resumed_at)?;
     } else if resuming || metrics_path.exists() {
         // a run that died before its first checkpoint starts over
         log::truncate_after_step(&metrics_path, 0)?;
         log::truncate_after_step(&out.join("telemetry.jsonl"), 0)?;
     }
-    let mut tr = Trainer::new(cfg.clone(), ds, out, latest.as_deref(), true)?;
+    if !changes.is_empty() {
+        // the replaced config is kept with the last step it was in force for, so `keel
+        // replay` re-runs each step under its own config
+        let mut h = JsonlWriter::open(&out.join("config_history.jsonl"))?;
+        h.write(&json!({
+            "until_step": resumed_at,
+            "config": previous.as_ref().map(RunConfig::to_toml),
+            "changes": changes.iter().map(|(k, o, n)| json!({"key": k, "old": o, "new": n})).collect::<Vec<_>>(),
+        }))?;
+        checkpoint::write_atomic(&out.join("config.toml"), cfg.to_toml().as_bytes())?;
+        for (k, o, n) in &changes {
+            eprintln!("resume: {k} {o} → {n}");
+        }
+    }
+    if latest.is_some() {
+        eprintln!("resuming from step {resumed_at} of {}", cfg.train.steps);
+    }
+    let mut tr = match Trainer::new(cfg.clone(), ds, out, latest.as_deref(), true) {
+        Ok(t) => t,
+        Err(e) => {
+            if !resuming && latest.is_none() {
+                let _ = std::fs::remove_file(&cfg_path);
+            }
+            return Err(e);
+        }
+    };
     tr.inject = opts.inject.clone();
     if let Some(dir) = &latest {
         tr.event("resume", json!({"checkpoint": dir.display().to_string()}))?;
+        tr.n_events -= 1;
+    }
+    if !changes.is_empty() {
+        let ch: Vec<_> = changes
+            .iter()
+            .map(|(k, o, n)| json!({"key": k, "old": o, "new": n}))
+            .collect();
+        tr.event("config_change", json!({"changes": ch}))?;
         tr.n_events -= 1;
     }
     for i in &opts.inject {
@@ -787,8 +1009,8 @@ pub fn run(opts: &TrainOptions) -> Result<Summary> {
                 )
             });
         }
-        for a in &r.actions {
-            bar.suspend(|| eprintln!("guard: step {step} → {}", describe(a)));
+        for line in &r.said {
+            bar.suspend(|| eprintln!("guard: step {step} → {line}"));
         }
         if let Some(diag) = r.gave_up.or(r.diverged) {
             bar.abandon();
@@ -823,19 +1045,33 @@ pub fn run(opts: &TrainOptions) -> Result<Summary> {
     Ok(summary(&tr, Outcome::Finished, last_loss, None))
 }
 
+/// A multiplier for people: two significant digits, no trailing zeros (0.037, 0.5, 0.33).
+pub fn short_factor(x: f64) -> String {
+    if !x.is_finite() || x <= 0.0 {
+        return format!("{x}");
+    }
+    let decimals = (1 - x.log10().floor() as i32).clamp(0, 12) as usize;
+    let s = format!("{x:.decimals$}");
+    if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        s
+    }
+}
+
 /// One line for a guard action.
 pub fn describe(a: &Action) -> String {
     match a {
         Action::Skip => "skipped the update".into(),
         Action::LrBackoff { factor, until_step } if *until_step == u64::MAX => {
-            format!("LR × {factor} from now on")
+            format!("LR × {} from now on", short_factor(*factor))
         }
         Action::LrBackoff { factor, until_step } => {
-            format!("LR × {factor} until step {until_step}")
+            format!("LR × {} until step {until_step}", short_factor(*factor))
         }
         Action::LrRestore => "LR restored".into(),
         Action::Rollback { before_step } => {
-            format!("rolled back to the last checkpoint before step {before_step}")
+            format!("rolled back to the newest state before step {before_step}")
         }
         Action::GiveUp { diagnosis } => format!("gave up: {diagnosis}"),
     }
@@ -914,4 +1150,23 @@ pub fn latest_checkpoint(run: &Path) -> Option<PathBuf> {
     checkpoint::list(&run.join("checkpoints"))
         .pop()
         .map(|(_, p)| p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn factors_print_short() {
+        assert_eq!(short_factor(1.0 / 27.0), "0.037");
+        assert_eq!(short_factor(0.5), "0.5");
+        assert_eq!(short_factor(1.0 / 3.0), "0.33");
+        assert_eq!(short_factor(0.25), "0.25");
+        assert_eq!(short_factor(0.0012345), "0.0012");
+        let d = describe(&Action::LrBackoff {
+            factor: 1.0 / 27.0,
+            until_step: u64::MAX,
+        });
+        assert_eq!(d, "LR × 0.037 from now on");
+    }
 }

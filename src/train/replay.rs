@@ -7,7 +7,6 @@
 
 use super::{prepare_data, read_jsonl, InjectKind, Injection, Trainer};
 use crate::checkpoint;
-use crate::config::RunConfig;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 use std::path::Path;
@@ -24,7 +23,8 @@ pub fn cmd_replay(run: &Path, step: u64, as_json: bool) -> Result<i32> {
             run.display()
         );
     }
-    let cfg = RunConfig::load(Some(&cfg_path), &[]).map_err(|e| anyhow::anyhow!("{e}"))?;
+    // the config in force at that step (a resume may have changed steps or cadences since)
+    let cfg = super::config_at(run, step)?;
     crate::kernels::init_threads(cfg.train.threads);
     let metrics = read_jsonl(&run.join("metrics.jsonl"))?;
     let rec = metrics
