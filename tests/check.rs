@@ -85,18 +85,26 @@ fn gates_fire_on_planted_problems_and_pass_sound_setups() {
     ]);
     assert_eq!(gate(&r, "output logits"), Verdict::Fail);
     assert_eq!(gate(&r, "initial loss"), Verdict::Fail);
-    // no depth scaling at depth 48: the residual stream keeps growing
-    let deep = ["model.preset=\"tiny\"", "model.num_layers=48"];
+    // no depth scaling at depth 128 on a narrow model: the residual stream keeps growing
+    let deep = ["model.preset=\"tiny\"", "model.num_layers=128"];
     let r = report(&[deep[0], deep[1], "init.scheme=\"normal\""]);
     assert_eq!(gate(&r, "residual growth"), Verdict::Fail);
-    assert_ne!(gate(&r, "gradient ratio"), Verdict::Pass);
     let r = report(&[deep[0], deep[1], "init.scheme=\"megatron\""]);
     assert_eq!(gate(&r, "residual growth"), Verdict::Pass);
     assert_eq!(r.verdict, Verdict::Pass);
-    // σ 0.2 everywhere: attention saturates, logits explode
+    // σ 0.2 everywhere: attention saturates, output logits grow (σ 3.2: a warning)
     let r = report(&["model.preset=\"tiny\"", "init.std=0.2"]);
     assert_eq!(gate(&r, "attention logits"), Verdict::Fail);
-    assert_eq!(gate(&r, "output logits"), Verdict::Fail);
+    assert_eq!(gate(&r, "output logits"), Verdict::Warn);
+    // a passing gate carries no suggestion; every gate its thresholds and their basis
+    let ok = report(&["model.preset=\"tiny\""]);
+    for g in &ok.gates {
+        assert_eq!(g.suggestion.is_some(), g.verdict != Verdict::Pass, "{g:?}");
+        assert!(
+            g.pass > 0.0 && g.warn > g.pass && !g.basis.is_empty(),
+            "{g:?}"
+        );
+    }
     // a huge LR against small weights: the first update dwarfs them
     let r = report(&["model.preset=\"micro\"", "optim.lr=0.05"]);
     assert_eq!(gate(&r, "update/weight, step 1"), Verdict::Fail);
@@ -188,4 +196,93 @@ fn coord_check_is_flat_for_mup_and_grows_for_standard() {
     // at init μP's residual is width-independent to a few %
     let r0 = &mup.resid[0];
     assert!(r0.iter().all(|&r| (r / r0[0] - 1.0).abs() < 0.05), "{r0:?}");
+}
+
+/// One recipe of the calibration table: an HF config (or preset), init, peak LR, and whether
+/// it is known to train (`good`) or known to fail (`bad`), with the source.
+struct Recipe {
+    name: &'static str,
+    sets: &'static [&'static str],
+    known: Option<bool>,
+    source: &'static str,
+}
+
+const RECIPES: &[Recipe] = &[
+    Recipe { name: "Llama 2 7B", sets: &["model.hf_config=\"llama2-7b.json\"", "init.scheme=\"normal\"", "optim.lr=3e-4"], known: Some(true), source: "Touvron et al. 2023 (peak LR 3e-4); HF initializer_range 0.02" },
+    Recipe { name: "Llama 2 13B", sets: &["model.hf_config=\"llama2-13b.json\"", "init.scheme=\"normal\"", "optim.lr=3e-4"], known: Some(true), source: "Touvron et al. 2023 (3e-4); σ 0.02" },
+    Recipe { name: "Llama 2 70B", sets: &["model.hf_config=\"llama2-70b.json\"", "init.scheme=\"normal\"", "optim.lr=1.5e-4"], known: Some(true), source: "Touvron et al. 2023 (1.5e-4); σ 0.02" },
+    Recipe { name: "Llama 3 8B", sets: &["model.hf_config=\"llama3-8b.json\"", "init.scheme=\"normal\"", "optim.lr=3e-4"], known: Some(true), source: "Llama 3 model card / Dubey et al. 2024 (3e-4); σ 0.02" },
+    Recipe { name: "Llama 3 70B", sets: &["model.hf_config=\"llama3-70b.json\"", "init.scheme=\"normal\"", "optim.lr=1.5e-4"], known: Some(true), source: "Dubey et al. 2024 (1.5e-4); σ 0.02" },
+    Recipe { name: "Llama 3 70B, Megatron init", sets: &["model.hf_config=\"llama3-70b.json\"", "init.scheme=\"megatron\"", "optim.lr=1.5e-4"], known: Some(true), source: "Megatron-LM's default init (σ 0.02, output projections σ/√(2L)) at Llama 3 70B's shape and LR" },
+    Recipe { name: "Mistral 7B v0.3", sets: &["model.hf_config=\"mistral-7b-v0.3.json\"", "init.scheme=\"normal\"", "optim.lr=3e-4"], known: Some(true), source: "Mistral config (model_type mistral, no sliding window); σ 0.02; LR not published, 3e-4 assumed" },
+    Recipe { name: "Qwen3 8B", sets: &["model.hf_config=\"qwen3-8b.json\"", "init.scheme=\"normal\"", "optim.lr=3e-4"], known: Some(true), source: "Qwen3 config (qk-norm); σ 0.02; LR not published, 3e-4 assumed" },
+    Recipe { name: "OLMo 2 7B shape", sets: &["model.hf_config=\"olmo2-7b-shape.json\"", "init.scheme=\"trunc-normal\"", "init.std=0.02", "optim.lr=3e-4"], known: Some(true), source: "OLMo 2 (2024): truncated normal σ 0.02, peak LR 3e-4; as a pre-norm Llama of its shape (keel cannot represent OLMo 2's norm placement)" },
+    Recipe { name: "TinyLlama 1.1B", sets: &["model.hf_config=\"tinyllama-1.1b.json\"", "init.scheme=\"wang\"", "optim.lr=4e-4"], known: Some(true), source: "Zhang et al. 2024 (4e-4); lit-gpt's init √(2/5d), output projections ~1/(L√d) (keel's wang)" },
+    Recipe { name: "tiny, LR 3e-3", sets: &["model.preset=\"tiny\"", "init.scheme=\"normal\"", "optim.lr=3e-3"], known: Some(true), source: "examples/instability stable run (val 1.19 at 300 steps)" },
+    Recipe { name: "Llama 2 7B, σ = 1", sets: &["model.hf_config=\"llama2-7b.json\"", "init.scheme=\"normal\"", "init.std=1.0", "optim.lr=3e-4"], known: Some(false), source: "50× HF's σ: first loss 25× ln V" },
+    Recipe { name: "tiny, σ = 1", sets: &["model.preset=\"tiny\"", "init.scheme=\"normal\"", "init.std=1.0", "optim.lr=3e-3"], known: Some(false), source: "examples/instability: first loss 59.5 (ln V 8.3), unguarded val 2.70 vs 1.19 stable" },
+    Recipe { name: "tiny, LR 0.1, no warm-up", sets: &["model.preset=\"tiny\"", "init.scheme=\"normal\"", "optim.lr=0.1"], known: Some(false), source: "examples/instability: attention logit > 100 at step 3, unguarded val 2.90 vs 1.19" },
+    Recipe { name: "tiny width, 128 layers, no depth scaling", sets: &["model.preset=\"tiny\"", "model.num_layers=128", "init.scheme=\"normal\"", "optim.lr=3e-3"], known: Some(false), source: "planted (DeepNet's depth problem at d 256); not trained here" },
+];
+
+/// The calibration table (README "Calibration"): every known-good recipe PASSes or WARNs,
+/// every known-bad one FAILs. Prints the table: `cargo test --release --test check
+/// calibration -- --nocapture`.
+#[test]
+fn calibration_known_good_recipes_pass_and_known_bad_ones_fail() {
+    let hf = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/hf/");
+    let mut rows = Vec::new();
+    let mut wrong = Vec::new();
+    for r in RECIPES {
+        let sets: Vec<String> = r
+            .sets
+            .iter()
+            .map(|s| s.replace("hf_config=\"", &format!("hf_config=\"{hf}")))
+            .collect();
+        let rc = RunConfig::parse(None, &sets).unwrap();
+        let mc = rc.model_config().unwrap();
+        let o = CheckOptions {
+            optim: rc.optim.clone(),
+            ..Default::default()
+        };
+        let rep = check(&mc, &rc.init, &o).unwrap();
+        let cells: Vec<String> = rep
+            .gates
+            .iter()
+            .map(|g| format!("{} {:.3}", &g.verdict.label()[..1], g.value))
+            .collect();
+        let known = match r.known {
+            Some(true) => "good",
+            Some(false) => "bad",
+            None => "—",
+        };
+        rows.push(format!(
+            "| {} | {known} | {} | **{}** | {} |",
+            r.name,
+            cells.join(" | "),
+            rep.verdict.label(),
+            r.source
+        ));
+        match r.known {
+            Some(true) if rep.verdict == Verdict::Fail => wrong.push(format!("{} FAILs", r.name)),
+            Some(false) if rep.verdict != Verdict::Fail => {
+                wrong.push(format!("{} does not FAIL", r.name))
+            }
+            _ => {}
+        }
+    }
+    let names: Vec<&str> = report(&["model.preset=\"micro\""])
+        .gates
+        .iter()
+        .map(|g| g.name)
+        .collect();
+    println!(
+        "| recipe | known | {} | verdict | source |",
+        names.join(" | ")
+    );
+    println!("|---|---|{}---|---|", "---|".repeat(names.len()));
+    for r in rows {
+        println!("{r}");
+    }
+    assert!(wrong.is_empty(), "{wrong:?}");
 }

@@ -242,7 +242,7 @@ fn sweep_and_check_reports_render() {
     ] {
         assert!(html.contains(&format!("id=\"{id}\"")), "no {id}");
     }
-    assert!(html.contains("Most robust scheme") && html.contains("diverged"));
+    assert!(html.contains("Recommended scheme") && html.contains("diverged"));
     browse(
         &sw.join("report.html"),
         &["fig-stability_map", "sensitivity"],
@@ -265,6 +265,45 @@ fn sweep_and_check_reports_render() {
             && html.contains("initial loss")
     );
     browse(&ck.join("report.html"), &["fig-rms_vs_depth", "init"], 2);
+    // the cards count gates (six per scheme), each gate shows its threshold
+    let n_schemes = html.matches("<summary>init ").count();
+    assert!(n_schemes > 1, "{n_schemes}");
+    assert!(
+        html.contains("gates PASS") && html.contains("PASS ≤"),
+        "cards/thresholds"
+    );
+    // a 7B config is measured on a proxy, and the page says so
+    let big = dir.join("check-7b");
+    let hf = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/hf/llama2-7b.json");
+    let o = keel()
+        .args(["check", "--hf", hf, "--out"])
+        .arg(&big)
+        .output()
+        .unwrap();
+    assert!(o.status.code().is_some());
+    ok(keel().arg("report").arg(&big));
+    let html = std::fs::read_to_string(big.join("report.html")).unwrap();
+    assert!(html.contains("measured on") && html.contains("width-256 proxy"));
+    // a coordinate-check directory has a report too
+    let co = dir.join("coord");
+    ok(keel()
+        .args([
+            "check",
+            "--coord-check",
+            "--widths",
+            "32,64",
+            "--steps",
+            "2",
+            "--out",
+        ])
+        .arg(&co));
+    ok(keel().arg("report").arg(&co));
+    let html = std::fs::read_to_string(co.join("report.html")).unwrap();
+    assert_offline(&html);
+    assert!(
+        html.contains("id=\"fig-coord_mup\"") && html.contains("slope"),
+        "coord page"
+    );
     // not a keel directory: a clear error
     let o = keel().arg("report").arg(&dir).output().unwrap();
     assert_eq!(o.status.code(), Some(1));

@@ -193,7 +193,7 @@ fn sweep_resumes_after_kill_and_marks_divergence() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&o.stderr)
     );
-    assert!(stdout.contains("Most robust scheme"), "{stdout}");
+    assert!(stdout.contains("Recommended scheme"), "{stdout}");
     // finished trials were not run again
     for (id, m) in before {
         let now = std::fs::metadata(out.join("trials").join(&id).join("metrics.jsonl"))

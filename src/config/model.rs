@@ -515,3 +515,36 @@ impl ModelConfig {
         Value::Object(m)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn llama_like(model_type: &str) -> Value {
+        json!({"model_type": model_type, "hidden_size": 256, "intermediate_size": 688,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,
+               "vocab_size": 512, "max_position_embeddings": 1024, "hidden_act": "silu"})
+    }
+
+    #[test]
+    fn llama_architecture_models_under_other_names_are_taken_as_llama() {
+        let m = ModelConfig::from_hf_value(&llama_like("mistral")).unwrap();
+        assert_eq!((m.hidden_size, m.num_kv_heads), (256, 2));
+        let mut v = llama_like("mistral");
+        v["sliding_window"] = json!(null);
+        assert!(ModelConfig::from_hf_value(&v).is_ok());
+        v["sliding_window"] = json!(4096); // at least the context: plain causal attention
+        assert!(ModelConfig::from_hf_value(&v).is_ok());
+        v["sliding_window"] = json!(128);
+        let e = ModelConfig::from_hf_value(&v).unwrap_err();
+        assert_eq!(e.field, "sliding_window");
+        // what keel cannot represent is refused, named
+        let e = ModelConfig::from_hf_value(&llama_like("qwen2")).unwrap_err();
+        assert!(e.problem.contains("biases"), "{e}");
+        let e = ModelConfig::from_hf_value(&llama_like("olmo2")).unwrap_err();
+        assert!(e.problem.contains("normalises after"), "{e}");
+        let e = ModelConfig::from_hf_value(&llama_like("gpt2")).unwrap_err();
+        assert!(e.fix.contains("mistral"), "{e}");
+    }
+}

@@ -208,8 +208,9 @@ pub fn print_report(r: &CheckReport, elapsed: f64) {
     println!();
     for g in &r.gates {
         println!("  {}  {:<22} {}", g.verdict.label(), g.name, g.reason);
-        if g.verdict != Verdict::Pass {
-            println!("        → {}", g.suggestion);
+        println!("        [{}: {}]", g.threshold(), g.basis);
+        if let Some(s) = &g.suggestion {
+            println!("        → {s}");
         }
     }
     println!("verdict: {} ({elapsed:.1} s)", r.verdict.label());
@@ -254,10 +255,11 @@ fn cmd_coord(a: &ProbeArgs) -> Result<i32> {
                 println!();
             }
             println!(
-                "slope of log(RMS) vs log(width) at step {steps}: logits {:+.2}, last residual {:+.2}  ({})",
+                "slope of log(RMS) vs log(width) at step {steps}: logits {:+.2} ({}), last residual {:+.2} ({})",
                 c.logit_slope,
+                super::coord::slope_word(c.logit_slope),
                 c.resid_slope,
-                if c.logit_slope.abs() < 0.25 { "flat" } else { "grows with width" }
+                super::coord::slope_word(c.resid_slope),
             );
         }
     }

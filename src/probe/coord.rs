@@ -10,7 +10,7 @@ use crate::optim::AdamW;
 use anyhow::Result;
 use serde::Serialize;
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct CoordSeries {
     pub parametrisation: String,
     pub widths: Vec<usize>,
@@ -21,6 +21,20 @@ pub struct CoordSeries {
     /// Slope of log(logit RMS) against log(width) at the last step (0: flat).
     pub logit_slope: f64,
     pub resid_slope: f64,
+}
+
+/// A slope of log(RMS) against log(width) in words: under μP every coordinate should be
+/// flat (|slope| < 0.25); one that shrinks is as wrong as one that grows.
+pub fn slope_word(s: f64) -> &'static str {
+    if !s.is_finite() {
+        "not measurable"
+    } else if s.abs() < 0.25 {
+        "flat"
+    } else if s > 0.0 {
+        "grows with width"
+    } else {
+        "shrinks with width"
+    }
 }
 
 /// Least-squares slope of log y against log x.
@@ -118,6 +132,13 @@ pub fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slope_words_name_the_direction() {
+        assert_eq!(slope_word(0.1), "flat");
+        assert_eq!(slope_word(-0.61), "shrinks with width");
+        assert_eq!(slope_word(0.5), "grows with width");
+    }
 
     #[test]
     fn slope_of_a_power_law() {

@@ -90,7 +90,55 @@ pub struct Gate {
     pub verdict: Verdict,
     pub value: f64,
     pub reason: String,
-    pub suggestion: String,
+    /// What to change; none for a passing gate.
+    pub suggestion: Option<String>,
+    /// PASS up to `pass`, WARN up to `warn` (infinite: the gate never fails), FAIL above.
+    pub pass: f64,
+    pub warn: f64,
+    /// Where the thresholds come from (the calibration in README "Calibration").
+    pub basis: &'static str,
+}
+
+impl Gate {
+    /// "PASS ≤ 0.5, WARN ≤ 3, FAIL above".
+    pub fn threshold(&self) -> String {
+        let n = |x: f64| {
+            if x >= 10.0 || x == x.round() {
+                format!("{x:.0}")
+            } else {
+                format!("{x}")
+            }
+        };
+        if self.warn.is_infinite() {
+            format!("PASS ≤ {}, else WARN (never FAIL)", n(self.pass))
+        } else {
+            format!(
+                "PASS ≤ {}, WARN ≤ {}, FAIL above",
+                n(self.pass),
+                n(self.warn)
+            )
+        }
+    }
+}
+
+/// Gate thresholds, calibrated on published recipes that trained at scale (Llama 2 7B/13B/70B,
+/// Llama 3 8B/70B, Mistral 7B, Qwen3 8B, an OLMo 2 7B-shaped model, TinyLlama) and on recipes
+/// measured to fail (σ = 1; the LR 33× too high of examples/instability): every known-good one
+/// passes or warns, every known-bad one fails, with margin on both sides (README
+/// "Calibration", `tests/check.rs::calibration_*`).
+pub mod thresholds {
+    /// (pass, warn, basis) per gate.
+    pub type T = (f64, f64, &'static str);
+    pub const INITIAL_LOSS: T = (0.5, 3.0, "|loss − ln V| in nats: published recipes reach +1.7 (Llama 3 70B, σ 0.02 at d 8192), σ = 1 reaches +47 (tiny) to +260 (7B)");
+    pub const RESIDUAL_GROWTH: T = (4.0, 16.0, "pre-norm residuals grow ~√L once the branches dominate the embedding: 5.7–8.9 in published recipes (32–80 layers); 16 is √256 layers (the narrow 128-layer model without depth scaling reaches 29)");
+    pub const GRADIENT_RATIO: T = (16.0, f64::INFINITY, "informational: Adam normalises each parameter's update by its own gradient scale, and published recipes show 48–315 here (Llama 2 70B: 315) while σ = 1 tiny shows 61; it separates nothing, so it never fails");
+    pub const ATTENTION_LOGITS: T = (1.0, 6.0, "attention-logit σ at init: ≤ 3.3 in published recipes (70B: σ 0.02 at d 8192), ≥ 14 with σ = 1");
+    pub const OUTPUT_LOGITS: T = (
+        1.0,
+        5.0,
+        "output-logit σ at init: ≤ 1.8 in published recipes, ≥ 16 with σ = 1",
+    );
+    pub const UPDATE_RATIO: T = (0.1, 1.0, "largest ‖ΔW‖/‖W‖ of step 1 at the peak LR (no warm-up): ≤ 0.15 in recipes that trained (tiny at 3e-3, the published 7B–70B at their peak LRs), 5.0 at the 33×-too-high LR of examples/instability; above 1 the first step outweighs the weights");
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -426,7 +474,7 @@ pub fn check(cfg: &ModelConfig, ic: &InitSection, o: &CheckOptions) -> anyhow::R
     })
 }
 
-fn grade(x: f64, pass: f64, warn: f64) -> Verdict {
+fn grade(x: f64, (pass, warn, _): thresholds::T) -> Verdict {
     if x.is_nan() || x > warn {
         Verdict::Fail
     } else if x > pass {
@@ -443,10 +491,13 @@ pub fn gates(cfg: &ModelConfig, m: &Measured, steps: &[StepStats], lr: f64) -> V
     let dl = m.loss - lnv;
     g.push(Gate {
         name: "initial loss",
-        verdict: grade(dl.abs(), 0.5, 2.0),
+        verdict: grade(dl.abs(), thresholds::INITIAL_LOSS),
         value: m.loss,
         reason: format!("{:.3} vs ln(vocab) {lnv:.3} ({dl:+.3})", m.loss),
-        suggestion: "the model is confidently wrong before training: shrink the head (or tied embedding) init so σ_head·√d ≪ 1".into(),
+        pass: 0.0,
+        warn: 0.0,
+        basis: "",
+        suggestion: Some("the model is confidently wrong before training: shrink the head (or tied embedding) init so σ_head·√d ≪ 1".into()),
     });
     // growth after the first layer (the embedding's own scale is the init-loss gates' concern)
     let l2 = m.resid_rms.len() - 1;
@@ -454,14 +505,17 @@ pub fn gates(cfg: &ModelConfig, m: &Measured, steps: &[StepStats], lr: f64) -> V
     let growth = m.resid_rms[l2] / (m.resid_rms[2.min(l2)] * skip).max(1e-30);
     g.push(Gate {
         name: "residual growth",
-        verdict: grade(growth.max(1.0 / growth.max(1e-30)), 4.0, 8.0),
+        verdict: grade(growth.max(1.0 / growth.max(1e-30)), thresholds::RESIDUAL_GROWTH),
         value: growth,
         reason: format!(
-            "residual RMS ×{growth:.2} from layer 1 to layer {}{}",
-            cfg.num_layers,
+            "residual RMS ×{growth:.2} from layer 0's output to layer {}'s{}",
+            cfg.num_layers - 1,
             if skip != 1.0 { " (beyond the α skip gains)" } else { "" }
         ),
-        suggestion: "the branches dominate the embedding as depth grows: scale output projections with depth (depth-scaled, megatron, mitchell) or enlarge the embedding σ".into(),
+        pass: 0.0,
+        warn: 0.0,
+        basis: "",
+        suggestion: Some("the branches dominate the embedding as depth grows: scale output projections with depth (depth-scaled, megatron, mitchell) or enlarge the embedding σ".into()),
     });
     // a zero readout (μP) sends no gradient into the layers at init: use step 1's
     let (lg, when) =
@@ -477,10 +531,13 @@ pub fn gates(cfg: &ModelConfig, m: &Measured, steps: &[StepStats], lr: f64) -> V
     let ratio = first / last.max(1e-30);
     g.push(Gate {
         name: "gradient ratio",
-        verdict: grade(ratio.max(1.0 / ratio.max(1e-30)), 4.0, 16.0),
+        verdict: grade(ratio.max(1.0 / ratio.max(1e-30)), thresholds::GRADIENT_RATIO),
         value: ratio,
         reason: format!("weight-gradient RMS layer 0 / layer {} = {ratio:.2}{when}", cfg.num_layers - 1),
-        suggestion: "layers learn at very different speeds: balance the residual stream (depth scaling) or use per-layer LR".into(),
+        pass: 0.0,
+        warn: 0.0,
+        basis: "",
+        suggestion: Some("layers learn at very different speeds: balance the residual stream (depth scaling) or use per-layer LR".into()),
     });
     let (li, ls) = m
         .attn_logit_std
@@ -490,20 +547,26 @@ pub fn gates(cfg: &ModelConfig, m: &Measured, steps: &[StepStats], lr: f64) -> V
     let amax = m.attn_logit_max.iter().fold(0f64, |a, &b| a.max(b));
     g.push(Gate {
         name: "attention logits",
-        verdict: grade(ls, 1.0, 3.0),
+        verdict: grade(ls, thresholds::ATTENTION_LOGITS),
         value: ls,
         reason: format!("logit std {ls:.3} (layer {li}), max {amax:.2}: entropy {:.2} nats at layer {li}", m.attn_entropy.get(li).copied().unwrap_or(f64::NAN)),
-        suggestion: "attention is peaked before training: smaller q/k init, attention scale 1/√d_head, or qk-norm".into(),
+        pass: 0.0,
+        warn: 0.0,
+        basis: "",
+        suggestion: Some("attention is peaked before training: smaller q/k init, attention scale 1/√d_head, or qk-norm".into()),
     });
     g.push(Gate {
         name: "output logits",
-        verdict: grade(m.logit_std, 1.0, 3.0),
+        verdict: grade(m.logit_std, thresholds::OUTPUT_LOGITS),
         value: m.logit_std,
         reason: format!(
             "logit std {:.3}, mean log-partition {:.3} (ln V {lnv:.3})",
             m.logit_std, m.logz_mean
         ),
-        suggestion: "shrink the head init (or add a 1/width output multiplier, as μP)".into(),
+        pass: 0.0,
+        warn: 0.0,
+        basis: "",
+        suggestion: Some("shrink the head init (or add a 1/width output multiplier, as μP)".into()),
     });
     if let Some(s) = steps.first() {
         let (gname, r) = s
@@ -519,11 +582,28 @@ pub fn gates(cfg: &ModelConfig, m: &Measured, steps: &[StepStats], lr: f64) -> V
             });
         g.push(Gate {
             name: "update/weight, step 1",
-            verdict: grade(r, 0.1, 0.5),
+            verdict: grade(r, thresholds::UPDATE_RATIO),
             value: r,
             reason: format!("largest ‖ΔW‖/‖W‖ {r:.3} ({gname}) at lr {lr:.2e}"),
-            suggestion: format!("the first Adam step moves weights by ≈ lr per entry: lower the LR, add warmup, or raise the {gname} init σ"),
+            pass: 0.0,
+        warn: 0.0,
+        basis: "",
+        suggestion: Some(format!("the first Adam step moves weights by ≈ lr per entry: lower the LR, add warmup, or raise the {gname} init σ")),
         });
+    }
+    // thresholds and their basis on every gate; no suggestion where nothing is wrong
+    for (x, t) in g.iter_mut().zip([
+        thresholds::INITIAL_LOSS,
+        thresholds::RESIDUAL_GROWTH,
+        thresholds::GRADIENT_RATIO,
+        thresholds::ATTENTION_LOGITS,
+        thresholds::OUTPUT_LOGITS,
+        thresholds::UPDATE_RATIO,
+    ]) {
+        (x.pass, x.warn, x.basis) = t;
+        if x.verdict == Verdict::Pass {
+            x.suggestion = None;
+        }
     }
     g
 }

@@ -18,6 +18,8 @@ pub enum Kind {
     Run,
     Sweep,
     Check,
+    /// `keel check --coord-check --out`
+    Coord,
 }
 
 pub fn detect(dir: &Path) -> Result<Kind> {
@@ -27,11 +29,13 @@ pub fn detect(dir: &Path) -> Result<Kind> {
         Ok(Kind::Run)
     } else if dir.join("check.json").exists() {
         Ok(Kind::Check)
+    } else if dir.join("coord_check.json").exists() {
+        Ok(Kind::Coord)
     } else if !dir.is_dir() {
         bail!("{}: no such directory", dir.display())
     } else {
         bail!(
-            "{}: not a keel run, sweep or check directory (no metrics.jsonl, sweep.json or check.json); fix: give the --out directory of keel train, keel sweep or keel check",
+            "{}: not a keel run, sweep or check directory (no metrics.jsonl, sweep.json, check.json or coord_check.json); fix: give the --out directory of keel train, keel sweep or keel check",
             dir.display()
         )
     }
@@ -43,6 +47,7 @@ pub fn write(dir: &Path) -> Result<PathBuf> {
         Kind::Run => run_page(dir)?,
         Kind::Sweep => sweep_page(dir)?,
         Kind::Check => check_page(dir)?,
+        Kind::Coord => coord_page(dir)?,
     };
     let path = dir.join("report.html");
     crate::checkpoint::write_atomic(&path, page.render().as_bytes())?;
@@ -530,17 +535,29 @@ fn check_html(reports: &[Value], plots: &Path) -> Result<String> {
                             ),
                             esc(g.get("name").and_then(Value::as_str).unwrap_or("")),
                             esc(g.get("reason").and_then(Value::as_str).unwrap_or("")),
-                            if v == "Pass" {
-                                String::new()
-                            } else {
-                                esc(g.get("suggestion").and_then(Value::as_str).unwrap_or(""))
+                            {
+                                let n = |k: &str| g.get(k).and_then(Value::as_f64);
+                                let t = match (n("pass"), n("warn")) {
+                                    (Some(p), Some(w)) => format!("PASS ≤ {p}, WARN ≤ {w}"),
+                                    (Some(p), None) => format!("PASS ≤ {p}, else WARN"),
+                                    _ => String::new(),
+                                };
+                                format!(
+                                    "{}<br><span class=muted>{}</span>",
+                                    esc(&t),
+                                    esc(g.get("basis").and_then(Value::as_str).unwrap_or(""))
+                                )
                             },
+                            esc(g.get("suggestion").and_then(Value::as_str).unwrap_or("")),
                         ]
                     })
                     .collect()
             })
             .unwrap_or_default();
-        s.push_str(&html::table(&["", "gate", "finding", "suggestion"], &rows));
+        s.push_str(&html::table(
+            &["", "gate", "finding", "threshold", "suggestion"],
+            &rows,
+        ));
         // per-layer theory vs measurement
         let th = r.get("theory");
         let me = r.get("measured");
@@ -788,6 +805,64 @@ fn sweep_page(dir: &Path) -> Result<Page> {
     Ok(page)
 }
 
+/// A μP coordinate check (`keel check --coord-check --out DIR`): its plots and slopes.
+fn coord_page(dir: &Path) -> Result<Page> {
+    let path = dir.join("coord_check.json");
+    let series: Vec<crate::probe::coord::CoordSeries> = serde_json::from_str(
+        &std::fs::read_to_string(&path)
+            .with_context(|| format!("{}: cannot read", path.display()))?,
+    )
+    .with_context(|| format!("{}: not a coordinate check", path.display()))?;
+    use crate::probe::coord::slope_word;
+    let mut page = Page::new(&format!("keel coordinate check — {}", dir_name(dir)));
+    if let Some(c) = series.first() {
+        page.subtitle = format!(
+            "widths {:?} · {} steps · flat = |slope of log RMS vs log width| < 0.25",
+            c.widths,
+            c.logits.len().saturating_sub(1)
+        );
+    }
+    let mut body = String::from("<div class=grid>");
+    for c in &series {
+        let base = dir.join(format!("coord_check_{}", c.parametrisation));
+        if PathBuf::from(format!("{}.svg", base.display())).exists() {
+            body.push_str(&html::figure(
+                &base,
+                &format!("coord_{}", c.parametrisation),
+                &format!("{}: output logits (solid) and last residual (dashed) by width, one colour per step", c.parametrisation),
+            )?);
+        }
+    }
+    body.push_str("</div>");
+    let rows: Vec<Vec<String>> = series
+        .iter()
+        .map(|c| {
+            vec![
+                esc(&c.parametrisation),
+                format!("{:+.2} ({})", c.logit_slope, slope_word(c.logit_slope)),
+                format!("{:+.2} ({})", c.resid_slope, slope_word(c.resid_slope)),
+            ]
+        })
+        .collect();
+    body.push_str(&html::table(
+        &["parametrisation", "logit slope", "last-residual slope"],
+        &rows,
+    ));
+    let mup_flat = series
+        .iter()
+        .find(|c| c.parametrisation == "mup")
+        .map(|c| slope_word(c.logit_slope) == "flat" && slope_word(c.resid_slope) == "flat");
+    if let Some(flat) = mup_flat {
+        page.status = Some(if flat {
+            ("μP FLAT".into(), "good".into())
+        } else {
+            ("μP NOT FLAT".into(), "bad".into())
+        });
+    }
+    page.section("coord", "Coordinate check", body);
+    Ok(page)
+}
+
 fn check_page(dir: &Path) -> Result<Page> {
     let v: Value = serde_json::from_str(
         &std::fs::read_to_string(dir.join("check.json"))
@@ -822,15 +897,40 @@ fn check_page(dir: &Path) -> Result<Page> {
         .unwrap_or("Pass");
     page.status = Some((worst.to_uppercase(), verdict_class(worst).into()));
     page.stat("schemes", &reports.len().to_string());
+    // the cards count gates (six per scheme), not schemes
+    let gates: Vec<&Value> = reports
+        .iter()
+        .filter_map(|r| r.get("gates").and_then(Value::as_array))
+        .flatten()
+        .collect();
     for v in ["Pass", "Warn", "Fail"] {
         page.stat(
-            &v.to_lowercase(),
-            &reports
+            &format!("gates {}", v.to_uppercase()),
+            &gates
                 .iter()
-                .filter(|r| r.get("verdict").and_then(Value::as_str) == Some(v))
+                .filter(|g| g.get("verdict").and_then(Value::as_str) == Some(v))
                 .count()
                 .to_string(),
         );
+    }
+    if let Some(p) = reports
+        .first()
+        .and_then(|r| r.get("proxy"))
+        .filter(|p| !p.is_null())
+    {
+        page.stat(
+            "measured on",
+            &format!(
+                "a proxy of width {} ({} params)",
+                p["hidden_size"],
+                human(num_field(p, "params").unwrap_or(0.0))
+            ),
+        );
+        page.subtitle.push_str(&format!(
+            " · measured on a width-{} proxy: {}",
+            p["hidden_size"],
+            p.get("how").and_then(Value::as_str).unwrap_or("")
+        ));
     }
     page.section(
         "init",

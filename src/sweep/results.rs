@@ -450,6 +450,38 @@ fn scheme_of(g: &Map<String, Value>, base: &str) -> String {
         .to_string()
 }
 
+/// Pooled standard deviation of the final loss between seeds of the same trial (same axes
+/// but `train.seed`, not diverged), and how many such cells there were; None without
+/// repeated seeds.
+pub fn seed_noise(plan: &Plan, results: &[TrialResult]) -> Option<(f64, usize)> {
+    let _ = plan;
+    let mut cells: Vec<(Map<String, Value>, Vec<f64>)> = Vec::new();
+    for r in results.iter().filter(|r| r.done() && !r.diverged) {
+        let Some(l) = r.final_loss.filter(|x| x.is_finite()) else {
+            continue;
+        };
+        let key: Map<String, Value> = r
+            .axes
+            .iter()
+            .filter(|(k, _)| k.as_str() != "train.seed")
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        match cells.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, v)) => v.push(l),
+            None => cells.push((key, vec![l])),
+        }
+    }
+    let vars: Vec<f64> = cells
+        .iter()
+        .filter(|(_, v)| v.len() >= 2)
+        .map(|(_, v)| {
+            let m = v.iter().sum::<f64>() / v.len() as f64;
+            v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (v.len() - 1) as f64
+        })
+        .collect();
+    mean(&vars).map(|v| (v.sqrt(), vars.len()))
+}
+
 pub fn recommend(
     plan: &Plan,
     base_scheme: &str,
@@ -495,41 +527,86 @@ pub fn recommend(
             }
         })
         .collect();
-    let key = |s: &SchemeScore| {
-        (
-            s.mean_lr_sensitivity.unwrap_or(f64::MAX),
-            s.mean_best_loss.unwrap_or(f64::MAX),
-        )
+    // What a user wants first is the lowest loss; among schemes whose best losses differ by
+    // less than the seed noise, the widest LR window (the stablest choice) decides, then
+    // the LR sensitivity. The text says which metric decided.
+    let noise = seed_noise(plan, results);
+    let window_decades = |s: &str| -> Option<f64> {
+        let ws: Vec<f64> = groups
+            .iter()
+            .filter(|g| scheme_of(&g.group, base_scheme) == s)
+            .map(|g| g.lr_window.map(|(lo, hi)| (hi / lo).log10()))
+            .collect::<Option<Vec<f64>>>()?;
+        mean(&ws)
     };
-    let robust = scores
+    let eligible: Vec<&SchemeScore> = scores
         .iter()
-        .min_by(|a, b| {
-            let (ka, kb) = (key(a), key(b));
-            // sensitivities within 0.005 nats tie: the lower best loss wins
-            if (ka.0 - kb.0).abs() < 5e-3 {
-                ka.1.total_cmp(&kb.1)
-            } else {
-                ka.0.total_cmp(&kb.0)
-            }
-        })
-        .filter(|s| s.mean_lr_sensitivity.is_some());
+        .filter(|s| s.mean_best_loss.is_some() && s.mean_lr_sensitivity.is_some())
+        .collect();
+    let lowest = eligible.iter().copied().min_by(|a, b| {
+        a.mean_best_loss
+            .unwrap_or(f64::MAX)
+            .total_cmp(&b.mean_best_loss.unwrap_or(f64::MAX))
+    });
+    // a lead smaller than twice the seed noise is no lead (unmeasured noise: any lead counts,
+    // and the text says it may not be significant)
+    let tie = |a: &SchemeScore, b: &SchemeScore| match noise {
+        Some((sd, _)) => {
+            (a.mean_best_loss.unwrap_or(f64::MAX) - b.mean_best_loss.unwrap_or(f64::MAX)).abs()
+                < 2.0 * sd
+        }
+        None => false,
+    };
+    let mut decided_by = "lowest loss reached";
+    let robust = lowest.map(|low| {
+        let tied: Vec<&SchemeScore> = eligible.iter().copied().filter(|s| tie(s, low)).collect();
+        if tied.len() <= 1 {
+            return low;
+        }
+        decided_by = "widest LR window among schemes whose best losses are within the seed noise";
+        tied.into_iter()
+            .max_by(|a, b| {
+                let (wa, wb) = (
+                    window_decades(&a.scheme).unwrap_or(-1.0),
+                    window_decades(&b.scheme).unwrap_or(-1.0),
+                );
+                wa.total_cmp(&wb).then(
+                    b.mean_lr_sensitivity
+                        .unwrap_or(f64::MAX)
+                        .total_cmp(&a.mean_lr_sensitivity.unwrap_or(f64::MAX)),
+                )
+            })
+            .unwrap_or(low)
+    });
     let mut lr_window = None;
     if let Some(r) = robust {
         let others: Vec<String> = scores
             .iter()
             .filter(|s| s.scheme != r.scheme)
-            .map(|s| match s.mean_lr_sensitivity {
-                Some(x) => format!("{} {x:.3}", s.scheme),
-                None => format!("{} (no stable LR in some group)", s.scheme),
+            .map(|s| match (s.mean_best_loss, s.mean_lr_sensitivity) {
+                (Some(b), Some(x)) => format!(
+                    "{} {b:.3} (Δ {:+.3}; sensitivity {x:.3})",
+                    s.scheme,
+                    b - r.mean_best_loss.unwrap_or(f64::NAN)
+                ),
+                _ => format!("{} (no stable LR in some group)", s.scheme),
             })
             .collect();
         text.push(format!(
-            "Most robust scheme: {} — LR sensitivity {:.3} nats (Wortsman et al. 2023; mean over {} group(s)){}",
+            "Recommended scheme: {} — decided by {decided_by}: mean best loss {:.3} nats over {} group(s), LR sensitivity {:.3} (Wortsman et al. 2023){}",
             r.scheme,
-            r.mean_lr_sensitivity.unwrap_or(f64::NAN),
+            r.mean_best_loss.unwrap_or(f64::NAN),
             groups.iter().filter(|g| scheme_of(&g.group, base_scheme) == r.scheme).count(),
+            r.mean_lr_sensitivity.unwrap_or(f64::NAN),
             if others.is_empty() { String::new() } else { format!("; others: {}", others.join(", ")) }
         ));
+        text.push(match noise {
+            Some((sd, n)) => format!(
+                "Seed noise: σ {sd:.3} nats of final loss between seeds ({n} LR × group cells with repeated seeds); leads under {:.3} (2σ) are not significant",
+                2.0 * sd
+            ),
+            None => "One seed per trial: the seed noise is not measured, so differences of a few hundredths of a nat may not be significant (add a train.seed axis to measure it)".to_string(),
+        });
         // the LRs inside the window of every group of that scheme
         let gs: Vec<&GroupSummary> = groups
             .iter()
@@ -546,13 +623,22 @@ pub fn recommend(
             .collect();
         if let (Some(&lo), Some(&hi)) = (common.first(), common.last()) {
             lr_window = Some((lo, hi));
-            text.push(format!(
-                "LR window for {}: {} … {} — stable and within {:.0}% of the best loss in every group",
-                r.scheme,
-                show_num(lo),
-                show_num(hi),
-                plan.settings.window * 100.0
-            ));
+            text.push(if lo == hi {
+                format!(
+                    "Only LR {} is within {:.0}% of the best loss in every group of {}: the grid shows no window; sweep finer around it",
+                    show_num(lo),
+                    plan.settings.window * 100.0,
+                    r.scheme
+                )
+            } else {
+                format!(
+                    "LR window for {}: {} … {} — stable and within {:.0}% of the best loss in every group",
+                    r.scheme,
+                    show_num(lo),
+                    show_num(hi),
+                    plan.settings.window * 100.0
+                )
+            });
         } else {
             let per: Vec<String> = gs
                 .iter()
@@ -1113,6 +1199,61 @@ mod tests {
             Some(4096.0),
         );
         assert!(t.exponent_range.is_none() && t.predicted_lr.is_none());
+    }
+
+    fn with(mut t: TrialResult, scheme: &str, seed: i64) -> TrialResult {
+        t.axes.insert("init.scheme".into(), json!(scheme));
+        t.axes.insert("train.seed".into(), json!(seed));
+        t.id = format!("{}-{scheme}-{seed}", t.id);
+        t
+    }
+
+    fn plan2(lrs: &[f64]) -> Plan {
+        let mut p = plan(lrs);
+        p.axes.push(super::super::Axis {
+            key: "init.scheme".into(),
+            values: vec!["normal".into(), "xavier-normal".into()],
+        });
+        p
+    }
+
+    #[test]
+    fn the_recommendation_follows_the_lowest_loss_and_says_why() {
+        // xavier-normal is lower at every LR, yet (relative to its own best) more LR
+        // sensitive: the user wants the lower loss
+        let p = plan2(&[1e-3, 1e-2, 1e-1]);
+        let rs = vec![
+            with(trial(1e-3, Some(2.50), None), "normal", 1),
+            with(trial(1e-2, Some(2.40), None), "normal", 1),
+            with(trial(1e-1, Some(2.45), None), "normal", 1),
+            with(trial(1e-3, Some(2.30), None), "xavier-normal", 1),
+            with(trial(1e-2, Some(1.90), None), "xavier-normal", 1),
+            with(trial(1e-1, Some(2.35), None), "xavier-normal", 1),
+        ];
+        let g = summarize(&p, &rs);
+        let r = recommend(&p, "normal", &rs, &g, &Target::default());
+        assert_eq!(r.scheme.as_deref(), Some("xavier-normal"), "{:?}", r.text);
+        assert!(
+            r.text[0].contains("decided by lowest loss reached"),
+            "{}",
+            r.text[0]
+        );
+        assert!(r.text[1].contains("One seed per trial"), "{}", r.text[1]);
+        // a one-point window is not called a window
+        assert!(r.text[2].starts_with("Only LR 0.01"), "{}", r.text[2]);
+        // with repeated seeds whose noise exceeds the lead, the wider LR window decides
+        let mut rs2 = Vec::new();
+        for (seed, d) in [(1, 0.2), (2, -0.2)] {
+            for (lr, a, b) in [(1e-3, 2.0, 2.5), (1e-2, 2.0, 1.95), (1e-1, 2.02, 2.6)] {
+                rs2.push(with(trial(lr, Some(a + d), None), "normal", seed));
+                rs2.push(with(trial(lr, Some(b + d), None), "xavier-normal", seed));
+            }
+        }
+        let g = summarize(&p, &rs2);
+        let r = recommend(&p, "normal", &rs2, &g, &Target::default());
+        assert_eq!(r.scheme.as_deref(), Some("normal"), "{:?}", r.text);
+        assert!(r.text[0].contains("widest LR window"), "{}", r.text[0]);
+        assert!(r.text[1].contains("Seed noise: σ 0.283"), "{}", r.text[1]);
     }
 
     #[test]
