@@ -167,6 +167,10 @@ fn a_bad_update_is_rolled_back_past_the_damage() {
     let d = tmpdir("rollback");
     let o = train(&d, 200, &["--inject", "spike@120"]);
     ok(&o);
+    // the terminal says which state came back
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("rolled back to step 100 ("), "{err}");
+    assert!(err.contains("LR × 0.5 from now on"), "{err}");
     let ev = events(&d);
     let rb = of_kind(&ev, "rollback");
     assert_eq!(rb.len(), 1, "{ev:?}");
@@ -260,7 +264,11 @@ fn clean_micro_runs_raise_no_events_over_five_seeds() {
 fn a_broken_init_is_rescued_before_the_first_update() {
     // σ = 1 everywhere: first loss ~10× ln(vocab); the guard rescales the matrices at step 1
     let d = tmpdir("rescue");
-    ok(&train(&d, 40, &["--set", "init.std=1.0"]));
+    let o = train(&d, 40, &["--set", "init.std=1.0"]);
+    ok(&o);
+    // every guard action prints its line, the rescue too
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("guard: step 1 → init rescue"), "{err}");
     let ev = events(&d);
     let r = of_kind(&ev, "init_rescue");
     assert_eq!(r.len(), 1, "{ev:?}");

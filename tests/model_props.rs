@@ -113,8 +113,12 @@ fn hf_config_round_trips_and_reads_both_rope_forms() {
     bad["num_key_value_heads"] = serde_json::json!(7);
     let e = ModelConfig::from_hf_value(&bad).unwrap_err();
     assert_eq!(e.field, "model.num_kv_heads");
+    // a Llama-architecture model under another name is the Llama it is; another model is not
+    let mut m = c.to_hf_value();
+    m["model_type"] = serde_json::json!("mistral");
+    assert_eq!(ModelConfig::from_hf_value(&m).unwrap(), c);
     let mut bad = c.to_hf_value();
-    bad["model_type"] = serde_json::json!("mistral");
+    bad["model_type"] = serde_json::json!("gpt2");
     assert_eq!(
         ModelConfig::from_hf_value(&bad).unwrap_err().field,
         "model_type"

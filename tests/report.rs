@@ -159,6 +159,22 @@ fn run_report_renders() {
         "{out}"
     );
     let html = std::fs::read_to_string(run.join("report.html")).unwrap();
+    // one set of figures: every labelled figure of the summary is on the page, same value
+    let fig = keel::train::figures_of(&run);
+    for (label, value) in fig.rows() {
+        assert!(
+            out.contains(&label) && out.contains(&value),
+            "summary lacks {label} {value}: {out}"
+        );
+        assert!(
+            html.contains(&label) && html.contains(&value),
+            "report lacks {label} {value}"
+        );
+    }
+    assert!(
+        fig.guard_events >= 2,
+        "the NaN's detection and skip: {fig:?}"
+    );
     assert_offline(&html);
     for id in [
         "fig-loss",
@@ -309,4 +325,51 @@ fn sweep_and_check_reports_render() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("not a keel run, sweep or check directory"));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Values near f64's limits once made plotters loop forever or allocate gigabytes: the report
+/// leaves them out with a note and finishes at once.
+#[test]
+fn extreme_values_are_left_out_of_plots_not_hung_on() {
+    for (name, losses) in [
+        ("huge", vec![3.0, 1e308, 2.9, 2.8]),
+        ("tiny", vec![1e-300; 6]),
+        ("denormal", vec![2.0, 1e-308, 1.9, 5e-324]),
+    ] {
+        let d = tmpdir(&format!("extreme-{name}"));
+        let mut m = String::new();
+        for (i, l) in losses.iter().enumerate() {
+            m += &format!(
+                "{{\"step\": {}, \"loss\": {l:e}, \"lr\": 1e-3, \"grad_norm\": {l:e}, \"tokens_per_s\": 100.0, \"val_loss\": {l:e}}}\n",
+                i + 1
+            );
+        }
+        std::fs::write(d.join("metrics.jsonl"), m).unwrap();
+        let mut child = keel()
+            .arg("report")
+            .arg(&d)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let t0 = std::time::Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if t0.elapsed().as_secs() > 60 {
+                let _ = child.kill();
+                panic!("{name}: keel report still running after 60 s");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        };
+        assert!(status.success(), "{name}");
+        let html = std::fs::read_to_string(d.join("report.html")).unwrap();
+        if name != "tiny" {
+            assert!(
+                html.contains("not drawn"),
+                "{name}: no note of the values left out"
+            );
+        }
+    }
 }

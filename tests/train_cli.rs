@@ -271,6 +271,27 @@ fn checkpoint_loads_and_eval_matches_validation_loss() {
         ((ce - val) / val).abs() < 1e-5,
         "keel eval {ce} vs training val_loss {val}"
     );
+    // the run directory itself: its newest checkpoint on its own validation split
+    let o = run(&[
+        "eval".into(),
+        "--model".into(),
+        d.display().to_string(),
+        "--split".into(),
+        "val".into(),
+        "--max-windows".into(),
+        (batch * batches).to_string(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let ce = r["mean_ce"].as_f64().unwrap();
+    assert!(((ce - val) / val).abs() < 1e-5, "run eval {ce} vs {val}");
+    let ppl = r["perplexity"].as_f64().unwrap();
+    assert!((ppl - val.exp()).abs() < 1e-3 * ppl, "{r}");
+    assert_eq!(r["split"], "val");
+    // a model directory without --tokens: the fix is named
+    let o = run(&["eval".into(), "--model".into(), ck.display().to_string()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("--tokens"), "{}", stderr(&o));
 }
 
 fn expect_error(args: &[String], needles: &[&str]) {
@@ -677,4 +698,128 @@ fn a_hand_edited_state_json_is_refused() {
     std::fs::write(&sp, serde_json::to_string_pretty(&orig).unwrap()).unwrap();
     let o = bare_resume(&d, &["--steps", "30"]);
     assert!(o.status.success(), "{}", stderr(&o));
+}
+
+/// Inputs that pass validation used to abort on allocation (8.4 GB for a 4M vocabulary,
+/// 1,024 layers): every command estimates first and refuses naming the field and the size.
+#[test]
+fn commands_refuse_what_would_not_fit_in_memory() {
+    let d = tmpdir("memory");
+    let t0 = Instant::now();
+    let o = keel()
+        .args(["--max-memory", "4G", "train", "--preset", "tiny", "--out"])
+        .arg(d.join("run"))
+        .args(["--set", "model.vocab_size=4194304"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(
+        e.contains("model.vocab_size") && e.contains("GB") && e.contains("--max-memory"),
+        "{e}"
+    );
+    assert!(!d.join("run/config.toml").exists());
+    let hf = d.join("big-vocab.json");
+    std::fs::write(
+        &hf,
+        r#"{"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
+            "num_attention_heads": 32, "num_key_value_heads": 32, "num_hidden_layers": 32,
+            "vocab_size": 4194304, "max_position_embeddings": 4096}"#,
+    )
+    .unwrap();
+    let o = keel()
+        .args(["--max-memory", "4G", "check", "--hf"])
+        .arg(&hf)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("model.vocab_size"), "{}", stderr(&o));
+    let o = keel()
+        .args([
+            "--max-memory",
+            "2G",
+            "check",
+            "--preset",
+            "tiny",
+            "--set",
+            "model.num_layers=1024",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("model.num_layers"), "{}", stderr(&o));
+    assert!(
+        t0.elapsed().as_secs() < 30,
+        "refusals must come before the work"
+    );
+    // a bad --max-memory is a usage error
+    let o = keel()
+        .args(["--max-memory", "lots", "check"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+}
+
+/// Ctrl-C while the tokenizer trains (a blocking library call that took 146 s to return on a
+/// large corpus) stops within about a second, exit 3, with nothing half-written.
+#[cfg(unix)]
+#[test]
+fn ctrl_c_during_tokenizer_training_stops_at_once() {
+    let d = tmpdir("sigint-bpe");
+    let mut child = keel()
+        .args([
+            "train",
+            "--preset",
+            "tiny",
+            "--threads",
+            "2",
+            "--steps",
+            "5",
+            "--out",
+        ])
+        .arg(&d)
+        .args([
+            "--set",
+            "data.builtin_bytes=20000000",
+            "--set",
+            "model.vocab_size=32000",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // the corpus is written first; then the tokenizer trains for many seconds
+    let t0 = Instant::now();
+    while !d.join("data/builtin-corpus.txt").exists() {
+        assert!(t0.elapsed().as_secs() < 60, "no corpus written");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "finished before the signal"
+    );
+    let st = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let t1 = Instant::now();
+    let code = child.wait().unwrap().code();
+    let took = t1.elapsed();
+    assert_eq!(code, Some(3));
+    assert!(took < Duration::from_millis(2500), "took {took:?} to stop");
+    // nothing half-written: no tokenizer, no token cache, no partial file
+    for f in [
+        "tokenizer.json",
+        "data/tokens.bin",
+        "data/tokens.bin.partial",
+        "data/tokens.json",
+    ] {
+        assert!(!d.join(f).exists(), "{f} left behind");
+    }
+    assert!(
+        d.join("config.toml").exists(),
+        "the run's config stays for a restart"
+    );
 }

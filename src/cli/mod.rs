@@ -15,6 +15,10 @@ pub struct Cli {
     /// Worker threads (0 = one per core)
     #[arg(long, global = true, default_value_t = 0)]
     pub threads: usize,
+    /// Refuse work that would allocate more than this (e.g. 8G; default: the memory
+    /// available to the process)
+    #[arg(long, global = true, value_name = "SIZE", value_parser = crate::config::memory::parse_size)]
+    pub max_memory: Option<u64>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -135,15 +139,19 @@ pub enum Command {
     },
     /// Mean next-token cross-entropy of a model on a token file (JSON on stdout)
     Eval {
-        /// HF model directory (config.json + model.safetensors), e.g. a checkpoint
+        /// A run directory (its newest checkpoint on its own data), or an HF model directory
+        /// (config.json + model.safetensors, e.g. a checkpoint) with --tokens and --seq-len
         #[arg(long)]
         model: PathBuf,
         /// Token ids: raw uint16/uint32 (by --dtype or a .u16/.u32 suffix) or an llm.c shard
         #[arg(long)]
-        tokens: PathBuf,
-        /// Window length L: inputs t[wL..wL+L), targets shifted by one
+        tokens: Option<PathBuf>,
+        /// Window length L: inputs t[wL..wL+L), targets shifted by one (a run: its own)
         #[arg(long)]
-        seq_len: usize,
+        seq_len: Option<usize>,
+        /// With a run directory: val (default), train or all of the run's tokens
+        #[arg(long)]
+        split: Option<String>,
         /// Token dtype of a raw file: u16 or u32
         #[arg(long)]
         dtype: Option<String>,
@@ -287,6 +295,9 @@ fn cmd_sweep(a: SweepArgs, threads: usize) -> anyhow::Result<i32> {
 
 pub fn run(cli: Cli) -> anyhow::Result<i32> {
     crate::kernels::init_threads(cli.threads);
+    if let Some(m) = cli.max_memory {
+        crate::config::memory::set_limit(m);
+    }
     match cli.command {
         Command::Train {
             config,
@@ -336,9 +347,17 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             model,
             tokens,
             seq_len,
+            split,
             dtype,
             max_windows,
-        } => cmd_eval(&model, &tokens, seq_len, dtype.as_deref(), max_windows),
+        } => cmd_eval(
+            &model,
+            tokens.as_deref(),
+            seq_len,
+            split.as_deref(),
+            dtype.as_deref(),
+            max_windows,
+        ),
         Command::Sample {
             model,
             prompt,
@@ -469,6 +488,9 @@ fn cmd_train(
     })?;
     let status = match s.outcome {
         Outcome::Finished => "finished".to_string(),
+        Outcome::Interrupted if s.checkpoint.is_none() && s.steps == 0 => {
+            "interrupted before the first step (nothing trained, nothing half-written; run the same command to start again)".into()
+        }
         Outcome::Interrupted => "interrupted (checkpoint saved; resume with the same --out)".into(),
         Outcome::Diverged => "diverged (see the diagnosis)".into(),
         Outcome::AlreadyComplete => format!(
@@ -515,15 +537,37 @@ fn cmd_train(
 
 fn cmd_eval(
     model: &Path,
-    tokens: &Path,
-    seq_len: usize,
+    tokens: Option<&Path>,
+    seq_len: Option<usize>,
+    split: Option<&str>,
     dtype: Option<&str>,
     max_windows: Option<usize>,
 ) -> anyhow::Result<i32> {
+    if model.join("config.toml").exists() && tokens.is_none() {
+        // a run directory: its newest checkpoint on its own split
+        let split = split.unwrap_or("val");
+        let r = crate::train::eval_run(model, split, max_windows)?;
+        println!(
+            "{}",
+            serde_json::json!({"mean_ce": r.mean_ce, "perplexity": r.mean_ce.exp(),
+                "windows": r.windows, "tokens": r.windows * r.seq_len, "split": split,
+                "checkpoint": r.checkpoint.display().to_string()})
+        );
+        return Ok(0);
+    }
+    if split.is_some() {
+        anyhow::bail!("--split takes a run directory as --model (one with config.toml)");
+    }
+    let (Some(tokens), Some(seq_len)) = (tokens, seq_len) else {
+        anyhow::bail!(
+            "{}: not a run directory; fix: give a run directory, or --tokens FILE and --seq-len L with a model directory",
+            model.display()
+        );
+    };
     let (ce, n) = crate::train::eval_file(model, tokens, seq_len, dtype, max_windows)?;
     println!(
         "{}",
-        serde_json::json!({"mean_ce": ce, "windows": n, "tokens": n * seq_len})
+        serde_json::json!({"mean_ce": ce, "perplexity": ce.exp(), "windows": n, "tokens": n * seq_len})
     );
     Ok(0)
 }

@@ -1,6 +1,7 @@
 //! Configuration: model shapes and presets, optimizer and schedule settings, and the errors
 //! that name the offending field and how to fix it.
 
+pub mod memory;
 mod model;
 mod run;
 

@@ -362,20 +362,14 @@ impl RunConfig {
                 "set them to 1 or more",
             ));
         }
-        // Refuse activation buffers that cannot fit before allocating them.
-        let n = tr.batch_size as f64 * t as f64;
-        let act =
-            n * (mc.hidden_size * 12 + mc.intermediate_size * 3) as f64 * mc.num_layers as f64
-                + tr.batch_size as f64 * (mc.num_heads * t * t * mc.num_layers) as f64
-                + n * mc.vocab_size as f64;
-        let bytes = 4.0 * (act + 4.0 * mc.num_params() as f64);
-        if bytes > 256e9 {
-            return Err(ConfigError::new(
-                "model",
-                format!("training needs ~{:.0} GB of memory", bytes / 1e9),
-                "use a smaller model, batch_size or seq_len",
-            ));
-        }
+        // Refuse a model and batch that cannot fit before anything is allocated.
+        let (bytes, field) = super::memory::train_bytes(&mc, tr.batch_size, t);
+        super::memory::ensure_fits(
+            field,
+            "training this model",
+            bytes,
+            "use a smaller model, train.batch_size or train.seq_len",
+        )?;
         if let Err((field, why)) = self.guard.validate() {
             return Err(ConfigError::new(
                 &field,
@@ -391,26 +385,37 @@ impl RunConfig {
                 "use e.g. 1e-3",
             ));
         }
-        if !(0.0..1.0).contains(&o.beta1) || !(0.0..1.0).contains(&o.beta2) {
-            return Err(ConfigError::new(
-                "optim.beta1",
-                "betas must be in [0, 1)",
-                "use 0.9 and 0.95",
-            ));
+        for (k, v, use_) in [("beta1", o.beta1, "0.9"), ("beta2", o.beta2, "0.95")] {
+            if !(0.0..1.0).contains(&v) {
+                return Err(ConfigError::new(
+                    &format!("optim.{k}"),
+                    format!("must be in [0, 1), got {v}"),
+                    format!("use {use_}"),
+                ));
+            }
+        }
+        for (k, v) in [("eps", o.eps), ("grad_clip", o.grad_clip)] {
+            let ok = if k == "eps" { v > 0.0 } else { v >= 0.0 }; // false on NaN too
+            if !(ok && v.is_finite()) {
+                return Err(ConfigError::new(
+                    &format!("optim.{k}"),
+                    format!(
+                        "must be a finite number {} 0, got {v}",
+                        if k == "eps" { ">" } else { "≥" }
+                    ),
+                    if k == "eps" {
+                        "use 1e-8"
+                    } else {
+                        "use 1.0 (0: no clipping)"
+                    },
+                ));
+            }
         }
         if !(o.weight_decay.is_finite() && o.weight_decay >= 0.0) {
             return Err(ConfigError::new(
                 "optim.weight_decay",
                 format!("must be a finite number ≥ 0, got {}", o.weight_decay),
                 "use 0.1 (or ~1e-4 with optim.decoupled_wd = true)",
-            ));
-        }
-        let ok = o.eps > 0.0 && o.weight_decay >= 0.0 && o.grad_clip >= 0.0; // false on NaN too
-        if !ok {
-            return Err(ConfigError::new(
-                "optim",
-                "eps must be > 0, weight_decay and grad_clip ≥ 0",
-                "use eps 1e-8, weight_decay 0.1, grad_clip 1.0",
             ));
         }
         if !(self.train.z_loss.is_finite() && self.train.z_loss >= 0.0) {
@@ -421,12 +426,17 @@ impl RunConfig {
             ));
         }
         let s = &self.schedule;
-        if !(0.0..=1.0).contains(&s.min_lr_ratio) || !(0.0..=1.0).contains(&s.decay_fraction) {
-            return Err(ConfigError::new(
-                "schedule.min_lr_ratio",
-                "min_lr_ratio and decay_fraction must be in [0, 1]",
-                "use e.g. 0.1 and 0.2",
-            ));
+        for (k, v, use_) in [
+            ("min_lr_ratio", s.min_lr_ratio, "0.1"),
+            ("decay_fraction", s.decay_fraction, "0.2"),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(ConfigError::new(
+                    &format!("schedule.{k}"),
+                    format!("must be in [0, 1], got {v}"),
+                    format!("use e.g. {use_}"),
+                ));
+            }
         }
         if !(0.0..0.9).contains(&self.data.val_fraction) {
             return Err(ConfigError::new(
@@ -519,5 +529,16 @@ mod tests {
         assert_eq!(e.field, "model.hidden_size");
         let e = RunConfig::load(None, &["model.preset=nope".into()]).unwrap_err();
         assert_eq!(e.field, "model.preset");
+        // each key is named as itself, not as its neighbour
+        for (set, field) in [
+            ("optim.beta2=1.5", "optim.beta2"),
+            ("optim.beta1=-0.1", "optim.beta1"),
+            ("schedule.decay_fraction=2.0", "schedule.decay_fraction"),
+            ("schedule.min_lr_ratio=-1.0", "schedule.min_lr_ratio"),
+            ("optim.eps=0.0", "optim.eps"),
+        ] {
+            let e = RunConfig::load(None, &[set.into()]).unwrap_err();
+            assert_eq!(e.field, field, "{set}: {e}");
+        }
     }
 }

@@ -58,12 +58,29 @@ struct CacheKey {
 
 /// Build (or reuse) the tokens for a run in `dir/data/`, with a progress callback
 /// `(bytes_done, bytes_total)` for tokenisation.
+/// Data preparation was stopped (the progress callback said so, e.g. on Ctrl-C); nothing
+/// half-written was left behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Interrupted;
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "interrupted while preparing the data")
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+/// Read, tokenise and cache the training data. `progress(what, done, total)` is called at
+/// least every 100 ms while the tokenizer trains and after every 2 MB tokenised; when it
+/// returns false the work stops within about a second with `Interrupted`, leaving no
+/// partial file (the tokenizer and the token cache are only ever renamed into place whole).
 pub fn prepare(
     cfg: &RunConfig,
     dir: &Path,
     vocab: usize,
     seq_len: usize,
-    progress: &mut dyn FnMut(&str, u64, u64),
+    progress: &mut dyn FnMut(&str, u64, u64) -> bool,
 ) -> Result<Dataset> {
     let data_dir = dir.join("data");
     std::fs::create_dir_all(&data_dir)
@@ -105,9 +122,22 @@ pub fn prepare(
             check_tokenizer_vocab(&t, &tok_path, vocab)?;
             t
         } else {
-            progress("training tokenizer", 0, 1);
+            if !progress("training tokenizer", 0, 1) {
+                return Err(Interrupted.into());
+            }
             let sample = source::sample_text(&path, format, 64 << 20)?;
-            let t = Tok::train(vocab, sample.iter())?;
+            // BPE training cannot be interrupted from inside: run it on its own thread and
+            // abandon it when asked to stop (its result is never saved)
+            let h = std::thread::spawn(move || Tok::train(vocab, sample.iter()));
+            while !h.is_finished() {
+                if !progress("training tokenizer", 0, 1) {
+                    return Err(Interrupted.into());
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            let t = h
+                .join()
+                .map_err(|_| anyhow::anyhow!("the tokenizer's training thread panicked"))??;
             t.save(&tok_path)?;
             t
         };
@@ -183,9 +213,10 @@ fn tokenize_to_shard(
     shard: &Path,
     vocab: usize,
     total: u64,
-    progress: &mut dyn FnMut(&str, u64, u64),
+    progress: &mut dyn FnMut(&str, u64, u64) -> bool,
 ) -> Result<()> {
     let mut w = ShardWriter::create(shard, vocab)?;
+    let mut stopped = false;
     let mut batch: Vec<source::Piece> = Vec::new();
     let mut batch_bytes = 0usize;
     let mut done = 0u64;
@@ -211,16 +242,27 @@ fn tokenize_to_shard(
             batch.clear();
             Ok(())
         };
-    source::for_each_piece(path, format, &mut |p| {
+    let res = source::for_each_piece(path, format, &mut |p| {
+        if stopped {
+            return Ok(());
+        }
         batch_bytes += p.text.len();
         batch.push(p);
-        if batch_bytes >= 8 << 20 {
+        if batch_bytes >= 2 << 20 {
             flush(&mut batch, &mut w, &mut done)?;
             batch_bytes = 0;
-            progress("tokenizing", done, total);
+            stopped = !progress("tokenizing", done, total);
         }
         Ok(())
-    })?;
+    });
+    if let Err(e) = res {
+        w.abandon();
+        return Err(e);
+    }
+    if stopped {
+        w.abandon();
+        return Err(Interrupted.into());
+    }
     flush(&mut batch, &mut w, &mut done)?;
     progress("tokenizing", total, total);
     if w.count == 0 {

@@ -278,6 +278,13 @@ impl ShardWriter {
         Ok(())
     }
 
+    /// Stop without a result: the partial file is removed.
+    pub fn abandon(self) {
+        let tmp = self.tmp.clone();
+        drop(self.w);
+        let _ = std::fs::remove_file(tmp);
+    }
+
     pub fn finish(self) -> Result<()> {
         use std::io::{Seek, SeekFrom};
         let name = self.tmp.display().to_string();

@@ -229,6 +229,14 @@ pub fn initialized(cfg: &crate::config::ModelConfig, ic: &InitSection) -> anyhow
             bytes / 1e9
         );
     }
+    // the model holds weights and gradients: refuse what this machine cannot hold
+    crate::config::memory::ensure_fits(
+        "model",
+        "building these weights",
+        2.0 * bytes,
+        "use `keel init --explain` (keel.explain) for the plan, or a smaller config",
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut model = Model::new(&cfg, 1, 1);
     initialize(&mut model, ic).map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(model)

@@ -108,6 +108,19 @@ fn run_one(a: &ProbeArgs, scheme: &str) -> Result<CheckReport> {
     crate::init::check_scheme(&rc.init.scheme).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut o = options(a, &rc);
     o.data = open_data(a)?;
+    // say what is happening before the work (a 70B proxy takes ~20 s here)
+    eprintln!(
+        "keel check: {scheme}: {} layers, width {}, vocab {}{}; theory, then a forward/backward pass and {} step(s)…",
+        mc.num_layers,
+        mc.hidden_size,
+        mc.vocab_size,
+        if mc.num_params() > o.proxy_above_params {
+            format!(", measured on a width-{} proxy", o.proxy_width)
+        } else {
+            String::new()
+        },
+        o.steps.max(1)
+    );
     check(&mc, &rc.init, &o)
 }
 

@@ -36,6 +36,22 @@ pub struct CheckOptions {
     pub proxy_width: usize,
     /// Real tokens instead of random ones (`--data`): consecutive windows from the start.
     pub data: Option<std::sync::Arc<crate::data::shard::TokenFile>>,
+    /// Set from another thread to stop the check at its next pass (the Python package's
+    /// Ctrl-C); the check then returns an error.
+    pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+}
+
+impl CheckOptions {
+    fn cancelled(&self) -> anyhow::Result<()> {
+        if self
+            .cancel
+            .as_ref()
+            .is_some_and(|c| c.load(std::sync::atomic::Ordering::SeqCst))
+        {
+            anyhow::bail!("keel check was cancelled");
+        }
+        Ok(())
+    }
 }
 
 impl Default for CheckOptions {
@@ -49,6 +65,7 @@ impl Default for CheckOptions {
             proxy_above_params: 60_000_000,
             proxy_width: 256,
             data: None,
+            cancel: None,
         }
     }
 }
@@ -353,6 +370,19 @@ pub fn check(cfg: &ModelConfig, ic: &InitSection, o: &CheckOptions) -> anyhow::R
     } else {
         (cfg.clone(), None)
     };
+    // refuse before allocating: a 4M vocabulary or 1,024 layers would abort half-way
+    let (bytes, field) = crate::config::memory::train_bytes(&mcfg, o.batch, t);
+    crate::config::memory::ensure_fits(
+        field,
+        if big {
+            "measuring the check's proxy"
+        } else {
+            "measuring this config"
+        },
+        bytes,
+        "check a smaller config (fewer layers, a smaller vocabulary) or a smaller --batch/--seq",
+    )
+    .map_err(anyhow::Error::new)?;
     let mut model = Model::new(&mcfg, o.batch, t);
     if big {
         init_gaussian(&mut model, &proxy_sigmas(&full_sig, cfg, &mcfg), ic.seed);
@@ -374,6 +404,7 @@ pub fn check(cfg: &ModelConfig, ic: &InitSection, o: &CheckOptions) -> anyhow::R
     batch(o, mcfg.vocab_size, t, 0, &mut x, &mut y);
     model.stats.capture_grads = true;
     model.zero_grad();
+    o.cancelled()?;
     let loss = model.forward(&x, &y)? as f64;
     let ps = model.probe_stats();
     let mut m = Measured {
@@ -393,6 +424,7 @@ pub fn check(cfg: &ModelConfig, ic: &InitSection, o: &CheckOptions) -> anyhow::R
         loss,
         ..Default::default()
     };
+    o.cancelled()?;
     model.backward(1.0)?;
     // A proxy's gradients are √k times the full model's: the head's fan_out (the vocabulary)
     // is not reduced while its σ² grew k-fold; every other gain is preserved. Divide it out.
@@ -415,6 +447,7 @@ pub fn check(cfg: &ModelConfig, ic: &InitSection, o: &CheckOptions) -> anyhow::R
     let mut steps = Vec::new();
     model.stats.capture_grads = false;
     for k in 1..=o.steps.max(1) {
+        o.cancelled()?;
         if k > 1 {
             batch(o, mcfg.vocab_size, t, k as u64, &mut x, &mut y);
             model.zero_grad();

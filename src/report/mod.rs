@@ -249,12 +249,19 @@ fn run_page(dir: &Path) -> Result<Page> {
         }
     }
     let vlines = marked(&events);
+    // a step the guard skipped never changed the weights: it stays out of the smoothed
+    // curve (one 25× spike would otherwise show as a 50-step plateau)
+    let kept: Vec<(f64, f64)> = metrics
+        .iter()
+        .filter(|m| m.get("skipped").and_then(Value::as_bool) != Some(true))
+        .filter_map(|x| Some((num_field(x, "step")?, num_field(x, "loss")?)))
+        .collect();
     let one = |key: &str, color: usize| vec![line("", series_of(&metrics, key), color)];
     let mut loss_series = vec![
         line("train (per step)", losses.clone(), 7),
         line(
-            "train (smoothed)",
-            smooth(&losses, (losses.len() / 60).clamp(1, 25)),
+            "train (smoothed, kept steps)",
+            smooth(&kept, (kept.len() / 60).clamp(1, 25)),
             0,
         ),
     ];
@@ -605,6 +612,69 @@ fn verdict_class(v: &str) -> &'static str {
     }
 }
 
+/// One event's detail as a sentence (the raw JSON is in events.jsonl).
+fn event_sentence(kind: &str, d: &Value) -> String {
+    let n = |k: &str| d.get(k).and_then(Value::as_f64);
+    let st = |k: &str| d.get(k).and_then(Value::as_str).unwrap_or("");
+    match kind {
+        "spike" | "divergence" | "warning" => format!(
+            "{}: {} (value {}, threshold {})",
+            st("detector"),
+            st("reason"),
+            n("value").map_or("not finite".into(), |v| format!("{v:.4}")),
+            n("threshold").map_or("—".into(), |v| format!("{v:.4}"))
+        ),
+        "rollback" | "restored" => match d.get("to_step").and_then(Value::as_u64) {
+            Some(0) => format!("restored the initial weights ({})", st("reason")),
+            Some(t) => format!("restored step {t} from {} ({})", st("from"), st("reason")),
+            None => st("reason").to_string(),
+        },
+        "skip" => "the update was skipped (its batch consumed)".into(),
+        "lr_backoff" => match (n("factor"), d.get("until_step").and_then(Value::as_u64)) {
+            (Some(f), Some(u)) => format!("LR × {} until step {u}", crate::train::short_factor(f)),
+            (Some(f), None) => format!("LR × {} from now on", crate::train::short_factor(f)),
+            _ => "LR lowered".into(),
+        },
+        "lr_restore" => "LR restored".into(),
+        "resume" => format!("resumed from {}", st("checkpoint")),
+        "inject" => format!("fault planted: {} at step {}", st("kind"), d["at_step"]),
+        "config_change" => d
+            .get("changes")
+            .and_then(Value::as_array)
+            .map(|c| {
+                c.iter()
+                    .map(|x| {
+                        format!(
+                            "{} {} → {}",
+                            st_of(x, "key"),
+                            st_of(x, "old"),
+                            st_of(x, "new")
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default(),
+        "interrupted" => "stopped by a signal; a checkpoint was saved".into(),
+        _ => d
+            .get("reason")
+            .or(d.get("diagnosis"))
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .unwrap_or_else(|| {
+                if d.is_null() || d == &Value::Object(Default::default()) {
+                    String::new()
+                } else {
+                    d.to_string()
+                }
+            }),
+    }
+}
+
+fn st_of<'a>(v: &'a Value, k: &str) -> &'a str {
+    v.get(k).and_then(Value::as_str).unwrap_or("")
+}
+
 fn events_table(events: &[Value]) -> String {
     let shown: Vec<&Value> = events
         .iter()
@@ -619,18 +689,7 @@ fn events_table(events: &[Value]) -> String {
         .map(|e| {
             let kind = e.get("kind").and_then(Value::as_str).unwrap_or("");
             let d = e.get("detail").cloned().unwrap_or(Value::Null);
-            let what = d
-                .get("reason")
-                .or(d.get("diagnosis"))
-                .and_then(Value::as_str)
-                .map(str::to_string)
-                .unwrap_or_else(|| {
-                    if d.is_null() || d == Value::Object(Default::default()) {
-                        String::new()
-                    } else {
-                        d.to_string()
-                    }
-                });
+            let what = event_sentence(kind, &d);
             vec![
                 e.get("step").map_or(String::new(), |s| esc(&s.to_string())),
                 format!("<span class=\"kind k-{}\">{}</span>", esc(kind), esc(kind)),
@@ -938,4 +997,37 @@ fn check_page(dir: &Path) -> Result<Page> {
         check_html(&reports, dir)?,
     );
     Ok(page)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn events_read_as_sentences_and_rollbacks_name_what_came_back() {
+        let s = event_sentence(
+            "rollback",
+            &json!({"to_step": 100, "from": "runs/x/checkpoints/step-00000100", "reason": "incident began at step 121"}),
+        );
+        assert!(s.starts_with("restored step 100 from"), "{s}");
+        let s = event_sentence(
+            "rollback",
+            &json!({"to_step": 0, "from": "initial weights", "reason": "r"}),
+        );
+        assert!(s.starts_with("restored the initial weights"), "{s}");
+        let s = event_sentence(
+            "lr_backoff",
+            &json!({"factor": 1.0 / 27.0, "until_step": null}),
+        );
+        assert_eq!(s, "LR × 0.037 from now on");
+        let s = event_sentence(
+            "spike",
+            &json!({"detector": "loss_spike", "reason": "robust z 9 ≥ 6", "value": 4.5, "threshold": 3.0}),
+        );
+        assert!(
+            s.starts_with("loss_spike: robust z") && !s.contains('{'),
+            "{s}"
+        );
+    }
 }

@@ -114,8 +114,17 @@ where
     anyhow::anyhow!("plot: {e:?}")
 }
 
+/// Values a chart can place: plotters' axis code loops or allocates without bound on ranges
+/// near f64's limits (a loss of 1e308, or losses of 1e-300 on a log axis), so magnitudes
+/// beyond 1e30 (or below 1e-30 on a log axis) are left out, with a note in the title.
+const PLOTTABLE: f64 = 1e30;
+
+fn in_range(v: f64, log: bool) -> bool {
+    v.is_finite() && v.abs() <= PLOTTABLE && (!log || v >= 1.0 / PLOTTABLE)
+}
+
 fn usable(p: &Plot, x: f64, y: f64) -> bool {
-    x.is_finite() && y.is_finite() && (!p.log_x || x > 0.0) && (!p.log_y || y > 0.0)
+    in_range(x, p.log_x) && in_range(y, p.log_y)
 }
 
 /// Data range with some room around it (multiplicative on log axes).
@@ -157,12 +166,15 @@ where
         root
     };
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+    let mut dropped = 0usize;
     for &(x, y) in p.series.iter().flat_map(|s| s.points.iter()) {
         if usable(p, x, y) {
             x0 = x0.min(x);
             x1 = x1.max(x);
             y0 = y0.min(y);
             y1 = y1.max(y);
+        } else if x.is_finite() && y.is_finite() {
+            dropped += 1;
         }
     }
     if x0 > x1 {
@@ -170,6 +182,18 @@ where
     }
     // a log axis spanning less than a decade gets no tick labels from plotters: go linear
     let mut p = p.clone();
+    if dropped > 0 {
+        p.title = format!(
+            "{} ({dropped} value{} beyond ±1e30{} not drawn)",
+            p.title,
+            if dropped == 1 { "" } else { "s" },
+            if p.log_y || p.log_x {
+                " or below 1e-30"
+            } else {
+                ""
+            }
+        );
+    }
     p.log_x &= x1 / x0 >= 10.0;
     p.log_y &= y1 / y0 >= 10.0;
     let p = &p;
@@ -440,7 +464,7 @@ where
         .flatten()
         .flatten()
         .copied()
-        .filter(|v| v.is_finite());
+        .filter(|&v| in_range(v, false));
     let (mut lo, mut hi) = (f64::MAX, f64::MIN);
     for v in finite {
         lo = lo.min(v);

@@ -99,6 +99,11 @@ fn round_sig(v: f64) -> f64 {
     (v * f).round() / f
 }
 
+/// Most values one `{ log/linear, points }` axis may have.
+const MAX_AXIS_POINTS: i64 = 1000;
+/// Most trials one sweep may have.
+const MAX_TRIALS: usize = 10_000;
+
 fn axis_values(file: &Path, key: &str, v: &toml::Value) -> Result<Vec<toml::Value>> {
     let fix = "write a list, e.g. [1e-4, 3e-4], or { log = [1e-4, 1e-1], points = 7 }";
     match v {
@@ -125,13 +130,30 @@ fn axis_values(file: &Path, key: &str, v: &toml::Value) -> Result<Vec<toml::Valu
                         .collect()
                 })
                 .unwrap_or_default();
-            let points = t.get("points").and_then(|p| p.as_integer()).unwrap_or(0);
+            // `points = 1e11` is a TOML float: read a whole float as the count it means
+            let points = t
+                .get("points")
+                .and_then(|p| {
+                    p.as_integer().or(p
+                        .as_float()
+                        .filter(|f| f.fract() == 0.0 && f.abs() < 9e18)
+                        .map(|f| f as i64))
+                })
+                .unwrap_or(0);
             if nums.len() != 2 || points < 2 || (log && (nums[0] <= 0.0 || nums[1] <= 0.0)) {
                 return Err(err(
                     file,
                     &format!("axes.\"{key}\""),
                     "needs two (positive, for log) bounds and points ≥ 2",
                     fix,
+                ));
+            }
+            if points > MAX_AXIS_POINTS {
+                return Err(err(
+                    file,
+                    &format!("axes.\"{key}\".points"),
+                    format!("{points} points: each is a training run (at most {MAX_AXIS_POINTS})"),
+                    "use a coarser grid, e.g. points = 7",
                 ));
             }
             let n = points as usize;
@@ -285,6 +307,24 @@ impl SweepSpec {
                     "e.g. [1e-3, 3e-3]",
                 ));
             }
+        }
+        // every combination is a training run: refuse a grid no machine will finish before
+        // expanding it (two 10,000-point axes once allocated 3.6 GB of trial plans)
+        let total = axes.iter().fold(1f64, |n, a| n * a.values.len() as f64);
+        if total > MAX_TRIALS as f64 {
+            let sizes: Vec<String> = axes
+                .iter()
+                .map(|a| format!("{} × {}", a.key, a.values.len()))
+                .collect();
+            return Err(err(
+                path,
+                "axes",
+                format!(
+                    "{total:.0} trials ({}), each a training run (at most {MAX_TRIALS})",
+                    sizes.join(", ")
+                ),
+                "sweep fewer values per axis",
+            ));
         }
         // the LR axis last: trials of one group run next to each other
         axes.sort_by_key(|a| a.key == settings.lr_key);
@@ -629,5 +669,14 @@ model.preset = "micro"
             .unwrap_err()
             .to_string();
         assert!(e.contains("positive"), "{e}");
+        // grids no machine finishes are refused before they are expanded
+        let e = spec("[axes]\n\"optim.lr\" = { log = [1e-4, 1e-1], points = 1e11 }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("axes.\"optim.lr\".points"), "{e}");
+        let e = spec("[axes]\n\"optim.lr\" = { log = [1e-4, 1e-1], points = 1000 }\n\"init.std\" = { log = [1e-3, 1e-1], points = 1000 }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("1000000 trials"), "{e}");
     }
 }

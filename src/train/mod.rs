@@ -318,6 +318,9 @@ pub struct StepReport {
     pub diverged: Option<String>,
     /// One line for each thing the guard did this step (the terminal prints them).
     pub said: Vec<String>,
+    /// The LR this step used (after any guard factor), and the validation loss on eval steps.
+    pub lr: f64,
+    pub val_loss: Option<f64>,
 }
 
 /// Consecutive steps above the first step's loss (after warm-up) that count as diverged.
@@ -760,6 +763,8 @@ impl Trainer {
             gave_up,
             diverged,
             said,
+            lr,
+            val_loss: line.get("val_loss").and_then(serde_json::Value::as_f64),
         })
     }
 
@@ -845,6 +850,7 @@ pub(crate) fn prepare_data(cfg: &RunConfig, out: &Path, progress: bool) -> Resul
             bar.set_length(total.max(1));
             bar.set_position(done);
             bar.set_message(what.to_string());
+            !INTERRUPTED.load(Ordering::SeqCst)
         },
     )?;
     bar.finish_and_clear();
@@ -893,6 +899,23 @@ pub fn run(opts: &TrainOptions) -> Result<Summary> {
     }
     let ds = match prepare_data(&cfg, out, opts.progress) {
         Ok(ds) => ds,
+        Err(e) if e.downcast_ref::<data::Interrupted>().is_some() => {
+            // Ctrl-C while reading the data: nothing half-written; the config stays, so
+            // the same command (or --out alone) starts it again
+            eprintln!("interrupted while preparing the data; run the same command to start again");
+            return Ok(Summary {
+                outcome: Outcome::Interrupted,
+                steps: 0,
+                final_loss: f64::NAN,
+                best_val_loss: None,
+                tokens_per_s: f64::NAN,
+                checkpoint: None,
+                events: 0,
+                unigram_entropy: f64::NAN,
+                diagnosis: None,
+                report: false,
+            });
+        }
         Err(e) => {
             if !resuming {
                 let _ = std::fs::remove_file(&cfg_path);
@@ -1020,13 +1043,17 @@ pub fn run(opts: &TrainOptions) -> Result<Summary> {
         bar.set_message(format!("loss {:.4} | {:.0} tok/s", r.loss, tr.tps));
         if !opts.progress
             && cfg.train.log_every > 0
-            && (step.is_multiple_of(cfg.train.log_every) || step == total)
+            && (step.is_multiple_of(cfg.train.log_every) || step == total || r.val_loss.is_some())
         {
             eprintln!(
-                "step {step:>6}/{total}  loss {:.4}  grad_norm {:.3}  {:.0} tok/s{}",
+                "step {step:>6}/{total}  loss {:.4}  grad_norm {:.3}  lr {:.3e}  {:.0} tok/s{}{}",
                 r.loss,
                 r.grad_norm,
+                r.lr,
                 tr.tps,
+                r.val_loss
+                    .map(|v| format!("  val {v:.4}"))
+                    .unwrap_or_default(),
                 if r.skipped { "  (skipped)" } else { "" }
             );
         }
@@ -1109,7 +1136,18 @@ pub fn eval_tokens(
     seq: usize,
     max_windows: Option<usize>,
 ) -> Result<(f64, usize)> {
-    let mut n = tokens.len.saturating_sub(1) / seq;
+    eval_range(model, tokens, 0..tokens.len, seq, max_windows)
+}
+
+/// `eval_tokens` over the tokens of `range` only (a run's validation split).
+pub fn eval_range(
+    model: &mut Model,
+    tokens: &data::shard::TokenFile,
+    range: std::ops::Range<usize>,
+    seq: usize,
+    max_windows: Option<usize>,
+) -> Result<(f64, usize)> {
+    let mut n = range.len().saturating_sub(1) / seq;
     if let Some(m) = max_windows {
         n = n.min(m);
     }
@@ -1117,7 +1155,7 @@ pub fn eval_tokens(
         bail!(
             "{}: {} tokens are too few for one window of --seq-len {seq}",
             tokens.path.display(),
-            tokens.len
+            range.len()
         );
     }
     if tokens.len > 0 {
@@ -1131,8 +1169,9 @@ pub fn eval_tokens(
         model.set_batch_shape(b, seq);
         let (mut x, mut y) = (vec![0u32; b * seq], vec![0u32; b * seq]);
         for r in 0..b {
-            tokens.read((w + r) * seq, &mut x[r * seq..(r + 1) * seq]);
-            tokens.read((w + r) * seq + 1, &mut y[r * seq..(r + 1) * seq]);
+            let at = range.start + (w + r) * seq;
+            tokens.read(at, &mut x[r * seq..(r + 1) * seq]);
+            tokens.read(at + 1, &mut y[r * seq..(r + 1) * seq]);
         }
         model.forward(&x, &y)?;
         sum += model
@@ -1143,6 +1182,49 @@ pub fn eval_tokens(
         w += b;
     }
     Ok((sum / (n * seq) as f64, n))
+}
+
+/// `keel eval --model RUN_DIR --split val`: the newest checkpoint of a run on its own data's
+/// split (`train`, `val` or `all`), at the run's sequence length.
+pub struct RunEval {
+    pub mean_ce: f64,
+    pub windows: usize,
+    pub seq_len: usize,
+    pub checkpoint: PathBuf,
+}
+
+pub fn eval_run(run: &Path, split: &str, max_windows: Option<usize>) -> Result<RunEval> {
+    let cfg =
+        RunConfig::load(Some(&run.join("config.toml")), &[]).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let ck = latest_checkpoint(run).with_context(|| {
+        format!(
+            "{}: no checkpoint yet; fix: evaluate after the first checkpoint (checkpoint.every)",
+            run.display()
+        )
+    })?;
+    let mc = cfg.model_config().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let seq = cfg.seq_len(&mc);
+    let ds = prepare_data(&cfg, run, false)?;
+    let range = match split {
+        "val" => ds.val.clone(),
+        "train" => ds.train.clone(),
+        "all" => 0..ds.tokens.len,
+        other => bail!("--split {other}: use val, train or all"),
+    };
+    if range.is_empty() {
+        bail!(
+            "{}: the run has no {split} split (data.val_fraction = 0?); fix: --split train",
+            run.display()
+        );
+    }
+    let mut m = checkpoint::load_model_dir(&ck, 1, seq)?;
+    let (mean_ce, windows) = eval_range(&mut m, &ds.tokens, range, seq, max_windows)?;
+    Ok(RunEval {
+        mean_ce,
+        windows,
+        seq_len: seq,
+        checkpoint: ck,
+    })
 }
 
 /// Path helpers for tests and commands.

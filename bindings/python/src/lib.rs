@@ -375,9 +375,30 @@ fn check(
             }
         }
     }
-    let r = py
-        .detach(|| keel::probe::check(&cfg, &ic, &opts))
-        .map_err(runtime_err)?;
+    // The check runs on its own thread while this one waits with the GIL released, waking
+    // every 50 ms to let Python handle signals: Ctrl-C raises KeyboardInterrupt at once and
+    // tells the check to stop at its next pass.
+    let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    opts.cancel = Some(cancel.clone());
+    let h = std::thread::spawn(move || keel::probe::check(&cfg, &ic, &opts));
+    while !h.is_finished() {
+        py.detach(|| std::thread::sleep(std::time::Duration::from_millis(50)));
+        if let Err(e) = py.check_signals() {
+            cancel.store(true, std::sync::atomic::Ordering::SeqCst);
+            return Err(e);
+        }
+    }
+    let r = h
+        .join()
+        .map_err(|_| runtime_err("keel check panicked"))?
+        .map_err(|e| {
+            // a config that cannot be checked here (too big for the memory) is a bad value
+            if e.downcast_ref::<ConfigError>().is_some() {
+                value_err(format!("{e:#}"))
+            } else {
+                runtime_err(e)
+            }
+        })?;
     to_json(&r)
 }
 

@@ -122,6 +122,9 @@ def test_bad_keys_and_values_are_refused():
         keel.Guard(lr_backoff=2.0)
     with pytest.raises(ValueError, match="guard"):
         keel.Guard(loss_z="high")
+    # a non-finite setting is named, not "not valid JSON"
+    with pytest.raises(ValueError, match=r"guard\.loss_z: must be a finite number, got nan"):
+        keel.Guard(loss_z=float("nan"))
     g = keel.Guard()
     with pytest.raises(ValueError, match="unknown metric 'attn'.*max_attn_logit"):
         g.observe(1, 2.0, 1.0, attn=3.0)

@@ -135,7 +135,8 @@ def test_disk_snapshots_are_atomic_and_pruned(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", broken)
-    with pytest.raises(OSError):
+    # the message names the snapshot file and the fix
+    with pytest.raises(OSError, match=r"step-00000\d+\.pt: writing keel's rollback snapshot failed.*snapshot_dir"):
         # the snapshot due at step 30 waits until the incident closes (50 quiet steps)
         for i in range(29, 120):
             train_step(model, gopt, i)
@@ -143,6 +144,14 @@ def test_disk_snapshots_are_atomic_and_pruned(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", real_save)
     assert sorted(os.listdir(d)) == ["step-00000000.pt", "step-00000010.pt", "step-00000020.pt"]
     torch.load(d / "step-00000020.pt", weights_only=True)
+    # a snapshot truncated on disk is named when it is needed
+    with open(d / "step-00000020.pt", "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(RuntimeError, match=r"step-00000020\.pt: keel's rollback snapshot cannot be read"):
+        gopt.snapshots.get(20)
+    # a state dict of neither shape is refused naming what it got, not a bare KeyError
+    with pytest.raises(ValueError, match=r"got \['model', 'step'\]"):
+        gopt.load_state_dict({"model": {}, "step": 3})
 
 
 def test_give_up_raises():

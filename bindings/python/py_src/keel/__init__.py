@@ -43,6 +43,15 @@ _ACTIONS = tuple(_keel.ACTIONS)  # index = code returned by the core
 _EXTRA = ("max_attn_logit", "logit_z")
 
 
+
+def _dumps(section: str, d: dict) -> str:
+    """Keyword settings as JSON; a non-finite number is named (JSON has none, and the bare
+    "not valid JSON" it would cause names nothing)."""
+    for k, v in d.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"{section}.{k}: must be a finite number, got {v}")
+    return json.dumps(d)
+
 class GaveUp(RuntimeError):
     """The guard ran out of rungs (rollbacks or skips): the instability is not in a few
     batches. `diagnosis` says what happened and what to try; `step` is where it gave up."""
@@ -105,7 +114,7 @@ class Guard:
     """
 
     def __init__(self, events: Optional[os.PathLike] = None, **config: Any):
-        self._core = _keel.Guard(json.dumps(config), None if events is None else os.fspath(events))
+        self._core = _keel.Guard(_dumps("guard", config), None if events is None else os.fspath(events))
         self.events_path = None if events is None else os.fspath(events)
 
     def observe(self, step: int, loss: Any, grad_norm: Any = None, **extra: Any) -> Action:

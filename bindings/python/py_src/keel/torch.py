@@ -125,13 +125,21 @@ class Snapshots:
                     f.flush()
                     os.fsync(f.fileno())
                 os.replace(tmp, final)
+            except OSError as e:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                raise OSError(
+                    e.errno,
+                    f"{final}: writing keel's rollback snapshot failed ({e.strerror or e}); free disk "
+                    f"space or pass snapshot_dir= on another disk (or None for memory)",
+                ) from e
             except BaseException:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
                 raise
             self._disk[step] = final
             if self.base is None:
-                torch.load(final, map_location="cpu", weights_only=True)
+                self._load(final)
         if self.base is None:
             self.base = step
         self._prune()
@@ -153,10 +161,20 @@ class Snapshots:
         for s in [s for s in self.steps if s != self.base][: -self.keep]:
             self._drop(s)
 
+    @staticmethod
+    def _load(path: str) -> dict:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise RuntimeError(
+                f"{path}: keel's rollback snapshot cannot be read ({type(e).__name__}: {e}); it was "
+                f"truncated or damaged after it was written"
+            ) from e
+
     def get(self, step: int) -> dict:
         if self.dir is None:
             return self._mem[step]
-        return torch.load(self._disk[step], map_location="cpu", weights_only=True)
+        return self._load(self._disk[step])
 
     def where(self, step: int) -> str:
         return "memory" if self.dir is None else self._disk[step]
@@ -376,6 +394,13 @@ class GuardedOptimizer:
         """Resume: restore the optimizer, the guard and the step count, and start the snapshot
         history from here (load the model's weights first: the resumed state is the new
         rollback base)."""
+        if not isinstance(d, dict) or ("guard" not in d and "state" not in d):
+            keys = sorted(d) if isinstance(d, dict) else type(d).__name__
+            raise ValueError(
+                f"GuardedOptimizer.load_state_dict: expected what GuardedOptimizer.state_dict() or an "
+                f"optimizer's state_dict() returns (keys optimizer/guard/step, or state/param_groups); "
+                f"got {keys}"
+            )
         if "guard" not in d:
             # a plain optimizer state dict
             self.optimizer.load_state_dict(d)
