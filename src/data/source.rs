@@ -145,9 +145,19 @@ fn parquet_file(path: &Path, f: &mut dyn FnMut(Piece) -> Result<()>) -> Result<(
     let reader = SerializedFileReader::new(file)
         .map_err(|e| anyhow!("{name}: not a readable Parquet file ({e})"))?;
     let schema = reader.metadata().file_metadata().schema_descr();
-    if !schema.columns().iter().any(|c| c.name() == "text") {
-        let cols: Vec<&str> = schema.columns().iter().map(|c| c.name()).collect();
-        bail!("{name}: no column named \"text\" (columns: {}); fix: rename the text column to \"text\"", cols.join(", "));
+    // top-level columns by name (a list column's leaves are called "element", which would
+    // name nothing the user wrote)
+    let top = schema.root_schema().get_fields();
+    match top.iter().find(|t| t.name() == "text") {
+        None => {
+            let cols: Vec<&str> = top.iter().map(|c| c.name()).collect();
+            bail!("{name}: no column named \"text\" (columns: {}); fix: rename the text column to \"text\"", cols.join(", "));
+        }
+        Some(t) if t.is_group() => bail!(
+            "{name}: column \"text\" is a list or struct, not one string per row; fix: write one \
+             document per row (in pandas: df.explode(\"text\"), or join the pieces into one string)"
+        ),
+        Some(_) => {}
     }
     let rows = reader
         .get_row_iter(None)
@@ -163,7 +173,7 @@ fn parquet_file(path: &Path, f: &mut dyn FnMut(Piece) -> Result<()>) -> Result<(
                     })?,
                     Field::Null => {}
                     other => {
-                        bail!("{name}: row {i}: column \"text\" holds {other:?}, not a string")
+                        bail!("{name}: row {i}: column \"text\" holds {}, not a string; fix: one string per row", other.to_string().chars().take(60).collect::<String>())
                     }
                 }
             }
@@ -320,6 +330,20 @@ mod tests {
                 ("third ünïcode".into(), true)
             ]
         );
+        // a list column named "text": named as such, with the fix (not "no column named text
+        // (columns: element)")
+        let lp = d.join("list.parquet");
+        let schema = Arc::new(
+            parse_message_type(
+                "message s { OPTIONAL group text (LIST) { REPEATED group list { OPTIONAL BYTE_ARRAY element (UTF8); } } }",
+            )
+            .unwrap(),
+        );
+        let props = Arc::new(WriterProperties::builder().build());
+        let w = SerializedFileWriter::new(File::create(&lp).unwrap(), schema, props).unwrap();
+        w.close().unwrap();
+        let e = collect(&lp, Format::Parquet).unwrap_err().to_string();
+        assert!(e.contains("is a list") && e.contains("explode"), "{e}");
         // not parquet at all
         std::fs::write(d.join("fake.parquet"), b"hello").unwrap();
         assert!(collect(&d.join("fake.parquet"), Format::Parquet)

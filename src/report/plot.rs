@@ -127,6 +127,63 @@ fn usable(p: &Plot, x: f64, y: f64) -> bool {
     in_range(x, p.log_x) && in_range(y, p.log_y)
 }
 
+/// Axis tick text: on a log axis decades only (1e-3, 0.01 … 1000, 1e5), the ticks between
+/// unlabelled; on a linear axis up to four decimals, trailing zeros trimmed.
+fn tick(v: f64, log: bool) -> String {
+    if log {
+        let e = v.log10();
+        if !e.is_finite() || (e - e.round()).abs() > 1e-6 {
+            return String::new();
+        }
+        let e = e.round() as i32;
+        return if (-3..=4).contains(&e) {
+            format!("{}", 10f64.powi(e))
+        } else {
+            format!("1e{e}")
+        };
+    }
+    if v == 0.0 {
+        return "0".into();
+    }
+    if v.abs() >= 1e5 || v.abs() < 1e-3 {
+        return format!("{v:.1e}");
+    }
+    let s = format!("{v:.4}");
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
+/// A row for each event label so that none overprints another: a label goes one row down
+/// (at most four) when it would overlap the last label of a row; past that it is left off
+/// (the dashed line stays, and the events table lists it). Rows are in order of `vlines`.
+fn label_rows(vlines: &[VLine], x0: f64, x1: f64, log_x: bool, plot_w: f64) -> Vec<Option<usize>> {
+    const ROWS: usize = 4;
+    let px = |x: f64| {
+        let f = if log_x {
+            (x.ln() - x0.ln()) / (x1.ln() - x0.ln())
+        } else {
+            (x - x0) / (x1 - x0)
+        };
+        f * plot_w
+    };
+    let mut order: Vec<usize> = (0..vlines.len()).collect();
+    order.sort_by(|&a, &b| vlines[a].x.total_cmp(&vlines[b].x));
+    let mut ends = [f64::NEG_INFINITY; ROWS];
+    let mut out = vec![None; vlines.len()];
+    for i in order {
+        let v = &vlines[i];
+        if v.label.is_empty() {
+            continue;
+        }
+        let start = px(v.x);
+        let width = 7.5 * v.label.chars().count() as f64 + 6.0;
+        if let Some(r) = (0..ROWS).find(|&r| start >= ends[r]) {
+            ends[r] = start + width;
+            out[i] = Some(r);
+        }
+    }
+    out
+}
+
 /// Data range with some room around it (multiplicative on log axes).
 fn padded(lo: f64, hi: f64, log: bool) -> (f64, f64) {
     if log {
@@ -199,6 +256,7 @@ where
     let p = &p;
     let (x0, x1) = padded(x0, x1, p.log_x);
     let (y0, y1) = padded(y0, y1, p.log_y);
+    let plot_w = root.dim_in_pixel().0.saturating_sub(78 + 28).max(100) as f64;
     let mut b = ChartBuilder::on(&root);
     b.caption(&p.title, ("sans-serif", 20))
         .margin(14)
@@ -209,6 +267,8 @@ where
             let mut chart = $chart;
             chart
                 .configure_mesh()
+                .x_label_formatter(&|v| tick(*v, p.log_x))
+                .y_label_formatter(&|v| tick(*v, p.log_y))
                 .x_desc(p.x_label.as_str())
                 .y_desc(p.y_label.as_str())
                 .label_style(("sans-serif", 14))
@@ -217,7 +277,8 @@ where
                 .bold_line_style(RGBColor(215, 215, 215))
                 .draw()
                 .map_err(err)?;
-            for v in &p.vlines {
+            let rows = label_rows(&p.vlines, x0, x1, p.log_x, plot_w);
+            for (v, row) in p.vlines.iter().zip(rows) {
                 let c = v.color;
                 chart
                     .draw_series(DashedLineSeries::new(
@@ -227,11 +288,17 @@ where
                         c.mix(0.75).stroke_width(1),
                     ))
                     .map_err(err)?;
-                if !v.label.is_empty() {
+                if let (false, Some(row)) = (v.label.is_empty(), row) {
+                    // each row down is 6% of the plot's height
+                    let y = if p.log_y {
+                        y1 / (y1 / y0).powf(0.06 * row as f64)
+                    } else {
+                        y1 - (y1 - y0) * 0.06 * row as f64
+                    };
                     chart
                         .draw_series(std::iter::once(Text::new(
                             v.label.clone(),
-                            (v.x, y1),
+                            (v.x, y),
                             ("sans-serif", 13).into_font().color(&c),
                         )))
                         .map_err(err)?;
@@ -643,6 +710,31 @@ mod tests {
         assert_eq!(viridis(1.0), RGBColor(253, 231, 37));
         assert_eq!(viridis(7.0), viridis(1.0));
         assert_eq!(viridis(f64::NAN), viridis(0.0));
+    }
+
+    #[test]
+    fn log_ticks_label_decades_only_and_event_labels_never_overlap() {
+        assert_eq!(tick(100.0, true), "100");
+        assert_eq!(tick(200.0, true), "");
+        assert_eq!(tick(1e-5, true), "1e-5");
+        assert_eq!(tick(2.5, false), "2.5");
+        let vl = |x: f64, l: &str| VLine {
+            x,
+            label: l.into(),
+            color: RGBColor(0, 0, 0),
+        };
+        // three events at nearly the same step: stacked, not printed on each other
+        let v = vec![
+            vl(100.0, "spike"),
+            vl(101.0, "skip"),
+            vl(102.0, "rollback"),
+            vl(900.0, "skip"),
+        ];
+        let rows = label_rows(&v, 0.0, 1000.0, false, 600.0);
+        assert_eq!(rows, vec![Some(0), Some(1), Some(2), Some(0)]);
+        let many: Vec<VLine> = (0..6).map(|i| vl(100.0 + i as f64, "lr_backoff")).collect();
+        let rows = label_rows(&many, 0.0, 1000.0, false, 600.0);
+        assert_eq!(rows.iter().filter(|r| r.is_some()).count(), 4);
     }
 
     #[test]

@@ -78,6 +78,25 @@ pub struct Summary {
     pub report: bool,
 }
 
+impl Summary {
+    /// A run that trained nothing this time (already complete, or stopped while reading the
+    /// data): its figures come from the logs, none from this process.
+    fn untrained(outcome: Outcome, steps: u64, checkpoint: Option<PathBuf>) -> Summary {
+        Summary {
+            outcome,
+            steps,
+            final_loss: f64::NAN,
+            best_val_loss: None,
+            tokens_per_s: f64::NAN,
+            checkpoint,
+            events: 0,
+            unigram_entropy: f64::NAN,
+            diagnosis: None,
+            report: false,
+        }
+    }
+}
+
 /// Keys whose change would break a resumed run's exactness (the weights, the data stream or
 /// the batches would differ from those the checkpoint was trained on): a resume refuses them.
 const FROZEN: &[&str] = &[
@@ -877,18 +896,7 @@ pub fn run(opts: &TrainOptions) -> Result<Summary> {
     if let Some((s, dir)) = done {
         // nothing to train: say so with the run's own figures, and write nothing
         checkpoint::read_state(&dir)?;
-        return Ok(Summary {
-            outcome: Outcome::AlreadyComplete,
-            steps: s,
-            final_loss: f64::NAN,
-            best_val_loss: None,
-            tokens_per_s: f64::NAN,
-            checkpoint: Some(dir),
-            events: 0,
-            unigram_entropy: f64::NAN,
-            diagnosis: None,
-            report: false,
-        });
+        return Ok(Summary::untrained(Outcome::AlreadyComplete, s, Some(dir)));
     }
     // config.toml is written first, so a start killed while reading the data resumes as
     // the command said; a start that fails with an error removes it again, so the
@@ -903,18 +911,7 @@ pub fn run(opts: &TrainOptions) -> Result<Summary> {
             // Ctrl-C while reading the data: nothing half-written; the config stays, so
             // the same command (or --out alone) starts it again
             eprintln!("interrupted while preparing the data; run the same command to start again");
-            return Ok(Summary {
-                outcome: Outcome::Interrupted,
-                steps: 0,
-                final_loss: f64::NAN,
-                best_val_loss: None,
-                tokens_per_s: f64::NAN,
-                checkpoint: None,
-                events: 0,
-                unigram_entropy: f64::NAN,
-                diagnosis: None,
-                report: false,
-            });
+            return Ok(Summary::untrained(Outcome::Interrupted, 0, None));
         }
         Err(e) => {
             if !resuming {
