@@ -464,3 +464,70 @@ fn soak_10000_micro_steps_memory_flat_logs_valid() {
     }
     assert_eq!(lines(), 10000);
 }
+
+/// A run stopped inside an incident (its last checkpoint forced while the guard was still
+/// judging a rollback) and resumed makes the same decisions and ends with the same weights as
+/// the uninterrupted run: the forced checkpoint is a place to resume from, never a rollback
+/// target, and a rollback that stays clean closes its incident so later snapshots count.
+#[test]
+fn a_run_resumed_from_inside_an_incident_decides_as_the_uninterrupted_one() {
+    let common = [
+        "--set",
+        "schedule.kind=\"constant\"",
+        "--set",
+        "checkpoint.every=100",
+    ];
+    let a = tmpdir("incident-whole");
+    let mut args: Vec<&str> = common.to_vec();
+    args.extend(["--inject", "spike@120", "--inject", "spike@160"]);
+    ok(&train(&a, 200, &args));
+    let ev = events(&a);
+    let rb: Vec<&Value> = of_kind(&ev, "rollback");
+    assert_eq!(rb.len(), 2, "{ev:?}");
+    // the second incident began after the first had settled: it has its own start
+    assert!(
+        rb[1]["detail"]["reason"].as_str().unwrap().contains("16"),
+        "{}",
+        rb[1]
+    );
+    // B: stopped at 123, inside the first incident (its last checkpoint is forced there)
+    let b = tmpdir("incident-split");
+    let mut args: Vec<&str> = common.to_vec();
+    args.extend(["--inject", "spike@120"]);
+    ok(&train(&b, 123, &args));
+    let st: Value = serde_json::from_str(
+        &std::fs::read_to_string(b.join("checkpoints/step-00000123/state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(st["clean"], false, "{st}");
+    let mut args: Vec<&str> = common.to_vec();
+    args.extend(["--inject", "spike@160"]);
+    ok(&train(&b, 200, &args));
+    let key = |d: &Path| -> Vec<(u64, String, String, String)> {
+        keel::train::read_jsonl(&d.join("metrics.jsonl"))
+            .unwrap()
+            .iter()
+            .map(|m| {
+                (
+                    m["step"].as_u64().unwrap(),
+                    m["loss"].to_string(),
+                    m["lr"].to_string(),
+                    m["grad_norm"].to_string(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(key(&a), key(&b), "the resumed run decided differently");
+    let rb_b: Vec<u64> = of_kind(&events(&b), "rollback")
+        .iter()
+        .map(|e| e["detail"]["to_step"].as_u64().unwrap())
+        .collect();
+    let rb_a: Vec<u64> = rb
+        .iter()
+        .map(|e| e["detail"]["to_step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(rb_a, rb_b);
+    let w =
+        |d: &Path| std::fs::read(d.join("checkpoints/step-00000200/model.safetensors")).unwrap();
+    assert!(w(&a) == w(&b), "final weights differ");
+}

@@ -259,6 +259,23 @@ pub struct TrainerState {
     /// initial weights restores the rescued ones.
     #[serde(default)]
     pub init_rescued: bool,
+    /// Taken with no guard incident open: a rollback may restore it. A checkpoint forced
+    /// inside an incident (Ctrl-C, the last step) is only a place to resume from.
+    #[serde(default = "yes")]
+    pub clean: bool,
+    /// A regular checkpoint was due and waits for the incident to close (so a resumed run
+    /// takes it where the uninterrupted one would).
+    #[serde(default)]
+    pub checkpoint_pending: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Whether a checkpoint may be a rollback target (its state says it was taken clean).
+pub fn is_clean(dir: &Path) -> bool {
+    read_state(dir).is_ok_and(|s| s.clean)
 }
 
 /// Write a complete checkpoint atomically as `root/step-NNNNNNNN`; returns its path.
@@ -400,8 +417,10 @@ pub fn list(root: &Path) -> Vec<(u64, PathBuf)> {
     out
 }
 
-/// Remove leftovers of interrupted saves and deletes, and all but the newest `keep`
-/// checkpoints (each moved aside atomically before it is deleted).
+/// Remove leftovers of interrupted saves and deletes, and all but the newest `keep` clean
+/// checkpoints (each moved aside atomically before it is deleted). A checkpoint forced inside
+/// an incident does not count against `keep` (it would push out a rollback target the
+/// uninterrupted run still has) and goes once a newer clean one exists.
 pub fn prune(root: &Path, keep: usize) -> Result<()> {
     for e in std::fs::read_dir(root).into_iter().flatten().flatten() {
         let leftover = e
@@ -413,8 +432,20 @@ pub fn prune(root: &Path, keep: usize) -> Result<()> {
         }
     }
     let all = list(root);
-    for (_, p) in all.iter().take(all.len().saturating_sub(keep)) {
-        remove_atomically(p)?;
+    let clean: Vec<bool> = all.iter().map(|(_, p)| is_clean(p)).collect();
+    let newest_clean = clean.iter().rposition(|&c| c);
+    let n_clean = clean.iter().filter(|&&c| c).count();
+    let mut clean_seen = 0;
+    for (i, (_, p)) in all.iter().enumerate() {
+        let drop = if clean[i] {
+            clean_seen += 1;
+            clean_seen + keep.min(n_clean) <= n_clean
+        } else {
+            newest_clean.is_some_and(|n| n > i)
+        };
+        if drop {
+            remove_atomically(p)?;
+        }
     }
     Ok(())
 }

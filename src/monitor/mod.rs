@@ -69,6 +69,11 @@ pub struct GuardConfig {
     /// before the loss showed anything. 0 = off.
     pub early_window: u64,
     pub early_lr_factor: f64,
+    /// After a rollback, this many steps with nothing flagged close the incident (the
+    /// restored weights are clean): snapshots and checkpoints resume, so a later incident
+    /// rolls back to them instead of throwing these steps away. Without a rollback an
+    /// incident closes `incident_window` steps after its last flag.
+    pub clean_after_rollback: u64,
     /// `keel train`: a first-step loss above this × ln(vocab) means the init is broken
     /// (σ far too large); every weight matrix is then rescaled to HF's σ 0.02, keeping its
     /// direction, before any update. 0 = off.
@@ -101,6 +106,7 @@ impl Default for GuardConfig {
             max_skips: 200,
             early_window: 30,
             early_lr_factor: 1.0 / 3.0,
+            clean_after_rollback: 10,
             init_rescue: 2.0,
         }
     }

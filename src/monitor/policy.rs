@@ -153,9 +153,15 @@ impl Policy {
             .find(|x| early && !spike && diverged.is_none() && x.detector == "attn_logit");
         if !spike && diverged.is_none() && attn.is_none() {
             let s = &mut self.state;
-            if s.last_flag
-                .is_some_and(|l| step >= l + self.cfg.incident_window)
-            {
+            let window_over = s
+                .last_flag
+                .is_some_and(|l| step >= l + self.cfg.incident_window);
+            // a rollback restored clean weights: once they have run `clean_after_rollback`
+            // steps with nothing flagged, the incident is over
+            let settled = s.restart.is_some_and(|r| {
+                s.last_flag.is_none_or(|l| l <= r) && step >= r + self.cfg.clean_after_rollback
+            });
+            if window_over || settled {
                 s.incident_start = None;
             }
             return d;
@@ -233,6 +239,36 @@ impl Policy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_incident_closes_soon_after_a_rollback_that_stays_clean() {
+        let cfg = GuardConfig::default();
+        let mut p = Policy::new(cfg.clone());
+        // three flagged steps in a row: the third is a persistent divergence → rollback
+        p.decide(20, &[det(20, Severity::Spike)]);
+        p.decide(21, &[det(21, Severity::Spike)]);
+        let d = p.decide(
+            22,
+            &[det(22, Severity::Spike), det(22, Severity::Divergence)],
+        );
+        assert!(
+            d.actions
+                .iter()
+                .any(|a| matches!(a, Action::Rollback { .. })),
+            "{d:?}"
+        );
+        assert_eq!(p.state.incident_start, Some(20));
+        // clean steps after the rollback: open until `clean_after_rollback` of them
+        for s in 23..22 + cfg.clean_after_rollback {
+            p.decide(s, &[]);
+            assert_eq!(p.state.incident_start, Some(20), "closed early at {s}");
+        }
+        p.decide(22 + cfg.clean_after_rollback, &[]);
+        assert_eq!(p.state.incident_start, None);
+        // a new incident starts at its own step, so its rollback target is after the clean run
+        p.decide(60, &[det(60, Severity::Spike)]);
+        assert_eq!(p.state.incident_start, Some(60));
+    }
 
     fn det(step: u64, kind: Severity) -> Detection {
         Detection {

@@ -385,6 +385,8 @@ fn fresh_state() -> TrainerState {
         initial_loss: None,
         above_initial: 0,
         init_rescued: false,
+        clean: true,
+        checkpoint_pending: false,
     }
 }
 
@@ -454,7 +456,8 @@ impl Trainer {
             record,
             sumsq: vec![0.0; nspecs],
             n_events: 0,
-            ckpt_pending: false,
+            // a resumed run still owes the regular checkpoint its source was waiting to take
+            ckpt_pending: state.checkpoint_pending,
             t_start: Instant::now(),
             elapsed0: state.elapsed_s,
             last_ckpt: None,
@@ -515,9 +518,10 @@ impl Trainer {
     /// Roll back to the newest checkpoint that predates the incident (or the initial
     /// weights); the step count and data cursor keep going, so the batches since are skipped.
     fn rollback(&mut self, before_step: u64) -> Result<String> {
+        // the newest state known clean that predates the incident
         let target = checkpoint::list(&self.ck_root)
             .into_iter()
-            .rfind(|(s, _)| s + 1 < before_step);
+            .rfind(|(s, d)| s + 1 < before_step && checkpoint::is_clean(d));
         let restored = match &target {
             Some((s, dir)) => {
                 let st = checkpoint::load(dir, &mut self.model, &mut self.opt.m, &mut self.opt.v)?;
@@ -538,6 +542,9 @@ impl Trainer {
                 (0, 0, "initial weights".to_string())
             }
         };
+        // the trainer state follows the optimizer it restored: a checkpoint taken before the
+        // next update (Ctrl-C, the last step) must resume with this Adam step count
+        self.state.adam_step = self.opt.step;
         self.event(
             "rollback",
             json!({"to_step": restored.0, "from": restored.2,
@@ -831,7 +838,11 @@ impl Trainer {
         if !(force || (self.ckpt_pending && !incident)) {
             return Ok(());
         }
-        self.ckpt_pending = false;
+        // a save forced inside an incident is no rollback target, and does not settle a
+        // regular checkpoint that waits for the incident to close
+        self.ckpt_pending &= incident;
+        self.state.clean = !incident;
+        self.state.checkpoint_pending = self.ckpt_pending;
         let dir = checkpoint::save(
             &self.ck_root,
             &self.model,
