@@ -137,10 +137,11 @@ def test_disk_snapshots_are_atomic_and_pruned(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", broken)
     # the message names the snapshot file and the fix
     with pytest.raises(OSError, match=r"step-00000\d+\.pt: writing keel's rollback snapshot failed.*snapshot_dir"):
-        # the snapshot due at step 30 waits until the incident closes (50 quiet steps)
+        # the snapshot due at step 30 waits until the incident closes: the rollback at 28
+        # restored clean weights, so guard.clean_after_rollback (10) quiet steps close it
         for i in range(29, 120):
             train_step(model, gopt, i)
-    assert gopt.step_count == 78
+    assert gopt.step_count == 38
     monkeypatch.setattr(torch, "save", real_save)
     assert sorted(os.listdir(d)) == ["step-00000000.pt", "step-00000010.pt", "step-00000020.pt"]
     torch.load(d / "step-00000020.pt", weights_only=True)
@@ -290,6 +291,38 @@ def test_resume_rolls_back_to_the_resumed_state_not_the_initial_one():
     resumed = weights(model2)
     kinds = [train_step(model2, g2, i, poison=True).kind for i in (31, 32, 33)]
     assert kinds[-1] == "rollback" and same(resumed, weights(model2))
+
+
+def test_a_run_resumed_inside_an_incident_rolls_back_where_the_uninterrupted_one_does():
+    poison = {12, 27, 28, 29}
+
+    def run(model, opt, sched, gopt, steps):
+        return [train_step(model, gopt, i, poison=i in poison).kind for i in steps]
+
+    model, opt, sched = make()
+    ga = kt.GuardedOptimizer(opt, model=model, scheduler=sched, snapshot_every=10, keep=2)
+    kinds = run(model, opt, sched, ga, range(1, 61))
+    assert kinds[28] == "rollback", kinds
+    final_a = weights(model)
+    # B: saved at step 28, inside the incident that began at 12, then resumed elsewhere
+    model, opt, sched = make()
+    gb = kt.GuardedOptimizer(opt, model=model, scheduler=sched, snapshot_every=10, keep=2)
+    run(model, opt, sched, gb, range(1, 29))
+    assert gb.guard.in_incident
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": gb.state_dict(), "sched": sched.state_dict()}, buf)
+    buf.seek(0)
+    ck = torch.load(buf, weights_only=False)
+    assert ck["opt"]["rollback_base"]["step"] == 10
+    model2, opt2, sched2 = make(seed=5)
+    g2 = kt.GuardedOptimizer(opt2, model=model2, scheduler=sched2, snapshot_every=10, keep=2)
+    model2.load_state_dict(ck["model"])
+    sched2.load_state_dict(ck["sched"])
+    g2.load_state_dict(ck["opt"])
+    assert g2.snapshots.steps == [10]
+    kinds_b = run(model2, opt2, sched2, g2, range(29, 61))
+    assert kinds_b == kinds[28:], (kinds_b, kinds[28:])
+    assert same(final_a, weights(model2))
 
 
 def test_gave_up_pickles():

@@ -31,6 +31,7 @@ After a rollback the scheduler is at the snapshot's step: the schedule is replay
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import tempfile
@@ -43,10 +44,47 @@ from . import Action, GaveUp, Guard
 __all__ = ["GuardedOptimizer", "Snapshots", "grad_norm"]
 
 
+def _dtensor_types():
+    try:
+        from torch.distributed.tensor import DTensor, Partial, Replicate
+
+        return DTensor, Partial, Replicate
+    except ImportError:  # torch without DTensor: nothing is sharded
+        return None, None, None
+
+
+def _as_local(v):
+    """A scalar that may be a DTensor (FSDP2's `clip_grad_norm_` returns one) as a plain
+    tensor holding the global value. A replicated DTensor already holds it on every rank (no
+    communication); a partial one (a sum still to be reduced) costs one collective."""
+    DTensor, Partial, Replicate = _dtensor_types()
+    if DTensor is None or not isinstance(v, DTensor):
+        return v
+    if all(isinstance(p, Replicate) for p in v.placements):
+        return v.to_local()
+    return v.full_tensor()
+
+
+def _local_grads(params):
+    """Each gradient as this rank's local tensor, and whether any was sharded."""
+    DTensor, _, _ = _dtensor_types()
+    out, sharded = [], False
+    for p in params:
+        g = p.grad
+        if g is None:
+            continue
+        if DTensor is not None and isinstance(g, DTensor):
+            sharded = True
+            g = g.to_local()
+        out.append(g.detach())
+    return out, sharded
+
+
 def grad_norm(params):
-    """Global L2 norm of the parameters' gradients (local tensors: under FSDP pass the norm
-    `clip_grad_norm_` returns instead, which is reduced over the shards)."""
-    grads = [p.grad.detach() for p in params if p.grad is not None]
+    """Global L2 norm of the parameters' gradients, for unsharded gradients (under FSDP,
+    GuardedOptimizer reduces the shards' squared norms itself, or pass the norm
+    `clip_grad_norm_` returns)."""
+    grads, _ = _local_grads(params)
     if not grads:
         return torch.zeros(())
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
@@ -269,8 +307,17 @@ class GuardedOptimizer:
 
     def _read(self, loss, grad_norm, extra: dict) -> tuple:
         """The step's scalars as floats: one host sync (and one all_reduce when distributed)."""
+        sq = False  # grad_norm holds this rank's sum of squares over its shards (FSDP)
         if grad_norm is None:
-            grad_norm = self._grad_norm()
+            grads, sharded = _local_grads(p for g in self.optimizer.param_groups for p in g["params"])
+            if sharded:
+                # sharded gradients: each rank's squared norm, summed in the one all_reduce
+                sq = True
+                grad_norm = sum((g.float().pow(2).sum() for g in grads), torch.zeros(()))
+            else:
+                grad_norm = self._grad_norm()
+        loss, grad_norm = _as_local(loss), _as_local(grad_norm)
+        extra = {k: _as_local(v) for k, v in extra.items()}
         vals = [loss, grad_norm, *extra.values()]
         tensors = [v for v in vals if isinstance(v, torch.Tensor)]
         if not tensors:
@@ -291,9 +338,13 @@ class GuardedOptimizer:
                 extra_t = t[2:].clone()
                 dist.all_reduce(extra_t, op=dist.ReduceOp.MAX)
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
-            t = t / dist.get_world_size()
+            n = dist.get_world_size()
+            # the loss is averaged; shards' squared norms add up to the squared global norm
+            t = torch.stack([t[0] / n, t[1].sqrt() if sq else t[1] / n, *t[2:] / n])
             if len(vals) > 2:
                 t = torch.cat([t[:2], extra_t])
+        elif sq:
+            t = torch.stack([t[0], t[1].sqrt(), *t[2:]])
         out = t.tolist()
         return tuple(None if v is None else x for v, x in zip(vals, out))
 
@@ -387,8 +438,22 @@ class GuardedOptimizer:
     # -- checkpointing -------------------------------------------------------------------
     def state_dict(self) -> dict:
         """The optimizer's state plus the guard's and the step count: save it in your
-        checkpoint and a resumed run guards exactly as before."""
-        return {"optimizer": self.optimizer.state_dict(), "guard": self.guard.state_dict(), "step": self.step_count}
+        checkpoint and a resumed run guards exactly as before. Saved while an incident is
+        open, it also carries the clean snapshot a rollback of that incident would restore
+        (`rollback_base`), so the resumed run rolls back to the same state as the
+        uninterrupted one, never to the state it resumed from."""
+        d = {
+            "optimizer": self.optimizer.state_dict(),
+            "guard": self.guard.state_dict(),
+            "step": self.step_count,
+            "pending_snapshot": self._pending_snapshot,
+        }
+        if self.guard.in_incident:
+            start = json.loads(self.guard._core.state_json())["policy"].get("incident_start")
+            if start is not None:
+                t = self.snapshots.newest_before(start)
+                d["rollback_base"] = {"step": t, "state": self.snapshots.get(t)}
+        return d
 
     def load_state_dict(self, d: dict) -> None:
         """Resume: restore the optimizer, the guard and the step count, and start the snapshot
@@ -408,5 +473,11 @@ class GuardedOptimizer:
             self.optimizer.load_state_dict(d["optimizer"])
             self.guard.load_state_dict(d["guard"])
             self.step_count = int(d["step"])
+            self._pending_snapshot = bool(d.get("pending_snapshot", False))
         self.snapshots.clear()
-        self.snapshots.put(self.step_count, self._capture())
+        base = d.get("rollback_base") if isinstance(d, dict) else None
+        if base is not None:
+            # saved inside an incident: the clean state before it stays the rollback target
+            self.snapshots.put(int(base["step"]), base["state"])
+        else:
+            self.snapshots.put(self.step_count, self._capture())
