@@ -19,7 +19,11 @@ STEPS = 36
 NAN_AT = {1: [12, 27, 28, 29]}
 
 
-def worker(rank, world, init_file, out_dir, pass_norm):
+def gathered(model):
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).clone() for k, v in model.state_dict().items()}
+
+
+def worker(rank, world, init_file, out_dir, pass_norm, fmt="torch"):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Embedding(50, 16), torch.nn.Flatten(), torch.nn.Linear(16 * 8, 50))
@@ -27,8 +31,10 @@ def worker(rank, world, init_file, out_dir, pass_norm):
     fsdp.fully_shard(model[2])
     fsdp.fully_shard(model)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    gopt = kt.GuardedOptimizer(opt, model=model, snapshot_every=10,
+    snaps = os.path.join(out_dir, "snaps") if fmt == "dcp" else None
+    gopt = kt.GuardedOptimizer(opt, model=model, snapshot_every=10, snapshot_dir=snaps, snapshot_format=fmt,
                                events=os.path.join(out_dir, f"events-{rank}.jsonl"))
+    at10 = restored = None
     g = torch.Generator().manual_seed(100 + rank)
     log, norms = [], []
     for step in range(1, STEPS + 1):
@@ -49,11 +55,16 @@ def worker(rank, world, init_file, out_dir, pass_norm):
             a = gopt.step(loss)
         gopt.zero_grad()
         log.append([a.step, a.kind])
+        if step == 10:
+            at10 = gathered(model)
+        if a.kind == "rollback":
+            restored = gathered(model)
     full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in model.state_dict().items()}
     if rank == 0:
         torch.save(full, os.path.join(out_dir, "weights.pt"))
+    same10 = all(torch.equal(at10[k], restored[k]) for k in at10) if restored is not None else None
     with open(os.path.join(out_dir, f"actions-{rank}.json"), "w") as f:
-        json.dump({"log": log, "norms": norms}, f)
+        json.dump({"log": log, "norms": norms, "restored_equals_step_10": same10}, f)
     dist.destroy_process_group()
 
 
@@ -74,3 +85,17 @@ def test_fsdp2_ranks_take_the_same_actions(tmp_path, pass_norm):
         assert r1["norms"] == r0["norms"]
     w = torch.load(tmp_path / "weights.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in w.values())
+
+
+def test_fsdp2_rolls_back_from_torch_distributed_checkpoint_snapshots(tmp_path):
+    # sharded snapshots in the format FSDP users checkpoint in: one directory the ranks share
+    mp.spawn(worker, args=(2, str(tmp_path / "init"), str(tmp_path), True, "dcp"), nprocs=2, join=True)
+    r0 = json.loads((tmp_path / "actions-0.json").read_text())
+    r1 = json.loads((tmp_path / "actions-1.json").read_text())
+    assert r0["log"] == r1["log"]
+    assert dict((s, k) for s, k in r0["log"])[29] == "rollback"
+    # the rollback read the step-10 snapshot back: the gathered weights are step 10's
+    assert r0["restored_equals_step_10"] is True and r1["restored_equals_step_10"] is True
+    names = sorted(os.listdir(tmp_path / "snaps"))
+    assert names == ["step-00000000", "step-00000010"], names
+    assert (tmp_path / "snaps" / "step-00000010" / ".metadata").exists()

@@ -293,20 +293,25 @@ def test_resume_rolls_back_to_the_resumed_state_not_the_initial_one():
     assert kinds[-1] == "rollback" and same(resumed, weights(model2))
 
 
-def test_a_run_resumed_inside_an_incident_rolls_back_where_the_uninterrupted_one_does():
+@pytest.mark.parametrize("fmt", ["torch", "dcp"])
+def test_a_run_resumed_inside_an_incident_rolls_back_where_the_uninterrupted_one_does(tmp_path, fmt):
     poison = {12, 27, 28, 29}
+    kw = {} if fmt == "torch" else {"snapshot_format": "dcp"}
 
     def run(model, opt, sched, gopt, steps):
         return [train_step(model, gopt, i, poison=i in poison).kind for i in steps]
 
+    def snaps(name):
+        return {} if fmt == "torch" else {"snapshot_dir": tmp_path / name}
+
     model, opt, sched = make()
-    ga = kt.GuardedOptimizer(opt, model=model, scheduler=sched, snapshot_every=10, keep=2)
+    ga = kt.GuardedOptimizer(opt, model=model, scheduler=sched, snapshot_every=10, keep=2, **kw, **snaps("a"))
     kinds = run(model, opt, sched, ga, range(1, 61))
     assert kinds[28] == "rollback", kinds
     final_a = weights(model)
     # B: saved at step 28, inside the incident that began at 12, then resumed elsewhere
     model, opt, sched = make()
-    gb = kt.GuardedOptimizer(opt, model=model, scheduler=sched, snapshot_every=10, keep=2)
+    gb = kt.GuardedOptimizer(opt, model=model, scheduler=sched, snapshot_every=10, keep=2, **kw, **snaps("b"))
     run(model, opt, sched, gb, range(1, 29))
     assert gb.guard.in_incident
     buf = io.BytesIO()
@@ -315,7 +320,7 @@ def test_a_run_resumed_inside_an_incident_rolls_back_where_the_uninterrupted_one
     ck = torch.load(buf, weights_only=False)
     assert ck["opt"]["rollback_base"]["step"] == 10
     model2, opt2, sched2 = make(seed=5)
-    g2 = kt.GuardedOptimizer(opt2, model=model2, scheduler=sched2, snapshot_every=10, keep=2)
+    g2 = kt.GuardedOptimizer(opt2, model=model2, scheduler=sched2, snapshot_every=10, keep=2, **kw, **snaps("b"))
     model2.load_state_dict(ck["model"])
     sched2.load_state_dict(ck["sched"])
     g2.load_state_dict(ck["opt"])

@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import tempfile
 from typing import Any, Callable, Optional
 
@@ -182,10 +183,11 @@ class Snapshots:
             self.base = step
         self._prune()
 
-    def clear(self) -> None:
-        """Forget every snapshot (a resume starts a new history)."""
+    def clear(self, but: Optional[int] = None) -> None:
+        """Forget every snapshot (a resume starts a new history), except step `but`."""
         for s in self.steps:
-            self._drop(s)
+            if s != but:
+                self._drop(s)
         self.base = None
 
     def _drop(self, s: int) -> None:
@@ -224,6 +226,94 @@ class Snapshots:
         return ok[-1] if ok else self.steps[0]
 
 
+def _barrier() -> None:
+    d = torch.distributed
+    if d.is_available() and d.is_initialized():
+        d.barrier()
+
+
+def _rank() -> int:
+    d = torch.distributed
+    return d.get_rank() if d.is_available() and d.is_initialized() else 0
+
+
+class DcpSnapshots(Snapshots):
+    """Snapshots as `torch.distributed.checkpoint` directories, the format FSDP users already
+    checkpoint in: every rank writes its own shards of the model and optimizer state (collected
+    with `get_state_dict`, so FSDP2's DTensors stay sharded), plus a small per-rank file with
+    the RNG, scheduler and guard state. A snapshot is written under a temporary name and
+    renamed by rank 0 once every rank has finished, so a crash never leaves a half-written
+    one under a snapshot's name. `get` loads into the live model and optimizer's layout."""
+
+    def __init__(self, keep: int, directory: os.PathLike, model, optimizer):
+        super().__init__(keep, directory)
+        self._model, self._optimizer = model, optimizer
+        for name in sorted(os.listdir(self.dir)):
+            # snapshots of an earlier process in this directory are not this run's history
+            if name.startswith(".tmp-step-") and _rank() == 0:
+                shutil.rmtree(os.path.join(self.dir, name), ignore_errors=True)
+
+    def put(self, step: int, state: dict) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        final = os.path.join(self.dir, f"step-{step:08d}")
+        tmp = os.path.join(self.dir, f".tmp-step-{step:08d}")
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _barrier()
+        try:
+            dcp.save({"model": state["model"], "optimizer": state["optimizer"]}, checkpoint_id=tmp)
+            rest = {k: v for k, v in state.items() if k not in ("model", "optimizer")}
+            with open(os.path.join(tmp, f"rest-rank{_rank()}.pt"), "wb") as f:
+                torch.save(rest, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise OSError(
+                e.errno,
+                f"{tmp}: writing keel's rollback snapshot failed ({e.strerror or e}); free disk "
+                f"space or pass snapshot_dir= on another disk",
+            ) from e
+        _barrier()
+        if _rank() == 0:
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        _barrier()
+        self._disk[step] = final
+        if self.base is None:
+            self.base = step
+        self._prune()
+
+    def adopt(self, step: int, path: str) -> None:
+        """Make an existing snapshot directory (a resume's rollback base) part of the history."""
+        self._disk[step] = path
+        if self.base is None:
+            self.base = step
+
+    def _drop(self, s: int) -> None:
+        path = self._disk.pop(s)
+        if _rank() == 0:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def get(self, step: int) -> dict:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        path = self._disk[step]
+        msd, osd = get_state_dict(self._model, self._optimizer)
+        sd = {"model": msd, "optimizer": osd}
+        try:
+            dcp.load(sd, checkpoint_id=path)
+            rest = torch.load(os.path.join(path, f"rest-rank{_rank()}.pt"), map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise RuntimeError(
+                f"{path}: keel's rollback snapshot cannot be read ({type(e).__name__}: {e}); it was "
+                f"truncated or damaged after it was written"
+            ) from e
+        return {**rest, "model": sd["model"], "optimizer": sd["optimizer"], "dcp": True}
+
+
 class GuardedOptimizer:
     """Wraps any torch optimizer (and its LR scheduler) with keel's guard.
 
@@ -232,6 +322,9 @@ class GuardedOptimizer:
     restores (default: the optimizer's parameters). scheduler: stepped after every step
     (skipped ones too: the schedule follows the step count, as in keel train) and restored
     by a rollback. snapshot_every / keep / snapshot_dir: the rollback targets.
+    snapshot_format: "torch" (one `torch.save` file per snapshot, per rank when distributed)
+    or "dcp" (`torch.distributed.checkpoint` directories shared by the ranks, sharded state
+    stays sharded: FSDP2's format; needs snapshot_dir and model).
     reduce: average the loss and gradient norm over ranks when torch.distributed is
     initialised ("auto"), always (True) or never (False).
     """
@@ -246,18 +339,23 @@ class GuardedOptimizer:
         snapshot_every: int = 100,
         keep: int = 2,
         snapshot_dir: Optional[os.PathLike] = None,
+        snapshot_format: str = "torch",
         events: Optional[os.PathLike] = None,
         reduce: Any = "auto",
         step_scheduler: bool = True,
         **guard_config: Any,
     ):
+        if snapshot_format not in ("torch", "dcp"):
+            raise ValueError(f"snapshot_format: 'torch' or 'dcp', got {snapshot_format!r}")
+        if snapshot_format == "dcp" and (snapshot_dir is None or model is None):
+            raise ValueError("snapshot_format='dcp' writes torch.distributed.checkpoint directories: give snapshot_dir= and model=")
         if guard is None:
             try:
                 guard = Guard(events=events, **guard_config)
             except ValueError as e:
                 raise ValueError(
                     f"{e} (GuardedOptimizer's own arguments: guard, model, scheduler, snapshot_every, keep, "
-                    "snapshot_dir, events, reduce, step_scheduler)"
+                    "snapshot_dir, snapshot_format, events, reduce, step_scheduler)"
                 ) from None
         elif guard_config or events is not None:
             raise ValueError("give either guard= or guard keyword arguments (and events=), not both")
@@ -274,10 +372,14 @@ class GuardedOptimizer:
         self.last_action: Optional[Action] = None
         self._pending_snapshot = False
         self._rank = 0
-        if snapshot_dir is not None and self._dist():
-            self._rank = torch.distributed.get_rank()
-            snapshot_dir = os.path.join(os.fspath(snapshot_dir), f"rank-{self._rank}")
-        self.snapshots = Snapshots(keep, snapshot_dir)
+        self._dcp = snapshot_format == "dcp"
+        if self._dcp:
+            self.snapshots = DcpSnapshots(keep, snapshot_dir, model, optimizer)
+        else:
+            if snapshot_dir is not None and self._dist():
+                self._rank = torch.distributed.get_rank()
+                snapshot_dir = os.path.join(os.fspath(snapshot_dir), f"rank-{self._rank}")
+            self.snapshots = Snapshots(keep, snapshot_dir)
         self.snapshots.put(0, self._capture())
 
     # -- the optimizer's face ------------------------------------------------------------
@@ -395,7 +497,12 @@ class GuardedOptimizer:
             "rng": _rng_state(),
             "guard": self.guard._core.state_json(),  # its detector windows come back with the weights
         }
-        if self.model is not None:
+        if self._dcp:
+            from torch.distributed.checkpoint.state_dict import get_state_dict
+
+            # written at once by DcpSnapshots.put, each rank its own shards: no copy
+            st["model"], st["optimizer"] = get_state_dict(self.model, self.optimizer)
+        elif self.model is not None:
             st["model"] = _clone(self.model.state_dict())
         else:
             st["params"] = [p.detach().to("cpu", copy=True) for g in self.optimizer.param_groups for p in g["params"]]
@@ -414,16 +521,22 @@ class GuardedOptimizer:
     def _rollback(self, before_step: int, s: int) -> None:
         target = self.snapshots.newest_before(before_step)
         st = self.snapshots.get(target)
-        with torch.no_grad():
-            if "model" in st:
-                self.model.load_state_dict(st["model"])
-            else:
-                params = [p for g in self.optimizer.param_groups for p in g["params"]]
-                for p, v in zip(params, st["params"]):
-                    p.copy_(v)
-        # copies: load_state_dict keeps tensors whose dtype and device already match, and the
-        # next step would then write into the snapshot a later rollback needs
-        self.optimizer.load_state_dict(_clone(st["optimizer"]))
+        if st.get("dcp"):
+            from torch.distributed.checkpoint.state_dict import set_state_dict
+
+            # loaded from disk into fresh state dicts: nothing is shared with the snapshot
+            set_state_dict(self.model, self.optimizer, model_state_dict=st["model"], optim_state_dict=st["optimizer"])
+        else:
+            with torch.no_grad():
+                if "model" in st:
+                    self.model.load_state_dict(st["model"])
+                else:
+                    params = [p for g in self.optimizer.param_groups for p in g["params"]]
+                    for p, v in zip(params, st["params"]):
+                        p.copy_(v)
+            # copies: load_state_dict keeps tensors whose dtype and device already match, and
+            # the next step would then write into the snapshot a later rollback needs
+            self.optimizer.load_state_dict(_clone(st["optimizer"]))
         if self.scheduler is not None and "scheduler" in st:
             self.scheduler.load_state_dict(_clone(st["scheduler"]))
         _set_rng_state(st["rng"])
@@ -452,7 +565,11 @@ class GuardedOptimizer:
             start = json.loads(self.guard._core.state_json())["policy"].get("incident_start")
             if start is not None:
                 t = self.snapshots.newest_before(start)
-                d["rollback_base"] = {"step": t, "state": self.snapshots.get(t)}
+                if self._dcp:
+                    # the snapshot directory stays on disk: a reference is enough
+                    d["rollback_base"] = {"step": t, "dcp_path": self.snapshots.where(t)}
+                else:
+                    d["rollback_base"] = {"step": t, "state": self.snapshots.get(t)}
         return d
 
     def load_state_dict(self, d: dict) -> None:
@@ -474,10 +591,13 @@ class GuardedOptimizer:
             self.guard.load_state_dict(d["guard"])
             self.step_count = int(d["step"])
             self._pending_snapshot = bool(d.get("pending_snapshot", False))
-        self.snapshots.clear()
         base = d.get("rollback_base") if isinstance(d, dict) else None
-        if base is not None:
-            # saved inside an incident: the clean state before it stays the rollback target
+        adopt = base is not None and "dcp_path" in base and self._dcp
+        self.snapshots.clear()
+        if adopt:
+            # saved inside an incident: the clean snapshot before it stays the rollback target
+            self.snapshots.adopt(int(base["step"]), base["dcp_path"])
+        elif base is not None and "state" in base:
             self.snapshots.put(int(base["step"]), base["state"])
         else:
             self.snapshots.put(self.step_count, self._capture())
