@@ -99,3 +99,37 @@ def test_fsdp2_rolls_back_from_torch_distributed_checkpoint_snapshots(tmp_path):
     names = sorted(os.listdir(tmp_path / "snaps"))
     assert names == ["step-00000000", "step-00000010"], names
     assert (tmp_path / "snaps" / "step-00000010" / ".metadata").exists()
+
+
+def fsdp1_worker(rank, world, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    torch.manual_seed(0)
+    model = FSDP(torch.nn.Sequential(torch.nn.Embedding(50, 16), torch.nn.Flatten(), torch.nn.Linear(16 * 8, 50)),
+                 device_id=torch.device("cpu"))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    gopt = kt.GuardedOptimizer(opt, model=model, snapshot_every=10)
+    g = torch.Generator().manual_seed(100 + rank)
+    log = []
+    for step in range(1, STEPS + 1):
+        x = torch.randint(0, 50, (4, 8), generator=g)
+        loss = torch.nn.functional.cross_entropy(model(x), x[:, 0])
+        if step in NAN_AT.get(rank, []):
+            loss = loss * float("nan")
+        loss.backward()
+        a = gopt.step(loss, model.clip_grad_norm_(1.0))  # FSDP1's norm: a plain global tensor
+        gopt.zero_grad()
+        log.append([a.step, a.kind])
+    with open(os.path.join(out_dir, f"actions-{rank}.json"), "w") as f:
+        json.dump({"log": log}, f)
+    dist.destroy_process_group()
+
+
+def test_fsdp1_ranks_take_the_same_actions(tmp_path):
+    mp.spawn(fsdp1_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    r0 = json.loads((tmp_path / "actions-0.json").read_text())
+    r1 = json.loads((tmp_path / "actions-1.json").read_text())
+    assert r0["log"] == r1["log"]
+    kinds = dict((s, k) for s, k in r0["log"])
+    assert kinds[12] == "skip" and kinds[27] == "skip" and kinds[29] == "rollback", r0
