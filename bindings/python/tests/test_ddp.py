@@ -60,3 +60,40 @@ def test_two_ranks_take_the_same_actions(tmp_path):
     # the incident began with the NaN at 12 (the snapshot due at 20 waited for a quiet step
     # that never came), so both ranks went back to step 10
     assert [e["detail"]["to_step"] for e in restored] == [10]
+
+
+def wrap_first_worker(rank, world, init_file, out_dir):
+    # nanoGPT makes its optimizer before DDP(...): each rank's own (different) init weights
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(rank)  # different initial weights on each rank until DDP broadcasts
+    model = torch.nn.Sequential(torch.nn.Embedding(50, 16), torch.nn.Flatten(), torch.nn.Linear(16 * 8, 50))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    gopt = kt.GuardedOptimizer(opt, model=model, snapshot_every=100,
+                               events=os.path.join(out_dir, "events.jsonl"))
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    g = torch.Generator().manual_seed(100 + rank)
+    kinds = []
+    for step in range(1, 9):
+        x = torch.randint(0, 50, (4, 8), generator=g)
+        loss = torch.nn.functional.cross_entropy(ddp(x), x[:, 0])
+        if step in (3, 4, 5):
+            loss = loss * float("nan")  # a burst: rollback to the base snapshot (step 0)
+        loss.backward()
+        kinds.append(gopt.step(loss, torch.nn.utils.clip_grad_norm_(ddp.parameters(), 1.0)).kind)
+        gopt.zero_grad()
+    torch.save(model.state_dict(), os.path.join(out_dir, f"weights-{rank}.pt"))
+    with open(os.path.join(out_dir, f"kinds-{rank}.json"), "w") as f:
+        json.dump(kinds, f)
+    dist.destroy_process_group()
+
+
+def test_wrapping_before_ddp_rolls_back_to_agreed_weights(tmp_path):
+    mp.spawn(wrap_first_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    k0 = json.loads((tmp_path / "kinds-0.json").read_text())
+    assert k0[4] == "rollback", k0
+    w0 = torch.load(tmp_path / "weights-0.pt", weights_only=True)
+    w1 = torch.load(tmp_path / "weights-1.pt", weights_only=True)
+    assert all(torch.equal(w0[k], w1[k]) for k in w0), "ranks ended with different weights"
+    # one events file, written once (rank 0), not every line twice
+    ev = [json.loads(l) for l in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert sum(e["kind"] == "rollback" for e in ev) == 1, ev

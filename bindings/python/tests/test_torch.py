@@ -112,12 +112,13 @@ def run_to_rollback(tmp_path=None, **kw):
     return model, opt, sched, gopt, at, kinds
 
 
-def test_rollback_restores_model_optimizer_scheduler_and_rng():
+def test_rollback_restores_model_optimizer_scheduler_not_the_rng():
     model, opt, sched, gopt, at, kinds = run_to_rollback()
     assert kinds == ["skip", "skip", "rollback"], kinds
     assert same(at["w"], weights(model)) and same(at["st"], opt_state(opt))
     assert sched.last_epoch == at["epoch"]
-    assert torch.equal(torch.get_rng_state(), at["rng"])
+    # the RNG moves on: a sampler drawing from it must not replay the incident's batches
+    assert not torch.equal(torch.get_rng_state(), at["rng"])
     assert gopt.guard.lr_factor == 0.5  # a rollback lowers the LR for good
     assert train_step(model, gopt, 29).kind == "proceed"
 
@@ -318,7 +319,7 @@ def test_a_run_resumed_inside_an_incident_rolls_back_where_the_uninterrupted_one
     torch.save({"model": model.state_dict(), "opt": gb.state_dict(), "sched": sched.state_dict()}, buf)
     buf.seek(0)
     ck = torch.load(buf, weights_only=False)
-    assert ck["opt"]["rollback_base"]["step"] == 10
+    assert ck["opt"]["keel"]["rollback_base"]["step"] == 10
     model2, opt2, sched2 = make(seed=5)
     g2 = kt.GuardedOptimizer(opt2, model=model2, scheduler=sched2, snapshot_every=10, keep=2, **kw, **snaps("b"))
     model2.load_state_dict(ck["model"])
@@ -335,3 +336,101 @@ def test_gave_up_pickles():
 
     e = pickle.loads(pickle.dumps(keel.GaveUp("too many rollbacks", 42)))
     assert (e.diagnosis, e.step) == ("too many rollbacks", 42) and "step 42" in str(e)
+
+
+def test_a_global_rng_sampler_sees_new_batches_after_a_rollback():
+    # nanoGPT draws its batch offsets from the global torch RNG
+    torch.manual_seed(0)
+    model, opt, sched = make()
+    gopt = kt.GuardedOptimizer(opt, model=model, snapshot_every=5)
+    seen = {}
+    for step in range(1, 31):
+        x = torch.randint(0, 50, (4, 8))  # the global RNG
+        seen[step] = x
+        loss = torch.nn.functional.cross_entropy(model(x), x[:, 0])
+        if step in (12, 13, 14):
+            loss = loss * float("nan")
+        loss.backward()
+        a = gopt.step(loss)
+        gopt.zero_grad()
+        if a.kind == "rollback":
+            at = step
+    assert at == 14
+    before = [seen[s] for s in range(1, at + 1)]
+    for s in range(at + 1, 31):
+        assert not any(torch.equal(seen[s], b) for b in before), f"step {s} replays an earlier batch"
+    # a seeded DataLoader is an iterator of its own: it moves on too
+    g = torch.Generator().manual_seed(1)
+    data = torch.randint(0, 50, (64, 8), generator=g)
+    loader = iter(torch.utils.data.DataLoader(data, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(2)))
+    model, opt, sched = make()
+    gopt = kt.GuardedOptimizer(opt, model=model, snapshot_every=5)
+    batches = []
+    for step in range(1, 16):
+        x = next(loader)
+        batches.append(x)
+        loss = torch.nn.functional.cross_entropy(model(x), x[:, 0]) * (float("nan") if step in (7, 8, 9) else 1.0)
+        loss.backward()
+        gopt.step(loss)
+        gopt.zero_grad()
+    assert all(not torch.equal(batches[i], batches[j]) for i in range(15) for j in range(i))
+
+
+def test_state_dicts_interchange_with_the_raw_optimizer():
+    model, opt, sched = make()
+    gopt = kt.GuardedOptimizer(opt, model=model)
+    for i in range(1, 21):
+        train_step(model, gopt, i, poison=(i == 15))
+    sd = gopt.state_dict()
+    # nanoGPT resumes with the raw optimizer: the wrapper's state dict loads into it
+    raw = torch.optim.AdamW(make()[0].parameters())
+    _, opt2, _ = make()
+    opt2.load_state_dict(sd)
+    assert opt_state(opt2).keys() == opt_state(opt).keys()
+    assert all(torch.equal(opt_state(opt2)[k], opt_state(opt)[k]) for k in opt_state(opt))
+    # and the raw optimizer's into the wrapper (keel starts a fresh guard history)
+    _, opt3, _ = make()
+    g3 = kt.GuardedOptimizer(opt3, model=make()[0])
+    g3.load_state_dict(opt.state_dict())
+    assert g3.step_count == 0
+    # the wrapper's into the wrapper: the guard and the step count ride along
+    _, opt4, _ = make()
+    g4 = kt.GuardedOptimizer(opt4, model=make()[0])
+    g4.load_state_dict(sd)
+    assert g4.step_count == 20 and g4.guard.state_dict() == gopt.guard.state_dict()
+    assert raw is not None
+
+
+def test_step_without_arguments_passes_through_scalers_and_closures():
+    # a disabled GradScaler calls opt.step() with no loss: the loss comes from record()
+    model, opt, sched = make()
+    gopt = kt.GuardedOptimizer(opt, model=model)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    for i in range(1, 6):
+        x, y = batch(i)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        if i == 3:
+            loss = loss * float("nan")
+        scaler.scale(loss).backward()
+        gopt.record(loss)
+        scaler.step(gopt)
+        scaler.update()
+        gopt.zero_grad()
+        assert gopt.last_action.step == i
+        assert gopt.last_action.skip == (i == 3)
+    # a Lightning-style closure runs forward and backward once and gives the loss
+    calls = []
+
+    def closure():
+        calls.append(1)
+        x, y = batch(9)
+        gopt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    a = gopt.step(closure=closure)
+    assert a.kind == "proceed" and len(calls) == 1
+    # no loss at all: a clear error, not a TypeError
+    with pytest.raises(ValueError, match="record"):
+        gopt.step()

@@ -350,6 +350,8 @@ class GuardedOptimizer:
         if snapshot_format == "dcp" and (snapshot_dir is None or model is None):
             raise ValueError("snapshot_format='dcp' writes torch.distributed.checkpoint directories: give snapshot_dir= and model=")
         if guard is None:
+            if events is not None and self._dist() and torch.distributed.get_rank() != 0:
+                events = None  # every rank decides alike; rank 0 writes the one events file
             try:
                 guard = Guard(events=events, **guard_config)
             except ValueError as e:
@@ -380,7 +382,10 @@ class GuardedOptimizer:
                 self._rank = torch.distributed.get_rank()
                 snapshot_dir = os.path.join(os.fspath(snapshot_dir), f"rank-{self._rank}")
             self.snapshots = Snapshots(keep, snapshot_dir)
-        self.snapshots.put(0, self._capture())
+        # the base snapshot is taken at the first step, not here: a wrapper made before
+        # DDP(...) broadcasts rank 0's weights would otherwise keep each rank's own
+        # pre-broadcast weights, and a rollback to them would leave the ranks different
+        self._loss = None
 
     # -- the optimizer's face ------------------------------------------------------------
     @property
@@ -451,12 +456,37 @@ class GuardedOptimizer:
         return tuple(None if v is None else x for v, x in zip(vals, out))
 
     # -- the step ----------------------------------------------------------------------------
-    def step(self, loss, grad_norm=None, closure: Optional[Callable] = None, **extra) -> Action:
+    def record(self, loss) -> None:
+        """Record this step's loss (a tensor, summed or averaged as your loop logs it) for a
+        `step()` called without one: one line beside `loss.backward()`, so `scaler.step(opt)`,
+        an `accelerator`-wrapped step or a plain `opt.step()` pass straight through."""
+        self._loss = loss if self._loss is None or not isinstance(loss, torch.Tensor) else self._loss + loss
+
+    def step(self, loss=None, grad_norm=None, closure: Optional[Callable] = None, **extra) -> Action:
         """Decide about this step from its loss and (pre-clip) gradient norm, then apply the
-        update or not. Returns the Action; raises keel.GaveUp when the guard gives up."""
+        update or not. Returns the Action; raises keel.GaveUp when the guard gives up.
+
+        The loss: given here, else what `record()` collected since the last step, else what
+        `closure()` returns (Lightning-style closures run forward and backward; they are
+        called once, here). The norm: given, else measured from the gradients."""
+        if loss is None and self._loss is None and closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+            closure = None
+        if loss is None:
+            loss = self._loss
+        if loss is None:
+            raise ValueError(
+                "GuardedOptimizer.step(): no loss for this step; pass it (opt.step(loss)) or call "
+                "opt.record(loss) beside loss.backward()"
+            )
+        self._loss = None
         return self._guarded_step(loss, grad_norm, extra, lambda: self.optimizer.step(closure))
 
     def _guarded_step(self, loss, grad_norm, extra: dict, apply: Callable) -> Action:
+        if not self.snapshots.steps:
+            # the ranks agree by now (DDP broadcast at its construction, or a resume loaded)
+            self.snapshots.put(self.step_count, self._capture())
         s = self.step_count + 1
         vals = self._read(loss, grad_norm, extra)
         act = self.guard.observe(s, vals[0], vals[1], **dict(zip(extra, vals[2:])))
@@ -539,7 +569,9 @@ class GuardedOptimizer:
             self.optimizer.load_state_dict(_clone(st["optimizer"]))
         if self.scheduler is not None and "scheduler" in st:
             self.scheduler.load_state_dict(_clone(st["scheduler"]))
-        _set_rng_state(st["rng"])
+        # The RNG is not restored: a sampler drawing from it (nanoGPT's torch.randint) would
+        # replay the batches since the snapshot, the incident's among them. The loop moves on
+        # to new batches, as keel train's data cursor does.
         self.guard._core.restore_detectors_json(st["guard"])
         self._pending_snapshot = False
         self.guard.log_event(
@@ -555,21 +587,20 @@ class GuardedOptimizer:
         open, it also carries the clean snapshot a rollback of that incident would restore
         (`rollback_base`), so the resumed run rolls back to the same state as the
         uninterrupted one, never to the state it resumed from."""
-        d = {
-            "optimizer": self.optimizer.state_dict(),
-            "guard": self.guard.state_dict(),
-            "step": self.step_count,
-            "pending_snapshot": self._pending_snapshot,
-        }
+        # the wrapped optimizer's own state dict, keel's part under its own key: it loads
+        # into the raw optimizer too (torch ignores the extra key), as resume code expects
+        d = dict(self.optimizer.state_dict())
+        k = {"guard": self.guard.state_dict(), "step": self.step_count, "pending_snapshot": self._pending_snapshot}
+        d["keel"] = k
         if self.guard.in_incident:
             start = json.loads(self.guard._core.state_json())["policy"].get("incident_start")
             if start is not None:
                 t = self.snapshots.newest_before(start)
                 if self._dcp:
                     # the snapshot directory stays on disk: a reference is enough
-                    d["rollback_base"] = {"step": t, "dcp_path": self.snapshots.where(t)}
+                    k["rollback_base"] = {"step": t, "dcp_path": self.snapshots.where(t)}
                 else:
-                    d["rollback_base"] = {"step": t, "state": self.snapshots.get(t)}
+                    k["rollback_base"] = {"step": t, "state": self.snapshots.get(t)}
         return d
 
     def load_state_dict(self, d: dict) -> None:
@@ -580,18 +611,23 @@ class GuardedOptimizer:
             keys = sorted(d) if isinstance(d, dict) else type(d).__name__
             raise ValueError(
                 f"GuardedOptimizer.load_state_dict: expected what GuardedOptimizer.state_dict() or an "
-                f"optimizer's state_dict() returns (keys optimizer/guard/step, or state/param_groups); "
-                f"got {keys}"
+                f"optimizer's state_dict() returns (keys state/param_groups[/keel], or the older "
+                f"optimizer/guard/step); got {keys}"
             )
-        if "guard" not in d:
-            # a plain optimizer state dict
-            self.optimizer.load_state_dict(d)
-        else:
+        if "guard" in d:
+            # the older layout: {optimizer, guard, step}
+            k = {kk: d[kk] for kk in ("guard", "step", "pending_snapshot", "rollback_base") if kk in d}
             self.optimizer.load_state_dict(d["optimizer"])
-            self.guard.load_state_dict(d["guard"])
-            self.step_count = int(d["step"])
-            self._pending_snapshot = bool(d.get("pending_snapshot", False))
-        base = d.get("rollback_base") if isinstance(d, dict) else None
+        else:
+            # the optimizer's own state dict, with keel's part under "keel" when it has one
+            k = d.get("keel") or {}
+            self.optimizer.load_state_dict({kk: v for kk, v in d.items() if kk != "keel"})
+        if k:
+            self.guard.load_state_dict(k["guard"])
+            self.step_count = int(k["step"])
+            self._pending_snapshot = bool(k.get("pending_snapshot", False))
+        self._loss = None
+        base = k.get("rollback_base")
         adopt = base is not None and "dcp_path" in base and self._dcp
         self.snapshots.clear()
         if adopt:
