@@ -808,7 +808,9 @@ fn ctrl_c_during_tokenizer_training_stops_at_once() {
     let code = child.wait().unwrap().code();
     let took = t1.elapsed();
     assert_eq!(code, Some(3));
-    assert!(took < Duration::from_millis(2500), "took {took:?} to stop");
+    // measured well under a second here; the bound leaves room for a loaded CI machine (the
+    // BPE threads keep both cores busy) while failing the 146 s it took before
+    assert!(took < Duration::from_secs(5), "took {took:?} to stop");
     // nothing half-written: no tokenizer, no token cache, no partial file
     for f in [
         "tokenizer.json",
