@@ -253,7 +253,7 @@ def audit(model, scheme: str = "normal", *, config: Any = None, **init: Any) -> 
 
 def __getattr__(name: str):
     # keel.torch / keel.hf / keel.lightning without importing torch at `import keel`
-    if name in ("torch", "hf", "lightning"):
+    if name in ("torch", "hf", "lightning", "probe"):
         import importlib
 
         return importlib.import_module(f".{name}", __name__)

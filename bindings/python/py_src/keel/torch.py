@@ -322,6 +322,9 @@ class GuardedOptimizer:
     restores (default: the optimizer's parameters). scheduler: stepped after every step
     (skipped ones too: the schedule follows the step count, as in keel train) and restored
     by a rollback. snapshot_every / keep / snapshot_dir: the rollback targets.
+    probe_attention: measure the model's exact max attention logit (keel.probe) on every
+    step of the guard's early window, then every `probe_every` steps, and feed it to the
+    guard (its early attention-logit rule); off by default.
     snapshot_format: "torch" (one `torch.save` file per snapshot, per rank when distributed)
     or "dcp" (`torch.distributed.checkpoint` directories shared by the ranks, sharded state
     stays sharded: FSDP2's format; needs snapshot_dir and model).
@@ -340,6 +343,8 @@ class GuardedOptimizer:
         keep: int = 2,
         snapshot_dir: Optional[os.PathLike] = None,
         snapshot_format: str = "torch",
+        probe_attention: bool = False,
+        probe_every: int = 10,
         events: Optional[os.PathLike] = None,
         reduce: Any = "auto",
         step_scheduler: bool = True,
@@ -357,7 +362,7 @@ class GuardedOptimizer:
             except ValueError as e:
                 raise ValueError(
                     f"{e} (GuardedOptimizer's own arguments: guard, model, scheduler, snapshot_every, keep, "
-                    "snapshot_dir, snapshot_format, events, reduce, step_scheduler)"
+                    "snapshot_dir, snapshot_format, probe_attention, probe_every, events, reduce, step_scheduler)"
                 ) from None
         elif guard_config or events is not None:
             raise ValueError("give either guard= or guard keyword arguments (and events=), not both")
@@ -386,6 +391,17 @@ class GuardedOptimizer:
         # DDP(...) broadcasts rank 0's weights would otherwise keep each rank's own
         # pre-broadcast weights, and a rollback to them would leave the ranks different
         self._loss = None
+        # the exact max attention logit of the live model, fed to the guard's early rule:
+        # measured on every step of the guard's early window, then every `probe_every`
+        self._probe = None
+        self.probe_every = max(1, int(probe_every))
+        self._early = int(self.guard.config.get("early_window", 0))
+        if probe_attention:
+            if model is None:
+                raise ValueError("probe_attention=True measures the model's attention: give model=")
+            from .probe import AttentionProbe
+
+            self._probe = AttentionProbe(model)
 
     # -- the optimizer's face ------------------------------------------------------------
     @property
@@ -483,7 +499,15 @@ class GuardedOptimizer:
         self._loss = None
         return self._guarded_step(loss, grad_norm, extra, lambda: self.optimizer.step(closure))
 
+    def _probing(self, step: int) -> bool:
+        return step <= self._early or step % self.probe_every == 0
+
     def _guarded_step(self, loss, grad_norm, extra: dict, apply: Callable) -> Action:
+        if self._probe is not None:
+            m = self._probe.take()
+            if m is not None and "max_attn_logit" not in extra:
+                extra = {**extra, "max_attn_logit": m}
+            self._probe.on = self._probing(self.step_count + 2)  # for the next step's forward
         if not self.snapshots.steps:
             # the ranks agree by now (DDP broadcast at its construction, or a resume loaded)
             self.snapshots.put(self.step_count, self._capture())
