@@ -126,3 +126,21 @@ def test_gave_up_leaves_the_trainer_unwrapped(tmp_path):
 def test_bad_guard_keys_fail_when_the_callback_is_made():
     with pytest.raises(ValueError, match="loss_zz"):
         keel.hf.GuardCallback(loss_zz=3)
+
+
+def test_guard_callback_feeds_the_attention_probe_to_the_early_rule(tmp_path):
+    # attention logits past 100 from the start: with the probe the early rule acts at step 1
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(small_config())
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "q_proj" in n or "k_proj" in n:
+                p.mul_(60.0)
+    cb = keel.hf.GuardCallback(probe_attention=True, max_rollbacks=1)
+    t = Trainer(model=model, args=args(tmp_path, max_steps=6), train_dataset=Tokens(), callbacks=[cb])
+    with pytest.raises(keel.GaveUp):
+        t.train()
+    kinds = [a.kind for a in cb.actions]
+    assert kinds[0] == "rollback", kinds
+    ev = [json.loads(l) for l in (tmp_path / "keel-events.jsonl").read_text().splitlines()]
+    assert any(e["kind"] == "warning" and e["detail"]["detector"] == "attn_logit" for e in ev), ev

@@ -59,8 +59,11 @@ class GuardCallback(TrainerCallback, ExportableState):
         keep: int = 2,
         snapshot_dir: Optional[os.PathLike] = None,
         events: Optional[os.PathLike] = None,
+        probe_attention: bool = False,
         **guard_config: Any,
     ):
+        # measure the model's exact max attention logit for the guard's early rule (keel.probe)
+        self.probe_attention = probe_attention
         self._spec = GuardSpec(guard, events, guard_config)
         self.trainer = trainer
         self.snapshot_every = snapshot_every
@@ -110,7 +113,7 @@ class GuardCallback(TrainerCallback, ExportableState):
             scheduler=lr_scheduler,
             snapshot_every=self.snapshot_every,
             keep=self.keep,
-            snapshot_dir=self.snapshot_dir,
+            snapshot_dir=self.snapshot_dir, probe_attention=self.probe_attention,
             step_scheduler=False,  # the Trainer steps its scheduler itself
         )
         if self._resume_state is None and state.global_step > 0:

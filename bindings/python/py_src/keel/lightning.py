@@ -38,8 +38,11 @@ class GuardCallback(Callback):
         keep: int = 2,
         snapshot_dir: Optional[os.PathLike] = None,
         events: Optional[os.PathLike] = None,
+        probe_attention: bool = False,
         **guard_config: Any,
     ):
+        # measure the model's exact max attention logit for the guard's early rule (keel.probe)
+        self.probe_attention = probe_attention
         self._spec = GuardSpec(guard, events, guard_config)
         self.snapshot_every, self.keep, self.snapshot_dir = snapshot_every, keep, snapshot_dir
         self.gopt: Optional[GuardedOptimizer] = None
@@ -82,7 +85,7 @@ class GuardCallback(Callback):
         guard = self._spec.build(trainer.log_dir or trainer.default_root_dir, trainer.is_global_zero)
         self.gopt = GuardedOptimizer(
             opt, guard, model=pl_module, scheduler=sched, snapshot_every=self.snapshot_every,
-            keep=self.keep, snapshot_dir=self.snapshot_dir, step_scheduler=False,  # Lightning steps it
+            keep=self.keep, snapshot_dir=self.snapshot_dir, probe_attention=self.probe_attention, step_scheduler=False,  # Lightning steps it
         )
         if self._resume_state is not None:
             load_guard_state(self.gopt, self._resume_state)
