@@ -171,3 +171,22 @@ def test_guarded_optimizer_feeds_the_probe_to_the_early_rule():
     assert set(kinds) == {"proceed"}, kinds  # a sane init raises nothing
     # measured on the early window's steps, then every probe_every
     assert probed == [True, True, True, False, True, False, False, False, False, True, False], probed
+    # after a rollback the early window restarts, and so does measuring every step
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(small_config())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    g = kt.GuardedOptimizer(opt, model=model, probe_attention=True, probe_every=5, early_window=3)
+    for step in range(1, 13):
+        x = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(step))
+        loss = model(input_ids=x, labels=x).loss
+        if step == 7:
+            loss = loss * float("nan")  # three NaNs in a row: persistent → rollback at 9
+        if step in (8, 9):
+            loss = loss * float("nan")
+        loss.backward()
+        a = g.step(loss)
+        g.zero_grad()
+        if step == 9:
+            assert a.kind == "rollback", a
+        if step in (9, 10, 11):
+            assert g._probe.on, step  # steps 10, 11, 12 are inside the restarted window

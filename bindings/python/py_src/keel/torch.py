@@ -396,6 +396,7 @@ class GuardedOptimizer:
         self._probe = None
         self.probe_every = max(1, int(probe_every))
         self._early = int(self.guard.config.get("early_window", 0))
+        self._probe_until = 0
         if probe_attention:
             if model is None:
                 raise ValueError("probe_attention=True measures the model's attention: give model=")
@@ -500,14 +501,13 @@ class GuardedOptimizer:
         return self._guarded_step(loss, grad_norm, extra, lambda: self.optimizer.step(closure))
 
     def _probing(self, step: int) -> bool:
-        return step <= self._early or step % self.probe_every == 0
+        return step <= max(self._early, self._probe_until) or step % self.probe_every == 0
 
     def _guarded_step(self, loss, grad_norm, extra: dict, apply: Callable) -> Action:
         if self._probe is not None:
             m = self._probe.take()
             if m is not None and "max_attn_logit" not in extra:
                 extra = {**extra, "max_attn_logit": m}
-            self._probe.on = self._probing(self.step_count + 2)  # for the next step's forward
         if not self.snapshots.steps:
             # the ranks agree by now (DDP broadcast at its construction, or a resume loaded)
             self.snapshots.put(self.step_count, self._capture())
@@ -515,6 +515,11 @@ class GuardedOptimizer:
         vals = self._read(loss, grad_norm, extra)
         act = self.guard.observe(s, vals[0], vals[1], **dict(zip(extra, vals[2:])))
         self.step_count = s
+        if self._probe is not None:
+            # the early rule's window restarts at a rollback: so does measuring every step
+            if act.kind == "rollback":
+                self._probe_until = s + self._early
+            self._probe.on = self._probing(s + 1)  # for the next step's forward
         self.last_action = act
         if act.kind == "give_up":
             raise GaveUp(act.diagnosis or "the guard gave up", s)
