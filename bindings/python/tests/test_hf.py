@@ -144,3 +144,17 @@ def test_guard_callback_feeds_the_attention_probe_to_the_early_rule(tmp_path):
     assert kinds[0] == "rollback", kinds
     ev = [json.loads(l) for l in (tmp_path / "keel-events.jsonl").read_text().splitlines()]
     assert any(e["kind"] == "warning" and e["detail"]["detector"] == "attn_logit" for e in ev), ev
+
+
+def test_the_trainer_logs_the_lr_the_update_used(tmp_path):
+    # after a rollback the guard lowers the LR for good: the logged LR says so
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(small_config())
+    poison = PoisonAt(model, [21, 22, 23])
+    cb = keel.hf.GuardCallback(snapshot_every=10)
+    tr = Trainer(model=model, args=args(tmp_path, lr_scheduler_type="constant", warmup_steps=0, logging_steps=1),
+                 train_dataset=Tokens(), callbacks=[cb, poison])
+    tr.train()
+    assert (23, "rollback") in [(a.step, a.kind) for a in cb.actions]
+    lrs = {h["step"]: h["learning_rate"] for h in tr.state.log_history if "learning_rate" in h}
+    assert lrs[10] == pytest.approx(3e-3) and lrs[30] == pytest.approx(1.5e-3), lrs

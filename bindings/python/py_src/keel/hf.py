@@ -159,11 +159,21 @@ class GuardCallback(TrainerCallback, ExportableState):
             if act.kind != "proceed":
                 self.actions.append(act)
 
+        # the LR the Trainer logs (to its console, W&B, TensorBoard) is the one the update
+        # used: the scheduler's times the guard's factor (a rollback lowers it for good)
+        inner_lr = trainer._get_learning_rate
+
+        def _get_learning_rate(*a, **k):
+            lr = inner_lr(*a, **k)
+            f = self.gopt.guard.lr_factor if self.gopt is not None else 1.0
+            return lr * f if isinstance(lr, (int, float)) else lr
+
         keep_scheduler_marker(inner_step, step)
         self._undo = [
             patch(trainer, "training_step", training_step),
             patch(acc, "clip_grad_norm_", clip_grad_norm_),
             patch(optimizer, "step", step),
+            patch(trainer, "_get_learning_rate", _get_learning_rate),
         ]
 
     def _unwrap(self):
