@@ -615,7 +615,7 @@ fn verdict_class(v: &str) -> &'static str {
 /// One event's detail as a sentence (the raw JSON is in events.jsonl).
 fn event_sentence(kind: &str, d: &Value) -> String {
     let n = |k: &str| d.get(k).and_then(Value::as_f64);
-    let st = |k: &str| d.get(k).and_then(Value::as_str).unwrap_or("");
+    let st = |k: &str| st_of(d, k);
     match kind {
         "spike" | "divergence" | "warning" => format!(
             "{}: {} (value {}, threshold {})",

@@ -60,16 +60,13 @@ pub struct TrainOptions {
     pub inject: Vec<Injection>,
 }
 
-/// Summary printed at the end of a run.
+/// How a run ended; the figures the summary prints are read back from its logs
+/// (`figures_of`), the same ones the report shows.
 #[derive(Debug, Clone)]
 pub struct Summary {
     pub outcome: Outcome,
     pub steps: u64,
-    pub final_loss: f64,
-    pub best_val_loss: Option<f64>,
-    pub tokens_per_s: f64,
     pub checkpoint: Option<PathBuf>,
-    pub events: usize,
     /// Loss of a context-free (unigram) model on the training tokens, for reference.
     pub unigram_entropy: f64,
     /// Why the guard gave up (Outcome::Diverged).
@@ -85,11 +82,7 @@ impl Summary {
         Summary {
             outcome,
             steps,
-            final_loss: f64::NAN,
-            best_val_loss: None,
-            tokens_per_s: f64::NAN,
             checkpoint,
-            events: 0,
             unigram_entropy: f64::NAN,
             diagnosis: None,
             report: false,
@@ -364,7 +357,6 @@ pub(crate) struct Trainer {
     events: Option<JsonlWriter>,
     telemetry: Option<JsonlWriter>,
     sumsq: Vec<f64>,
-    pub n_events: usize,
     ckpt_pending: bool,
     t_start: Instant,
     elapsed0: f64,
@@ -455,7 +447,6 @@ impl Trainer {
             },
             record,
             sumsq: vec![0.0; nspecs],
-            n_events: 0,
             // a resumed run still owes the regular checkpoint its source was waiting to take
             ckpt_pending: state.checkpoint_pending,
             t_start: Instant::now(),
@@ -475,7 +466,6 @@ impl Trainer {
     }
 
     fn event_at(&mut self, step: u64, kind: &str, detail: serde_json::Value) -> Result<()> {
-        self.n_events += 1;
         if let Some(e) = &mut self.events {
             e.write(&log::event_line(step, kind, detail))?;
         }
@@ -982,7 +972,6 @@ pub fn run(opts: &TrainOptions) -> Result<Summary> {
     tr.inject = opts.inject.clone();
     if let Some(dir) = &latest {
         tr.event("resume", json!({"checkpoint": dir.display().to_string()}))?;
-        tr.n_events -= 1;
     }
     if !changes.is_empty() {
         let ch: Vec<_> = changes
@@ -990,12 +979,10 @@ pub fn run(opts: &TrainOptions) -> Result<Summary> {
             .map(|(k, o, n)| json!({"key": k, "old": o, "new": n}))
             .collect();
         tr.event("config_change", json!({"changes": ch}))?;
-        tr.n_events -= 1;
     }
     for i in &opts.inject {
         if i.step > tr.state.step {
             tr.event("inject", json!({"kind": i.kind.name(), "at_step": i.step}))?;
-            tr.n_events -= 1;
         }
     }
     let total = cfg.train.steps;
@@ -1011,24 +998,16 @@ pub fn run(opts: &TrainOptions) -> Result<Summary> {
     );
     bar.set_prefix("train");
     bar.set_position(tr.state.step);
-    let mut last_loss = f64::NAN;
-    let summary = |tr: &Trainer, outcome, last_loss, diagnosis| Summary {
+    let summary = |tr: &Trainer, outcome, diagnosis| Summary {
         outcome,
         steps: tr.state.step,
-        final_loss: last_loss,
-        best_val_loss: tr.state.best_val_loss,
-        tokens_per_s: tr.tps,
         checkpoint: tr.last_ckpt.clone(),
-        events: tr.n_events,
         unigram_entropy: unigram,
         diagnosis,
         report: cfg.train.report,
     };
     while tr.state.step < total {
         let r = tr.step()?;
-        if !r.skipped {
-            last_loss = r.loss;
-        }
         let step = r.step;
         for d in &r.detections {
             bar.suspend(|| {
@@ -1045,7 +1024,7 @@ pub fn run(opts: &TrainOptions) -> Result<Summary> {
         }
         if let Some(diag) = r.gave_up.or(r.diverged) {
             bar.abandon();
-            return Ok(summary(&tr, Outcome::Diverged, last_loss, Some(diag)));
+            return Ok(summary(&tr, Outcome::Diverged, Some(diag)));
         }
         bar.set_position(step);
         bar.set_message(format!("loss {:.4} | {:.0} tok/s", r.loss, tr.tps));
@@ -1070,14 +1049,14 @@ pub fn run(opts: &TrainOptions) -> Result<Summary> {
         if interrupted {
             tr.event("interrupted", json!({}))?;
             bar.abandon();
-            return Ok(summary(&tr, Outcome::Interrupted, last_loss, None));
+            return Ok(summary(&tr, Outcome::Interrupted, None));
         }
     }
     bar.finish_and_clear();
     if tr.last_ckpt.is_none() {
         tr.last_ckpt = checkpoint::list(&ck_root).pop().map(|(_, p)| p);
     }
-    Ok(summary(&tr, Outcome::Finished, last_loss, None))
+    Ok(summary(&tr, Outcome::Finished, None))
 }
 
 /// A multiplier for people: two significant digits, no trailing zeros (0.037, 0.5, 0.33).

@@ -44,6 +44,7 @@ pub fn format_detection(d: &Detection) -> String {
 #[derive(Debug, Default)]
 struct TrainerEvents {
     path: Option<PathBuf>,
+    /// Bytes read so far, through the last whole line.
     len: u64,
     rollbacks: BTreeMap<u64, u64>,
     gave_up: BTreeSet<u64>,
@@ -68,11 +69,19 @@ impl TrainerEvents {
         if md.len() == self.len {
             return;
         }
-        self.len = md.len();
         let Ok(text) = std::fs::read_to_string(p) else {
             return;
         };
-        for v in text.lines().filter_map(parse::json_relaxed) {
+        if text.get(self.len as usize..).is_none() {
+            // rewritten shorter (or not at a line boundary any more): a new history
+            (self.rollbacks, self.gave_up, self.newest) = Default::default();
+            self.len = 0;
+        }
+        // only the whole lines written since the last look (a trainer may be mid-line)
+        let new = &text[self.len as usize..];
+        let whole = new.rfind('\n').map_or(0, |i| i + 1);
+        self.len += whole as u64;
+        for v in new[..whole].lines().filter_map(parse::json_relaxed) {
             let Some(step) = v.get("step").and_then(|s| s.as_u64()) else {
                 continue;
             };

@@ -23,6 +23,17 @@ def gathered(model):
     return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).clone() for k, v in model.state_dict().items()}
 
 
+def burst_loss(model, g, rank, step):
+    """This rank's loss on its next batch, NaN at its NAN_AT steps."""
+    x = torch.randint(0, 50, (4, 8), generator=g)
+    loss = torch.nn.functional.cross_entropy(model(x), x[:, 0])
+    return loss * float("nan") if step in NAN_AT.get(rank, []) else loss
+
+
+def logs(tmp_path):
+    return [json.loads((tmp_path / f"actions-{r}.json").read_text()) for r in (0, 1)]
+
+
 def worker(rank, world, init_file, out_dir, pass_norm, fmt="torch"):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.manual_seed(0)
@@ -38,10 +49,7 @@ def worker(rank, world, init_file, out_dir, pass_norm, fmt="torch"):
     g = torch.Generator().manual_seed(100 + rank)
     log, norms = [], []
     for step in range(1, STEPS + 1):
-        x = torch.randint(0, 50, (4, 8), generator=g)
-        loss = torch.nn.functional.cross_entropy(model(x), x[:, 0])
-        if step in NAN_AT.get(rank, []):
-            loss = loss * float("nan")
+        loss = burst_loss(model, g, rank, step)
         loss.backward()
         if pass_norm:
             gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -59,7 +67,7 @@ def worker(rank, world, init_file, out_dir, pass_norm, fmt="torch"):
             at10 = gathered(model)
         if a.kind == "rollback":
             restored = gathered(model)
-    full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in model.state_dict().items()}
+    full = gathered(model)
     if rank == 0:
         torch.save(full, os.path.join(out_dir, "weights.pt"))
     same10 = all(torch.equal(at10[k], restored[k]) for k in at10) if restored is not None else None
@@ -71,8 +79,7 @@ def worker(rank, world, init_file, out_dir, pass_norm, fmt="torch"):
 @pytest.mark.parametrize("pass_norm", [True, False])
 def test_fsdp2_ranks_take_the_same_actions(tmp_path, pass_norm):
     mp.spawn(worker, args=(2, str(tmp_path / "init"), str(tmp_path), pass_norm), nprocs=2, join=True)
-    r0 = json.loads((tmp_path / "actions-0.json").read_text())
-    r1 = json.loads((tmp_path / "actions-1.json").read_text())
+    r0, r1 = logs(tmp_path)
     assert r0["log"] == r1["log"]
     kinds = dict((s, k) for s, k in r0["log"])
     assert kinds[12] == "skip" and kinds[27] == "skip" and kinds[29] == "rollback", r0
@@ -90,8 +97,7 @@ def test_fsdp2_ranks_take_the_same_actions(tmp_path, pass_norm):
 def test_fsdp2_rolls_back_from_torch_distributed_checkpoint_snapshots(tmp_path):
     # sharded snapshots in the format FSDP users checkpoint in: one directory the ranks share
     mp.spawn(worker, args=(2, str(tmp_path / "init"), str(tmp_path), True, "dcp"), nprocs=2, join=True)
-    r0 = json.loads((tmp_path / "actions-0.json").read_text())
-    r1 = json.loads((tmp_path / "actions-1.json").read_text())
+    r0, r1 = logs(tmp_path)
     assert r0["log"] == r1["log"]
     assert dict((s, k) for s, k in r0["log"])[29] == "rollback"
     # the rollback read the step-10 snapshot back: the gathered weights are step 10's
@@ -113,10 +119,7 @@ def fsdp1_worker(rank, world, init_file, out_dir):
     g = torch.Generator().manual_seed(100 + rank)
     log = []
     for step in range(1, STEPS + 1):
-        x = torch.randint(0, 50, (4, 8), generator=g)
-        loss = torch.nn.functional.cross_entropy(model(x), x[:, 0])
-        if step in NAN_AT.get(rank, []):
-            loss = loss * float("nan")
+        loss = burst_loss(model, g, rank, step)
         loss.backward()
         a = gopt.step(loss, model.clip_grad_norm_(1.0))  # FSDP1's norm: a plain global tensor
         gopt.zero_grad()
@@ -128,8 +131,7 @@ def fsdp1_worker(rank, world, init_file, out_dir):
 
 def test_fsdp1_ranks_take_the_same_actions(tmp_path):
     mp.spawn(fsdp1_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    r0 = json.loads((tmp_path / "actions-0.json").read_text())
-    r1 = json.loads((tmp_path / "actions-1.json").read_text())
+    r0, r1 = logs(tmp_path)
     assert r0["log"] == r1["log"]
     kinds = dict((s, k) for s, k in r0["log"])
     assert kinds[12] == "skip" and kinds[27] == "skip" and kinds[29] == "rollback", r0

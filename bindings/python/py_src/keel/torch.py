@@ -129,6 +129,23 @@ def _set_rng_state(st: dict) -> None:
         np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, gauss))
 
 
+def _save_synced(obj, f) -> None:
+    torch.save(obj, f)
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _write_failed(path, e: OSError, fix: str = "pass snapshot_dir= on another disk (or None for memory)") -> OSError:
+    return OSError(e.errno, f"{path}: writing keel's rollback snapshot failed ({e.strerror or e}); free disk space or {fix}")
+
+
+def _read_failed(path, e: Exception) -> RuntimeError:
+    return RuntimeError(
+        f"{path}: keel's rollback snapshot cannot be read ({type(e).__name__}: {e}); it was "
+        f"truncated or damaged after it was written"
+    )
+
+
 class Snapshots:
     """The last `keep` training states, in memory or on disk. A disk snapshot is written to a
     temporary file in its directory, fsynced and renamed, so a crash never leaves a
@@ -160,18 +177,12 @@ class Snapshots:
             fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=self.dir)
             try:
                 with os.fdopen(fd, "wb") as f:
-                    torch.save(state, f)
-                    f.flush()
-                    os.fsync(f.fileno())
+                    _save_synced(state, f)
                 os.replace(tmp, final)
             except OSError as e:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
-                raise OSError(
-                    e.errno,
-                    f"{final}: writing keel's rollback snapshot failed ({e.strerror or e}); free disk "
-                    f"space or pass snapshot_dir= on another disk (or None for memory)",
-                ) from e
+                raise _write_failed(final, e) from e
             except BaseException:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
@@ -206,10 +217,7 @@ class Snapshots:
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise RuntimeError(
-                f"{path}: keel's rollback snapshot cannot be read ({type(e).__name__}: {e}); it was "
-                f"truncated or damaged after it was written"
-            ) from e
+            raise _read_failed(path, e) from e
 
     def get(self, step: int) -> dict:
         if self.dir is None:
@@ -265,15 +273,9 @@ class DcpSnapshots(Snapshots):
             dcp.save({"model": state["model"], "optimizer": state["optimizer"]}, checkpoint_id=tmp)
             rest = {k: v for k, v in state.items() if k not in ("model", "optimizer")}
             with open(os.path.join(tmp, f"rest-rank{_rank()}.pt"), "wb") as f:
-                torch.save(rest, f)
-                f.flush()
-                os.fsync(f.fileno())
+                _save_synced(rest, f)
         except OSError as e:
-            raise OSError(
-                e.errno,
-                f"{tmp}: writing keel's rollback snapshot failed ({e.strerror or e}); free disk "
-                f"space or pass snapshot_dir= on another disk",
-            ) from e
+            raise _write_failed(tmp, e, "pass snapshot_dir= on another disk") from e
         _barrier()
         if _rank() == 0:
             if os.path.exists(final):
@@ -307,10 +309,7 @@ class DcpSnapshots(Snapshots):
             dcp.load(sd, checkpoint_id=path)
             rest = torch.load(os.path.join(path, f"rest-rank{_rank()}.pt"), map_location="cpu", weights_only=False)
         except Exception as e:
-            raise RuntimeError(
-                f"{path}: keel's rollback snapshot cannot be read ({type(e).__name__}: {e}); it was "
-                f"truncated or damaged after it was written"
-            ) from e
+            raise _read_failed(path, e) from e
         return {**rest, "model": sd["model"], "optimizer": sd["optimizer"], "dcp": True}
 
 
