@@ -239,6 +239,29 @@ fn the_guard_gives_up_with_exit_2_when_out_of_rungs() {
 }
 
 #[test]
+fn early_attention_warnings_alone_never_end_a_run() {
+    // a threshold every step passes: each rollback cuts the LR and the warning comes back as
+    // soon as before, so cutting stops helping; the rule switches off and the run trains on
+    let d = tmpdir("early-off");
+    let o = train(&d, 60, &["--set", "guard.attn_logit_max=0.001"]);
+    ok(&o);
+    let ev = events(&d);
+    assert!(of_kind(&ev, "give_up").is_empty());
+    let off = of_kind(&ev, "early_rule_off");
+    assert_eq!(off.len(), 1, "{ev:?}");
+    let rb = of_kind(&ev, "rollback").len() as u32;
+    let cfg = keel::monitor::GuardConfig::default();
+    assert!(rb >= 1 && rb <= cfg.walk_patience, "{rb} rollbacks");
+    // nothing rolls back after that: the run trains on, judged by the loss detectors
+    let at = off[0]["step"].as_u64().unwrap();
+    assert!(ev
+        .iter()
+        .all(|e| e["kind"] != "rollback" || e["step"].as_u64() < Some(at)));
+    let m = keel::train::read_jsonl(&d.join("metrics.jsonl")).unwrap();
+    assert_eq!(m.last().unwrap()["step"], 60);
+}
+
+#[test]
 fn clean_micro_runs_raise_no_events_over_five_seeds() {
     for seed in 1..=5 {
         let d = tmpdir(&format!("clean{seed}"));

@@ -26,6 +26,20 @@ mod policy;
 
 pub use policy::{Action, Decision, Policy, PolicyState};
 
+/// A factor as people write it: 0.33, 0.037, 0.0012 (two significant digits).
+pub fn short_factor(x: f64) -> String {
+    if !x.is_finite() || x <= 0.0 {
+        return format!("{x}");
+    }
+    let decimals = (1 - x.log10().floor() as i32).clamp(0, 12) as usize;
+    let s = format!("{x:.decimals$}");
+    if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        s
+    }
+}
+
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 
@@ -60,7 +74,15 @@ pub struct GuardConfig {
     /// LR multiplier applied for good at each rollback.
     pub rollback_lr_factor: f64,
     pub backoff_steps: u64,
+    /// A safety bound on rollbacks; the LR walk-down (`lr_floor`, `walk_patience`) is what
+    /// normally decides when to give up.
     pub max_rollbacks: u32,
+    /// The lowest LR multiplier rollbacks walk down to. A divergence at the floor gives up.
+    pub lr_floor: f64,
+    /// Rollbacks in a row whose restored weights ran no longer before the next incident than
+    /// the previous ones did: lowering the LR stopped helping, so give up (a divergence) or
+    /// stop acting on early attention warnings.
+    pub walk_patience: u32,
     /// Total skipped steps before giving up.
     pub max_skips: u64,
     /// An attention-logit warning within this many steps of the start (or of the last
@@ -102,7 +124,9 @@ impl Default for GuardConfig {
             lr_backoff: 0.5,
             rollback_lr_factor: 0.5,
             backoff_steps: 100,
-            max_rollbacks: 3,
+            max_rollbacks: 10,
+            lr_floor: 0.01,
+            walk_patience: 2,
             max_skips: 200,
             early_window: 30,
             early_lr_factor: 1.0 / 3.0,
@@ -152,6 +176,12 @@ impl GuardConfig {
         }
         if !(self.init_rescue == 0.0 || self.init_rescue > 1.0) {
             return bad("init_rescue", "must be 0 (off) or greater than 1");
+        }
+        if !(self.lr_floor > 0.0 && self.lr_floor <= 1.0) {
+            return bad("lr_floor", "must be in (0, 1]");
+        }
+        if self.walk_patience < 1 {
+            return bad("walk_patience", "must be at least 1");
         }
         if !(self.rollback_lr_factor > 0.0 && self.rollback_lr_factor <= 1.0) {
             return bad("rollback_lr_factor", "must be in (0, 1]");
@@ -568,6 +598,7 @@ impl Action {
                 json!({"reason": format!("incident began at step {before_step}"), "before_step": before_step}),
             ),
             Action::GiveUp { diagnosis } => ("give_up", json!({"diagnosis": diagnosis})),
+            Action::EarlyRuleOff { reason } => ("early_rule_off", json!({"reason": reason})),
         }
     }
 }

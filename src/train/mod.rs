@@ -762,7 +762,7 @@ impl Trainer {
                     self.event(kind, detail)?;
                     gave_up = Some(diagnosis.clone());
                 }
-                Action::LrBackoff { .. } | Action::LrRestore => {
+                Action::LrBackoff { .. } | Action::LrRestore | Action::EarlyRuleOff { .. } => {
                     let (kind, detail) = a.event();
                     self.event(kind, detail)?;
                 }
@@ -1059,19 +1059,7 @@ pub fn run(opts: &TrainOptions) -> Result<Summary> {
     Ok(summary(&tr, Outcome::Finished, None))
 }
 
-/// A multiplier for people: two significant digits, no trailing zeros (0.037, 0.5, 0.33).
-pub fn short_factor(x: f64) -> String {
-    if !x.is_finite() || x <= 0.0 {
-        return format!("{x}");
-    }
-    let decimals = (1 - x.log10().floor() as i32).clamp(0, 12) as usize;
-    let s = format!("{x:.decimals$}");
-    if s.contains('.') {
-        s.trim_end_matches('0').trim_end_matches('.').to_string()
-    } else {
-        s
-    }
-}
+pub use crate::monitor::short_factor;
 
 /// One line for a guard action.
 pub fn describe(a: &Action) -> String {
@@ -1088,6 +1076,7 @@ pub fn describe(a: &Action) -> String {
             format!("rolled back to the newest state before step {before_step}")
         }
         Action::GiveUp { diagnosis } => format!("gave up: {diagnosis}"),
+        Action::EarlyRuleOff { reason } => format!("early attention rule off: {reason}"),
     }
 }
 

@@ -120,7 +120,7 @@ impl Guard {
             let (kind, detail) = a.event();
             lines.push(event_line(step, kind, detail));
             let c = match a {
-                Action::Skip | Action::LrRestore => code,
+                Action::Skip | Action::LrRestore | Action::EarlyRuleOff { .. } => code,
                 Action::LrBackoff { .. } => LR_BACKOFF,
                 Action::Rollback { before_step } => {
                     before = Some(*before_step);
