@@ -234,21 +234,33 @@ def check(config: Any, scheme: str = "normal", seed: int = 0, *, init: Optional[
     )
 
 
-def init_(model, scheme: str = "normal", seed: int = 0, *, config: Any = None, **init: Any):
-    """Initialise a live HF `LlamaForCausalLM` (or any module with HF Llama parameter names)
-    with keel's role-aware scheme, in place; float32 tensors equal `keel init --hf config.json
-    --init SCHEME --seed SEED` bit for bit. Returns the model."""
+def init_(model, scheme: str = "normal", seed: int = 0, *, config: Any = None, names: Any = None, **init: Any):
+    """Initialise a live LLaMA-architecture module with keel's role-aware scheme, in place;
+    float32 tensors equal `keel init --hf config.json --init SCHEME --seed SEED` bit for bit.
+    Returns the model.
+
+    Taken as they are: HF `LlamaForCausalLM` / `LlamaModel` (config from `.config`), torchtitan's
+    Llama (config derived from the module; wq/wk get torchtitan's RoPE row order, so the
+    network is the one `keel init` writes), either under torch.compile, DDP or activation
+    checkpointing. Any other Llama: `config=` (an HF LlamaConfig, a dict of its keys or a
+    config.json path) and `names=`: {your name pattern: keel's HF name}, `{i}` standing for the
+    layer (e.g. {"blocks.{i}.attn.q.weight": "model.layers.{i}.self_attn.q_proj.weight"}), or
+    a callable name -> keel name; None leaves a tensor alone (a bias), a list of keel names is
+    one tensor fused along dim 0 (a qkv or gate+up projection). `**init` are `[init]` options
+    (`keel.init_defaults()`; `roles=` there sets per-role options such as the head's std)."""
     from ._model import init_model
 
-    return init_model(model, scheme, seed, config, init)
+    return init_model(model, scheme, seed, config, init, names)
 
 
-def audit(model, scheme: str = "normal", *, config: Any = None, **init: Any) -> dict:
+def audit(model, scheme: str = "normal", *, config: Any = None, names: Any = None, **init: Any) -> dict:
     """`keel check --model` on live weights: every tensor's σ, mean, max|w|/σ, kurtosis and
-    fraction at the bound against `scheme`, with a verdict and the likely bug."""
+    fraction at the bound against `scheme`, with a verdict and the likely bug. Takes the
+    modules `init_` takes (`config=`, `names=` alike; a fused tensor is audited part by part;
+    each row's `param` is the module's parameter name)."""
     from ._model import audit_model
 
-    return audit_model(model, scheme, config, init)
+    return audit_model(model, scheme, config, init, names)
 
 
 def __getattr__(name: str):
