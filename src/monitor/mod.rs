@@ -79,9 +79,10 @@ pub struct GuardConfig {
     pub max_rollbacks: u32,
     /// The lowest LR multiplier rollbacks walk down to. A divergence at the floor gives up.
     pub lr_floor: f64,
-    /// Rollbacks in a row whose restored weights ran no longer before the next incident than
-    /// the previous ones did: lowering the LR stopped helping, so give up (a divergence) or
-    /// stop acting on early attention warnings.
+    /// Rollbacks in a row whose restored weights ran no longer before the next divergence
+    /// than the previous ones did: lowering the LR stopped helping, so give up. (The early
+    /// attention rule stops acting at the first such rollback: measured on the HF example at
+    /// 30x, a second try cut the LR to x1/81 and ended 27% above the stable run.)
     pub walk_patience: u32,
     /// Total skipped steps before giving up.
     pub max_skips: u64,

@@ -11,8 +11,9 @@
 //! - give up when the walk-down stops helping: a divergence at the floor, or `walk_patience`
 //!   rollbacks in a row after which the restored weights ran no longer before the next
 //!   incident than before the previous cut; also after `max_rollbacks` (a safety bound) or
-//!   `max_skips` skips. An early attention warning never ends a run: where lowering the LR
-//!   stopped helping, the early rule stops acting (the warning is still logged), because an
+//!   `max_skips` skips. An early attention warning never ends a run: at the first cut that
+//!   did not delay it (or at the floor), the early rule stops acting (the warning is still
+//!   logged; ignoring it costs nothing the loss detectors would not catch), because an
 //!   unguarded run would have trained on (measured: tinyshakespeare with its own BPE at peak
 //!   LR 0.2 gave up after three rollbacks at LR 0.011, a rate that trains to within 8% of the
 //!   stable run).
@@ -171,10 +172,11 @@ impl Policy {
                 "the LR is at its floor (× {}, guard.lr_floor)",
                 short_factor(floor)
             ))
-        } else if stalls >= c.walk_patience {
+        } else if stalls >= c.walk_patience || (cause == Cause::Early && stalls > 0) {
             Some(format!(
-                "lowering the LR stopped helping ({} rollbacks in a row ran no longer before the next incident, guard.walk_patience)",
-                stalls
+                "lowering the LR stopped helping ({} rollback{} in a row ran no longer before the next incident)",
+                stalls,
+                if stalls == 1 { "" } else { "s" }
             ))
         } else if self.state.rollbacks >= c.max_rollbacks {
             Some(format!(
@@ -486,6 +488,8 @@ mod tests {
         let reason = off.expect("the early rule was switched off");
         assert!(reason.contains("stopped helping"), "{reason}");
         assert!(p.state.early_off);
+        // one cut that did not delay the warning is enough: ignoring a warning is cheap
+        assert_eq!(p.state.rollbacks, 1);
         assert_eq!(
             p.state.last_flag,
             Some(s - 3),

@@ -137,7 +137,8 @@ def main():
     for kv in a.set:
         k, v = kv.split("=", 1)
         gc[k] = json.loads(v)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    # KEEL_DEMO_THREADS: fewer threads when several runs share the machine
+    torch.set_num_threads(int(os.environ.get("KEEL_DEMO_THREADS", max(1, os.cpu_count() or 1))))
     plan = [(a.lr, a.guard)] if a.lr else [(a.stable_lr, False)] + [
         (float(m) * a.stable_lr, g) for m in a.multiples.split(",") for g in (False, True)
     ]
