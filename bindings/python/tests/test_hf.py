@@ -136,14 +136,14 @@ def test_guard_callback_feeds_the_attention_probe_to_the_early_rule(tmp_path):
         for n, p in model.named_parameters():
             if "q_proj" in n or "k_proj" in n:
                 p.mul_(60.0)
-    cb = keel.hf.GuardCallback(probe_attention=True, max_rollbacks=1)
+    cb = keel.hf.GuardCallback(probe_attention=True)
     t = Trainer(model=model, args=args(tmp_path, max_steps=6), train_dataset=Tokens(), callbacks=[cb])
-    with pytest.raises(keel.GaveUp):
-        t.train()
+    t.train()  # the init is what is wrong: after one futile cut the rule stops acting
     kinds = [a.kind for a in cb.actions]
     assert kinds[0] == "rollback", kinds
     ev = [json.loads(l) for l in (tmp_path / "keel-events.jsonl").read_text().splitlines()]
     assert any(e["kind"] == "warning" and e["detail"]["detector"] == "attn_logit" for e in ev), ev
+    assert [e["kind"] for e in ev].count("early_rule_off") == 1, ev
 
 
 def test_the_trainer_logs_the_lr_the_update_used(tmp_path):
