@@ -265,7 +265,7 @@ def audit(model, scheme: str = "normal", *, config: Any = None, names: Any = Non
 
 def __getattr__(name: str):
     # keel.torch / keel.hf / keel.lightning without importing torch at `import keel`
-    if name in ("torch", "hf", "lightning", "probe"):
+    if name in ("torch", "hf", "lightning", "probe", "snapshots"):
         import importlib
 
         return importlib.import_module(f".{name}", __name__)

@@ -13,17 +13,51 @@ computed twice). Skips leave weights and optimizer state untouched, back-offs sc
 of that update, rollbacks restore model, optimizer, scheduler and RNG state from the newest
 snapshot, and giving up raises keel.GaveUp out of `trainer.train()`. Events go to
 `<output_dir>/keel-events.jsonl` (main process only) unless `events=` says otherwise.
+
+Rollback targets: keel's snapshots (a host copy of weights and optimizer state every
+`snapshot_every` steps, 12 bytes per fp32 parameter with AdamW, `keep` + 1 of them held;
+copied in the background, see keel.snapshots), or with `rollback_from="checkpoints"` the
+Trainer's own `checkpoint-N` directories: each one saved while no incident is open is
+registered when the Trainer saves it (on_save), and a rollback loads the newest one before
+the incident with the Trainer's own loading code (weights, optimizer, scheduler) and the
+guard's detector windows from its trainer_state.json; nothing is copied beyond the base state
+taken at the first step (the target while no checkpoint precedes the incident: one copy,
+in memory, or on disk with `snapshot_dir=`). A checkpoint the Trainer's rotation
+(`save_total_limit`) deleted is no longer a target; `save_only_model=True` is refused.
+
+Step numbers are the Trainer's: the step being taken is `state.global_step + 1`, the number
+HF logs it under (and an fp16 step the scaler skipped still counts, as in HF's own logs).
+
+fp16 (`fp16=True`, accelerate's GradScaler): keel sits where the scaler calls the optimizer's
+step, which it does only when the gradients are finite. A step the scaler skips for an
+overflow never reaches keel (no incident; the scaler lowers its scale and the Trainer moves
+on); keel judges the unscaled loss and the norm after `unscale_`. A step keel skips is no
+overflow to the Trainer: its scheduler steps as on any step.
+
+Logs: the loss the Trainer logs is the mean over the steps keel applied in the logging
+interval (HF's running sum includes every batch's loss; keel takes a skipped step's share
+out, and logs no loss for an interval in which every step was skipped); the run's
+`training_loss` counts a skipped step at its interval's mean. The LR logged is the one the
+update used (the scheduler's times the guard's factor). Each training log also carries
+`keel/skipped_steps` (steps not applied since the last log) and, when a telemetry step fell
+in the interval, keel's early signals: `keel/max_attn_logit` (over the layers),
+`keel/logit_z` and `keel/update_ratio_max` (see keel.torch.GuardedOptimizer) — in
+`state.log_history` and whatever the Trainer reports to (W&B, TensorBoard).
 """
 
 from __future__ import annotations
 
 import inspect
+import json
 import os
+import warnings
 from typing import Any, Optional
 
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from . import GaveUp, Guard
 from ._adapt import GuardSpec, guard_state, keep_scheduler_marker, load_guard_state, patch
@@ -47,6 +81,8 @@ class GuardCallback(TrainerCallback, ExportableState):
     """guard: a keel.Guard, or None to build one from `guard_config` ([guard] keys, checked
     now). trainer: the Trainer (found automatically when the callback was given to it).
     snapshot_every / keep / snapshot_dir: rollback targets (see keel.torch.GuardedOptimizer).
+    probe_attention / probe_logits / probe_updates / probe_every: the early signals measured on
+    the live model (keel.torch.GuardedOptimizer; on by default where the model has them).
     The guard's state is saved in the Trainer's checkpoints (trainer_state.json) and restored
     by `trainer.train(resume_from_checkpoint=...)`."""
 
@@ -59,22 +95,40 @@ class GuardCallback(TrainerCallback, ExportableState):
         keep: int = 2,
         snapshot_dir: Optional[os.PathLike] = None,
         events: Optional[os.PathLike] = None,
-        probe_attention: bool = False,
+        probe_attention: Optional[bool] = None,
+        probe_logits: Any = None,
+        probe_updates: bool = True,
+        probe_every: int = 10,
+        snapshot_async: bool = True,
+        rollback_from: str = "snapshots",
         **guard_config: Any,
     ):
-        # measure the model's exact max attention logit for the guard's early rule (keel.probe)
+        # the early signals measured on the live model (keel.probe), fed to the guard
         self.probe_attention = probe_attention
+        self.probe_logits = probe_logits
+        self.probe_updates = probe_updates
+        self.probe_every = probe_every
         self._spec = GuardSpec(guard, events, guard_config)
         self.trainer = trainer
         self.snapshot_every = snapshot_every
         self.keep = keep
         self.snapshot_dir = snapshot_dir
+        # rollback targets: keel's snapshots, or the Trainer's own checkpoint-N (no copy)
+        if rollback_from not in ("snapshots", "checkpoints"):
+            raise ValueError(f"rollback_from: 'snapshots' or 'checkpoints', got {rollback_from!r}")
+        self.snapshot_async, self.rollback_from = snapshot_async, rollback_from
         self.gopt: Optional[GuardedOptimizer] = None
         self.actions: list = []  # every non-proceed Action, for inspection
         self._resume_state: Optional[dict] = None
         self._loss = None
         self._norm = None
         self._undo: list = []
+        # the Trainer's running loss before this step's first micro-batch, the steps keel did
+        # not apply since the last log, and those of earlier intervals that had no loss to log
+        self._tr_before = None
+        self._skipped = 0
+        self._unfilled = 0
+        self._last_log_step = 0
 
     @property
     def guard(self) -> Optional[Guard]:
@@ -88,7 +142,13 @@ class GuardCallback(TrainerCallback, ExportableState):
                 "snapshot_every": self.snapshot_every,
                 "keep": self.keep,
                 "snapshot_dir": None if self.snapshot_dir is None else os.fspath(self.snapshot_dir),
+                "snapshot_async": self.snapshot_async,
+                "rollback_from": self.rollback_from,
                 "events": None if self._spec.events is None else os.fspath(self._spec.events),
+                "probe_attention": self.probe_attention,
+                "probe_logits": self.probe_logits if not isinstance(self.probe_logits, torch.nn.Module) else None,
+                "probe_updates": self.probe_updates,
+                "probe_every": self.probe_every,
                 **cfg,
             },
             "attributes": {"_resume_state": guard_state(self.gopt) if self.gopt is not None else None},
@@ -100,11 +160,16 @@ class GuardCallback(TrainerCallback, ExportableState):
             raise RuntimeError("keel.hf.GuardCallback: cannot find the Trainer; pass GuardCallback(trainer=trainer)")
         self.trainer = trainer
         optimizer = optimizer if optimizer is not None else trainer.optimizer
-        if getattr(optimizer, "scaler", None) is not None:
+        scaled = getattr(optimizer, "scaler", None) is not None
+        if scaled and not hasattr(optimizer, "_optimizer_patched_step_method"):
+            import accelerate
+
             raise RuntimeError(
-                "keel.hf.GuardCallback does not handle fp16 loss scaling (GradScaler) yet: a skipped step "
-                "would leave the scaler's state behind; train in bf16 or fp32"
+                f"keel.hf.GuardCallback: fp16 loss scaling with accelerate {accelerate.__version__} is not "
+                "supported (its AcceleratedOptimizer has no _optimizer_patched_step_method, where keel sits "
+                "inside the scaler's step); train in bf16 or fp32, or use accelerate 1.x"
             )
+        self._check_checkpoint_rollbacks(args)
         guard = self._spec.build(args.output_dir, state.is_world_process_zero)
         self.gopt = GuardedOptimizer(
             optimizer,
@@ -113,7 +178,13 @@ class GuardCallback(TrainerCallback, ExportableState):
             scheduler=lr_scheduler,
             snapshot_every=self.snapshot_every,
             keep=self.keep,
-            snapshot_dir=self.snapshot_dir, probe_attention=self.probe_attention,
+            snapshot_dir=self.snapshot_dir,
+            snapshot_async=self.snapshot_async,
+            rollback_from=self.rollback_from,
+            probe_attention=self.probe_attention,
+            probe_logits=self.probe_logits,
+            probe_updates=self.probe_updates,
+            probe_every=self.probe_every,
             step_scheduler=False,  # the Trainer steps its scheduler itself
         )
         if self._resume_state is None and state.global_step > 0:
@@ -126,10 +197,18 @@ class GuardCallback(TrainerCallback, ExportableState):
         if self._resume_state is not None:
             load_guard_state(self.gopt, self._resume_state)
             self._resume_state = None
-        # the step's loss: training_step's returns (already divided by the accumulation)
+        self._loss = self._norm = None
+        self._skipped = self._unfilled = 0
+        self._last_log_step = state.global_step
+        # the step's loss: the sum of training_step's returns (each already divided by the
+        # accumulation: their mean over the micro-batches, what the Trainer logs)
         inner_training_step = trainer.training_step
 
         def training_step(*a, **k):
+            if self._loss is None:
+                # the running loss before this step's batches: a step keel skips is taken out
+                tr = getattr(trainer, "_tr_loss", None)
+                self._tr_before = tr.detach().clone() if isinstance(tr, torch.Tensor) else None
             loss = inner_training_step(*a, **k)
             d = loss.detach()
             self._loss = d if self._loss is None else self._loss + d
@@ -144,7 +223,16 @@ class GuardCallback(TrainerCallback, ExportableState):
             self._norm = n
             return n
 
-        inner_step = optimizer.step
+        # fp16: accelerate's AcceleratedOptimizer.step runs scaler.step(raw optimizer), which
+        # calls the raw optimizer's step (through this patched method) only when the
+        # gradients are finite; keel sits there, so the scaler's overflow skips never reach it
+        # and a step keel skips still ends in scaler.update()
+        # (an optimizer that unscales in its own step, fused AdamW, is called on every step
+        # with the scaler's found_inf set on it: keel reads it with the loss and passes an
+        # overflow through unjudged)
+        name = "_optimizer_patched_step_method" if scaled else "step"
+        inner_step = getattr(optimizer, name)
+        raw = getattr(optimizer, "optimizer", optimizer)
 
         def step(*a, **k):
             loss, norm = self._loss, self._norm
@@ -152,10 +240,23 @@ class GuardCallback(TrainerCallback, ExportableState):
             if loss is None:
                 loss = torch.tensor(float("nan"))
             try:
-                act = self.gopt._guarded_step(loss, norm, {}, lambda: inner_step(*a, **k))
+                act = self.gopt._guarded_step(
+                    loss, norm, {}, lambda: inner_step(*a, **k), step=trainer.state.global_step + 1,
+                    overflow=getattr(raw, "found_inf", None) if scaled else None,
+                )
             except GaveUp:
                 self._unwrap()  # a caught GaveUp leaves a clean Trainer behind
                 raise
+            if act is None:
+                return  # the scaler's overflow
+            if scaled:
+                # a step keel skipped is no overflow: the Trainer steps its scheduler as usual
+                optimizer._accelerate_step_called = True
+            if act.skip:
+                tr = getattr(trainer, "_tr_loss", None)
+                if self._tr_before is not None and isinstance(tr, torch.Tensor):
+                    tr.copy_(self._tr_before)  # its batches' losses leave the logged mean
+                self._skipped += 1
             if act.kind != "proceed":
                 self.actions.append(act)
 
@@ -168,13 +269,96 @@ class GuardCallback(TrainerCallback, ExportableState):
             f = self.gopt.guard.lr_factor if self.gopt is not None else 1.0
             return lr * f if isinstance(lr, (int, float)) else lr
 
+        inner_log = trainer.log
+
+        def log(logs, *a, **k):
+            if isinstance(logs, dict) and "loss" in logs and "learning_rate" in logs:
+                self._training_log(trainer, logs)  # a training log, not eval's or the summary
+            return inner_log(logs, *a, **k)
+
         keep_scheduler_marker(inner_step, step)
         self._undo = [
             patch(trainer, "training_step", training_step),
             patch(acc, "clip_grad_norm_", clip_grad_norm_),
-            patch(optimizer, "step", step),
+            patch(optimizer, name, step),
             patch(trainer, "_get_learning_rate", _get_learning_rate),
+            patch(trainer, "log", log),
         ]
+
+    def _training_log(self, trainer, logs: dict) -> None:
+        """The loss over the applied steps only, keel's skip count and its early signals."""
+        since = self._last_log_step
+        n = trainer.state.global_step - since
+        self._last_log_step = trainer.state.global_step
+        skipped, self._skipped = self._skipped, 0
+        if skipped and self._tr_before is not None and isinstance(logs["loss"], (int, float)):
+            kept = n - skipped
+            if kept > 0:
+                # the Trainer divided the applied steps' sum by every step of the interval
+                mean = logs["loss"] * n / kept
+                logs["loss"] = mean
+                # its run average counts every step: a skipped one at its interval's mean
+                if isinstance(getattr(trainer, "_total_loss_scalar", None), float):
+                    trainer._total_loss_scalar += mean * (skipped + self._unfilled)
+                self._unfilled = 0
+            else:
+                del logs["loss"]  # no step of the interval was applied: no loss to report
+                self._unfilled += skipped
+        logs["keel/skipped_steps"] = skipped
+        sig = self.gopt.signals if self.gopt is not None else {}
+        if sig and sig["step"] > since:
+            attn = [v for v in sig.get("max_attn_logit") or [] if v is not None]
+            if attn:
+                logs["keel/max_attn_logit"] = max(attn)
+            if "logit_z" in sig:
+                logs["keel/logit_z"] = sig["logit_z"]
+            ratios = [v for v in (sig.get("update_ratio") or {}).values() if v == v and v != float("inf")]
+            if ratios:
+                logs["keel/update_ratio_max"] = max(ratios)
+
+    def on_step_begin(self, args, state, control, **kw):
+        # a step the fp16 scaler skipped (overflow) never reached keel: nothing of it carries over
+        self._loss = self._norm = None
+
+    # -- rollback to the Trainer's own checkpoints (rollback_from="checkpoints") -------------
+    def _check_checkpoint_rollbacks(self, args) -> None:
+        if self.rollback_from != "checkpoints":
+            return
+        if args.save_only_model:
+            raise ValueError(
+                "keel.hf.GuardCallback(rollback_from='checkpoints') restores the optimizer and scheduler "
+                "from the Trainer's checkpoints, but save_only_model=True leaves them out; save them, or "
+                "use rollback_from='snapshots'"
+            )
+        if str(getattr(args.save_strategy, "value", args.save_strategy)) == "no":
+            warnings.warn(
+                "keel.hf.GuardCallback(rollback_from='checkpoints') with save_strategy='no': the Trainer saves "
+                "no checkpoint, so every rollback goes back to the state training started from",
+                stacklevel=3,
+            )
+
+    def on_save(self, args, state, control, **kw):
+        # checkpoint-N is complete (weights, optimizer, scheduler, trainer_state.json with the
+        # guard's state): a rollback target unless an incident is open (GuardedOptimizer decides)
+        if self.rollback_from != "checkpoints" or self.gopt is None:
+            return
+        trainer = self.trainer
+        run_dir = trainer._get_output_dir(trial=None) if hasattr(trainer, "_get_output_dir") else args.output_dir
+        path = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if os.path.isdir(path):
+            self.gopt.register_checkpoint(path, load=self._load_checkpoint)
+
+    def _load_checkpoint(self, path: str):
+        """A rollback to checkpoint-N with the Trainer's own loading code (weights; optimizer and
+        scheduler); returns the guard's state saved in its trainer_state.json."""
+        trainer = self.trainer
+        trainer._load_from_checkpoint(path)
+        trainer._load_optimizer_and_scheduler(path)
+        with open(os.path.join(path, TRAINER_STATE_NAME)) as f:
+            saved = (json.load(f).get("stateful_callbacks") or {}).get(type(self).__name__)
+        saved = saved[-1] if isinstance(saved, list) else saved
+        st = (saved or {}).get("attributes", {}).get("_resume_state")
+        return st["guard"] if st else None
 
     def _unwrap(self):
         for u in reversed(self._undo):
@@ -184,3 +368,5 @@ class GuardCallback(TrainerCallback, ExportableState):
     def on_train_end(self, args, state, control, **kw):
         # unwrap, so a later train() on the same Trainer starts clean
         self._unwrap()
+        if self.gopt is not None:
+            self.gopt.wait_snapshot()  # the last background snapshot's error, if any, is not lost

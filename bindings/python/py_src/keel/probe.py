@@ -1,14 +1,20 @@
-"""Early signals measured on a live PyTorch model, without changing its numerics: the exact
-max attention logit per layer (q·kᵀ·scale after RoPE and any q/k norm, causal), recomputed
-from each attention module's inputs through forward pre-hooks on a subsample of rows, so
-sdpa, flash and eager attention all work (none of them exposes the logits).
+"""Early signals measured on a live PyTorch model, without changing its numerics:
+
+- the exact max attention logit per layer (q·kᵀ·scale after RoPE and any q/k norm, causal),
+  recomputed from each attention module's inputs through forward pre-hooks on a subsample of
+  rows, so sdpa, flash and eager attention all work (none of them exposes the logits);
+- the output log-partition logZ (the mean over positions of logsumexp over the vocabulary of
+  the LM head's logits, float32, on a subsample of rows), through a forward hook on the head;
+- the update/weight ratio ||Δw||/||w|| of every parameter tensor across one optimizer step.
 
     probe = keel.probe.AttentionProbe(model)        # HF Llama/Mistral/Qwen2/Qwen3, torchtitan
     loss = model(**batch).loss                      # the hooks measure during this forward
     opt.step(loss, gn, max_attn_logit=probe.take()) # a 0-d tensor: no host sync here
 
-Any other attention: `probe.add(module, qk)` where `qk(module, args, kwargs)` returns
-(q, k) as [batch, heads, seq, head_dim] after positional encoding, and the scale.
+`keel.torch.GuardedOptimizer(model=...)` and the HF and Lightning callbacks do this for you,
+on the guard's telemetry steps. Any other attention: `probe.add(module, qk)` where
+`qk(module, args, kwargs)` returns (q, k) as [batch, heads, seq, head_dim] after positional
+encoding, and the scale; any other LM head: `LogitProbe(head=module)`.
 """
 
 from __future__ import annotations
@@ -77,14 +83,16 @@ class AttentionProbe:
     """Exact max attention logit of each attention module of `model`, measured while the
     probe is on (`on`), read and reset with `take()`. `rows`: how many sequences of the batch
     are recomputed (the max over a subsample; 1 costs two small projections and one T×T
-    product per layer)."""
+    product per layer). `required`: raise when `model` has no attention module keel knows
+    (else the probe has `layers == 0` and measures nothing)."""
 
-    def __init__(self, model: Optional[torch.nn.Module] = None, rows: int = 1):
+    def __init__(self, model: Optional[torch.nn.Module] = None, rows: int = 1, required: bool = True):
         self.rows = rows
         self.on = True
         self._max: list = []
         self._handles = []
         self.layers = 0
+        self.taken: list = []  # per layer, what the last take() read (0-d tensors or None)
         self.last_logits: Optional[list] = None  # per layer, when `keep_logits` (tests)
         self.keep_logits = False
         if model is not None:
@@ -93,7 +101,7 @@ class AttentionProbe:
                     self.add(m, _hf_qk(rows))
                 elif all(hasattr(m, a) for a in ("wq", "wk", "head_dim")):
                     self.add(m, _titan_qk(rows))
-            if self.layers == 0:
+            if self.layers == 0 and required:
                 raise ValueError(
                     "AttentionProbe: no attention module found (HF q_proj/k_proj/head_dim/scaling, or "
                     "torchtitan wq/wk/head_dim); register one with probe.add(module, qk)"
@@ -128,6 +136,7 @@ class AttentionProbe:
     def take(self) -> Optional[torch.Tensor]:
         """The largest logit over the layers since the last take (a 0-d tensor on the model's
         device, no host sync), or None when nothing was measured."""
+        self.taken = self._max
         vals = [v for v in self._max if v is not None]
         self._max = [None] * self.layers
         if not vals:
@@ -142,3 +151,119 @@ class AttentionProbe:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+def find_lm_head(model: torch.nn.Module) -> Optional[torch.nn.Module]:
+    """The module producing the vocabulary logits: an HF model's `get_output_embeddings()`
+    (its `lm_head`), else a submodule named `lm_head` or torchtitan's `output`; None if none."""
+    for m in model.modules():
+        get = getattr(m, "get_output_embeddings", None)
+        if callable(get):
+            try:
+                head = get()
+            except (NotImplementedError, AttributeError):
+                head = None
+            if isinstance(head, torch.nn.Module):
+                return head
+    for name, m in model.named_modules():
+        if name.rsplit(".", 1)[-1] in ("lm_head", "output") and isinstance(m, torch.nn.Linear):
+            return m
+    return None
+
+
+def _log_partition(logits: torch.Tensor, rows: int) -> torch.Tensor:
+    """Mean over positions of logsumexp over the vocabulary (last dim), in float32, a bounded
+    slice at a time (a [T, V] float32 copy of a 128k vocabulary would be large): of the
+    first `rows` sequences of [batch, seq, vocab] logits, of every row of [rows, vocab] ones."""
+    x = logits[:rows] if logits.dim() >= 3 else logits
+    x = x.detach().reshape(-1, x.shape[-1])
+    chunk = max(1, (1 << 22) // max(1, x.shape[-1]))  # 16 MiB of float32 at a time
+    total = torch.zeros((), dtype=torch.float32, device=x.device)
+    for i in range(0, x.shape[0], chunk):
+        total = total + torch.logsumexp(x[i : i + chunk].float(), dim=-1).sum()
+    return total / max(1, x.shape[0])
+
+
+class LogitProbe:
+    """The output log-partition logZ of the live model: the mean over positions of
+    logsumexp over the vocabulary of the LM head's logits (float32; the first `rows`
+    sequences of the batch, every row of logits without a sequence axis), measured by a
+    forward hook on the head while the probe is on (`on`), read and reset with `take()`. It
+    is what `keel train` reports as logit_z and what the guard's logit_drift warning watches
+    (|logZ| above `logit_z_max`). `head`: the module whose output are the logits (default:
+    found by `find_lm_head`). `required`: raise when no head is found (else `head` is None
+    and nothing is measured)."""
+
+    def __init__(self, model: Optional[torch.nn.Module] = None, head: Optional[torch.nn.Module] = None,
+                 rows: int = 1, required: bool = True):
+        self.rows = rows
+        self.on = True
+        self._z: Optional[torch.Tensor] = None
+        self._handle = None
+        self.head = head if head is not None else (find_lm_head(model) if model is not None else None)
+        if self.head is None:
+            if required:
+                raise ValueError(
+                    "LogitProbe: no LM head found (an HF model's get_output_embeddings(), a module named "
+                    "lm_head, or torchtitan's output); pass LogitProbe(head=module)"
+                )
+            return
+        self._handle = self.head.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, out):
+        if not self.on:
+            return
+        if isinstance(out, (tuple, list)):
+            out = out[0] if out and isinstance(out[0], torch.Tensor) else None
+        if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+            return
+        full = getattr(out, "full_tensor", None)  # a vocabulary sharded by tensor parallelism
+        with torch.no_grad(), torch.autocast(out.device.type, enabled=False):
+            self._z = _log_partition(full() if callable(full) else out, self.rows)
+
+    def take(self) -> Optional[torch.Tensor]:
+        """logZ measured since the last take (a 0-d float32 tensor on the head's device, no host
+        sync), or None when nothing was measured."""
+        z, self._z = self._z, None
+        return z
+
+    def remove(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    to_local = getattr(p, "to_local", None)  # a DTensor (FSDP2): this rank's shard
+    return to_local() if callable(to_local) else p
+
+
+class UpdateRatio:
+    """||Δw|| / ||w|| of every parameter tensor across one optimizer step: `begin(params)`
+    copies the parameters (one transient copy, in their own dtype), `end()` after the step
+    returns the ratios as one float32 tensor (no host sync), ||w|| taken before the step.
+    Sharded parameters (FSDP2 DTensors) give this rank's shard's ratio."""
+
+    def __init__(self):
+        self._st = None
+
+    def begin(self, params: list) -> None:
+        ps = [_local(p.detach()) for p in params]
+        if not ps:
+            self._st = None
+            return
+        with torch.no_grad():
+            norms = torch._foreach_norm(ps, 2, dtype=torch.float32)
+            copies = [p.clone() for p in ps]
+        self._st = (ps, norms, copies)
+
+    def end(self) -> Optional[torch.Tensor]:
+        st, self._st = self._st, None
+        if st is None:
+            return None
+        ps, norms, copies = st
+        with torch.no_grad():
+            torch._foreach_sub_(copies, ps)  # before - after: -Δw, in the copies
+            deltas = torch._foreach_norm(copies, 2, dtype=torch.float32)
+            dev = norms[0].device
+            return torch.stack([d.to(dev) for d in deltas]) / torch.stack([n.to(dev) for n in norms])

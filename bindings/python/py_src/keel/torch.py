@@ -14,8 +14,29 @@
   so it works with any scheduler;
 - rollback: model, optimizer, scheduler and RNG state come back from the newest snapshot
   older than the incident (kept every `snapshot_every` steps, `keep` of them, in memory or
-  under `snapshot_dir`); the data loader moves on past the bad batches;
+  under `snapshot_dir`; each a host copy of weights and optimizer state, 12 bytes per fp32
+  parameter with AdamW, `keep` + 1 held, copied in the background without stalling the
+  loop), or with rollback_from="checkpoints" from the newest checkpoint you saved and
+  registered (`opt.register_checkpoint(path)`: nothing copied; see keel.snapshots); the data
+  loader moves on past the bad batches;
 - give_up: raises keel.GaveUp.
+
+fp16 with a GradScaler, gradient accumulation and the loop's own step numbers:
+
+    for micro in range(accum):
+        with torch.autocast("cuda", torch.float16):
+            loss = model(**batch).loss / accum
+        scaler.scale(loss).backward()
+        opt.record(loss, step=iter_num)    # summed over the micro-batches; unscaled
+    scaler.unscale_(opt)
+    gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    scaler.step(opt, grad_norm=gn)         # calls opt.step only when the gradients are finite
+    scaler.update()
+    opt.zero_grad()                        # ends the step (a scaler-skipped one included)
+
+With `model=`, early signals (the max attention logit per layer, the output logZ, the
+update/weight ratios) are measured on telemetry steps and fed to the guard: see
+GuardedOptimizer and `opt.signals`.
 
 Distributed: pass the local loss tensor and the norm `clip_grad_norm_` returned (global under
 DDP and FSDP). keel averages the two over the ranks in one all_reduce (the one host sync of
@@ -33,9 +54,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import shutil
-import tempfile
 from typing import Any, Callable, Optional
 
 import torch
@@ -91,226 +109,27 @@ def grad_norm(params):
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
 
 
-def _clone(x):
-    """Deep copy of a (nested) state dict with tensors cloned to the CPU."""
-    if isinstance(x, torch.Tensor):
-        return x.detach().to("cpu", copy=True)
-    if isinstance(x, dict):
-        return {k: _clone(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return type(x)(_clone(v) for v in x)
-    return x
-
-
-def _rng_state() -> dict:
-    st = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    try:
-        import numpy as np
-
-        kind, keys, pos, has_gauss, gauss = np.random.get_state()
-        st["numpy"] = (kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, gauss)
-    except ImportError:
-        pass
-    return st
-
-
-def _set_rng_state(st: dict) -> None:
-    torch.set_rng_state(st["torch"])
-    v, state, gauss = st["python"]
-    random.setstate((v, tuple(state), gauss))
-    if "cuda" in st:
-        torch.cuda.set_rng_state_all(st["cuda"])
-    if "numpy" in st:
-        import numpy as np
-
-        kind, keys, pos, has_gauss, gauss = st["numpy"]
-        np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, gauss))
-
-
-def _save_synced(obj, f) -> None:
-    torch.save(obj, f)
-    f.flush()
-    os.fsync(f.fileno())
-
-
-def _write_failed(path, e: OSError, fix: str = "pass snapshot_dir= on another disk (or None for memory)") -> OSError:
-    return OSError(e.errno, f"{path}: writing keel's rollback snapshot failed ({e.strerror or e}); free disk space or {fix}")
-
-
-def _read_failed(path, e: Exception) -> RuntimeError:
-    return RuntimeError(
-        f"{path}: keel's rollback snapshot cannot be read ({type(e).__name__}: {e}); it was "
-        f"truncated or damaged after it was written"
-    )
-
-
-class Snapshots:
-    """The last `keep` training states, in memory or on disk. A disk snapshot is written to a
-    temporary file in its directory, fsynced and renamed, so a crash never leaves a
-    half-written one under a snapshot's name. The first state put (the initial one, or the
-    one a resume starts from) is kept too, so a rollback always has a target (as `keel train`
-    falls back to the initial weights). The first disk snapshot is read back at once, so a
-    state that cannot be reloaded fails now, not at the rollback that needs it."""
-
-    def __init__(self, keep: int = 2, directory: Optional[os.PathLike] = None):
-        if keep < 1:
-            raise ValueError(f"keep: must be at least 1, got {keep}")
-        self.keep = keep
-        self.dir = None if directory is None else os.fspath(directory)
-        self._mem: dict[int, dict] = {}
-        self._disk: dict[int, str] = {}
-        self.base: Optional[int] = None
-        if self.dir is not None:
-            os.makedirs(self.dir, exist_ok=True)
-
-    @property
-    def steps(self) -> list:
-        return sorted(self._disk if self.dir is not None else self._mem)
-
-    def put(self, step: int, state: dict) -> None:
-        if self.dir is None:
-            self._mem[step] = state
-        else:
-            final = os.path.join(self.dir, f"step-{step:08d}.pt")
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=self.dir)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    _save_synced(state, f)
-                os.replace(tmp, final)
-            except OSError as e:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-                raise _write_failed(final, e) from e
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-                raise
-            self._disk[step] = final
-            if self.base is None:
-                self._load(final)
-        if self.base is None:
-            self.base = step
-        self._prune()
-
-    def clear(self, but: Optional[int] = None) -> None:
-        """Forget every snapshot (a resume starts a new history), except step `but`."""
-        for s in self.steps:
-            if s != but:
-                self._drop(s)
-        self.base = None
-
-    def _drop(self, s: int) -> None:
-        if self.dir is None:
-            del self._mem[s]
-        else:
-            os.unlink(self._disk.pop(s))
-
-    def _prune(self) -> None:
-        # keep the base state and the `keep` newest
-        for s in [s for s in self.steps if s != self.base][: -self.keep]:
-            self._drop(s)
-
-    @staticmethod
-    def _load(path: str) -> dict:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise _read_failed(path, e) from e
-
-    def get(self, step: int) -> dict:
-        if self.dir is None:
-            return self._mem[step]
-        return self._load(self._disk[step])
-
-    def where(self, step: int) -> str:
-        return "memory" if self.dir is None else self._disk[step]
-
-    def newest_before(self, before_step: int) -> int:
-        """The newest snapshot older than the incident (step + 1 < before_step, as keel
-        train picks its checkpoint), else the oldest kept."""
-        ok = [s for s in self.steps if s + 1 < before_step]
-        return ok[-1] if ok else self.steps[0]
-
-
-def _barrier() -> None:
-    d = torch.distributed
-    if d.is_available() and d.is_initialized():
-        d.barrier()
-
-
-def _rank() -> int:
-    d = torch.distributed
-    return d.get_rank() if d.is_available() and d.is_initialized() else 0
-
-
-class DcpSnapshots(Snapshots):
-    """Snapshots as `torch.distributed.checkpoint` directories, the format FSDP users already
-    checkpoint in: every rank writes its own shards of the model and optimizer state (collected
-    with `get_state_dict`, so FSDP2's DTensors stay sharded), plus a small per-rank file with
-    the RNG, scheduler and guard state. A snapshot is written under a temporary name and
-    renamed by rank 0 once every rank has finished, so a crash never leaves a half-written
-    one under a snapshot's name. `get` loads into the live model and optimizer's layout."""
-
-    def __init__(self, keep: int, directory: os.PathLike, model, optimizer):
-        super().__init__(keep, directory)
-        self._model, self._optimizer = model, optimizer
-        for name in sorted(os.listdir(self.dir)):
-            # snapshots of an earlier process in this directory are not this run's history
-            if name.startswith(".tmp-step-") and _rank() == 0:
-                shutil.rmtree(os.path.join(self.dir, name), ignore_errors=True)
-
-    def put(self, step: int, state: dict) -> None:
-        import torch.distributed.checkpoint as dcp
-
-        final = os.path.join(self.dir, f"step-{step:08d}")
-        tmp = os.path.join(self.dir, f".tmp-step-{step:08d}")
-        if _rank() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        _barrier()
-        try:
-            dcp.save({"model": state["model"], "optimizer": state["optimizer"]}, checkpoint_id=tmp)
-            rest = {k: v for k, v in state.items() if k not in ("model", "optimizer")}
-            with open(os.path.join(tmp, f"rest-rank{_rank()}.pt"), "wb") as f:
-                _save_synced(rest, f)
-        except OSError as e:
-            raise _write_failed(tmp, e, "pass snapshot_dir= on another disk") from e
-        _barrier()
-        if _rank() == 0:
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        _barrier()
-        self._disk[step] = final
-        if self.base is None:
-            self.base = step
-        self._prune()
-
-    def adopt(self, step: int, path: str) -> None:
-        """Make an existing snapshot directory (a resume's rollback base) part of the history."""
-        self._disk[step] = path
-        if self.base is None:
-            self.base = step
-
-    def _drop(self, s: int) -> None:
-        path = self._disk.pop(s)
-        if _rank() == 0:
-            shutil.rmtree(path, ignore_errors=True)
-
-    def get(self, step: int) -> dict:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        path = self._disk[step]
-        msd, osd = get_state_dict(self._model, self._optimizer)
-        sd = {"model": msd, "optimizer": osd}
-        try:
-            dcp.load(sd, checkpoint_id=path)
-            rest = torch.load(os.path.join(path, f"rest-rank{_rank()}.pt"), map_location="cpu", weights_only=False)
-        except Exception as e:
-            raise _read_failed(path, e) from e
-        return {**rest, "model": sd["model"], "optimizer": sd["optimizer"], "dcp": True}
+from .snapshots import (  # noqa: F401 (re-exported: keel.torch.Snapshots)
+    DcpSnapshots,
+    Snapshots,
+    _barrier,
+    _clone,
+    _rank,
+    _read_failed,
+    _rng_state,
+    _save_synced,
+    _set_rng_state,
+    _write_failed,
+    _ckpt_read_failed,
+    nbytes,
+    Checkpoint,
+    Checkpoints,
+    Stager,
+    _tensors,
+    load_dcp_checkpoint,
+    load_torch_checkpoint,
+    pick,
+)
 
 
 class GuardedOptimizer:
@@ -321,9 +140,25 @@ class GuardedOptimizer:
     restores (default: the optimizer's parameters). scheduler: stepped after every step
     (skipped ones too: the schedule follows the step count, as in keel train) and restored
     by a rollback. snapshot_every / keep / snapshot_dir: the rollback targets.
-    probe_attention: measure the model's exact max attention logit (keel.probe) on every
-    step of the guard's early window, then every `probe_every` steps, and feed it to the
-    guard (its early attention-logit rule); off by default.
+    snapshot_async: copy a snapshot behind the loop's back (the next update waits for it;
+    default) or at once (False). rollback_from: "snapshots" (keel's own, every
+    `snapshot_every` steps) or "checkpoints" (the checkpoints registered with
+    `register_checkpoint`, the `keep` newest; no snapshot is kept beyond the base taken at
+    the first step, the target while no checkpoint precedes the incident). Memory: see
+    keel.snapshots (12 bytes per fp32 parameter per snapshot with AdamW, `keep` + 1 held).
+    Early signals (keel.probe), measured on telemetry steps (every step of the guard's early
+    window, again after a rollback, then every `probe_every`-th step) without changing the
+    model's numerics, fed to the guard and kept in `signals`:
+    probe_attention: the exact max attention logit per layer (the guard's early
+    attention-logit rule and its attn_logit warning). None (default): on when `model` has
+    attention modules keel knows (HF Llama family, torchtitan), silently off otherwise;
+    True: required (raises when none is found); False: off.
+    probe_logits: the output log-partition logZ from the LM head's logits (the guard's
+    logit_drift warning). None: on when an LM head is found (HF `get_output_embeddings()`,
+    `lm_head`, torchtitan's `output`); True: required; False: off; or the head module itself.
+    probe_updates: ||Δw||/||w|| per parameter tensor across the optimizer step (telemetry,
+    no guard rule). It copies the parameters once, transiently, on telemetry steps; False
+    turns it off.
     snapshot_format: "torch" (one `torch.save` file per snapshot, per rank when distributed)
     or "dcp" (`torch.distributed.checkpoint` directories shared by the ranks, sharded state
     stays sharded: FSDP2's format; needs snapshot_dir and model).
@@ -342,11 +177,15 @@ class GuardedOptimizer:
         keep: int = 2,
         snapshot_dir: Optional[os.PathLike] = None,
         snapshot_format: str = "torch",
-        probe_attention: bool = False,
+        probe_attention: Optional[bool] = None,
+        probe_logits: Any = None,
+        probe_updates: bool = True,
         probe_every: int = 10,
         events: Optional[os.PathLike] = None,
         reduce: Any = "auto",
         step_scheduler: bool = True,
+        snapshot_async: bool = True,
+        rollback_from: str = "snapshots",
         **guard_config: Any,
     ):
         if snapshot_format not in ("torch", "dcp"):
@@ -361,7 +200,8 @@ class GuardedOptimizer:
             except ValueError as e:
                 raise ValueError(
                     f"{e} (GuardedOptimizer's own arguments: guard, model, scheduler, snapshot_every, keep, "
-                    "snapshot_dir, snapshot_format, probe_attention, probe_every, events, reduce, step_scheduler)"
+                    "snapshot_dir, snapshot_format, probe_attention, probe_logits, probe_updates, probe_every, events, "
+                    "reduce, step_scheduler, snapshot_async, rollback_from)"
                 ) from None
         elif guard_config or events is not None:
             raise ValueError("give either guard= or guard keyword arguments (and events=), not both")
@@ -386,24 +226,52 @@ class GuardedOptimizer:
                 self._rank = torch.distributed.get_rank()
                 snapshot_dir = os.path.join(os.fspath(snapshot_dir), f"rank-{self._rank}")
             self.snapshots = Snapshots(keep, snapshot_dir)
+        if rollback_from not in ("snapshots", "checkpoints"):
+            raise ValueError(f"rollback_from: 'snapshots' or 'checkpoints', got {rollback_from!r}")
+        self.rollback_from = rollback_from
+        self.checkpoints = Checkpoints(keep)  # registered with register_checkpoint()
+        # copies behind the loop's back (dcp snapshots are written at once: their save is collective)
+        self._stager = Stager() if snapshot_async and not self._dcp else None
         # the base snapshot is taken at the first step, not here: a wrapper made before
         # DDP(...) broadcasts rank 0's weights would otherwise keep each rank's own
         # pre-broadcast weights, and a rollback to them would leave the ranks different
-        self._loss = None
-        # the exact max attention logit of the live model, fed to the guard's early rule:
-        # measured on every step of the guard's early window, then every `probe_every`
-        self._probe = None
+        self._loss = None  # what record() summed since the last step
+        self._pending_step: Optional[int] = None  # the loop's step number given to record()
+        self._stepped = False  # a step was taken: the next step number must exceed step_count
+        # early signals, measured on telemetry steps: every step of the guard's early window
+        # (again after a rollback), then every `probe_every`
+        from .probe import AttentionProbe, LogitProbe, UpdateRatio
+
         self.probe_every = max(1, int(probe_every))
         self._early = int(self.guard.config.get("early_window", 0))
         self._probe_until = 0
-        if probe_attention:
-            if model is None:
-                raise ValueError("probe_attention=True measures the model's attention: give model=")
-            from .probe import AttentionProbe
-
-            self._probe = AttentionProbe(model)
+        self._probe_on = True  # for the next step's forward
+        self._probe = self._logits = self._updates = None
+        for name, want in (("probe_attention", probe_attention), ("probe_logits", probe_logits)):
+            if want is True and model is None:
+                raise ValueError(f"{name}=True measures the model's forward: give model=")
+        if model is not None and probe_attention is not False:
+            self._probe = AttentionProbe(model, required=probe_attention is True)
+            if self._probe.layers == 0:
+                self._probe = None
+        head = probe_logits if isinstance(probe_logits, torch.nn.Module) else None
+        if head is not None or (model is not None and probe_logits is not False):
+            self._logits = LogitProbe(model, head=head, required=probe_logits is not None)
+            if self._logits.head is None:
+                self._logits = None
+        self._param_names = {} if model is None else {id(p): n for n, p in model.named_parameters()}
+        if probe_updates:
+            self._updates = UpdateRatio()
+        self._signals: Optional[dict] = None  # raw (tensors) until `signals` is read
+        self._measure_update = False
 
     # -- the optimizer's face ------------------------------------------------------------
+    # A GradScaler unscales and checks the gradients itself, and calls step() only when they
+    # are finite, unless the optimizer says it handles scaling in its own step (fused Adam):
+    # then it would call step() on every step, overflows included, and set grad_scale and
+    # found_inf on this wrapper, not on the optimizer that reads them. Not for the wrapper.
+    _step_supports_amp_scaling = False
+
     @property
     def param_groups(self):
         return self.optimizer.param_groups
@@ -413,7 +281,12 @@ class GuardedOptimizer:
         return self.optimizer.state
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the gradients; this ends a step: what `record()` collected is dropped. (A
+        GradScaler that found inf/NaN gradients does not call `step()`: its step's loss must
+        not be judged with the next one's.)"""
         self.optimizer.zero_grad(set_to_none=set_to_none)
+        self._loss = None
+        self._pending_step = None
 
     def __getattr__(self, name):
         # anything else (add_param_group, defaults, ...) is the wrapped optimizer's
@@ -472,19 +345,49 @@ class GuardedOptimizer:
         return tuple(None if v is None else x for v, x in zip(vals, out))
 
     # -- the step ----------------------------------------------------------------------------
-    def record(self, loss) -> None:
-        """Record this step's loss (a tensor, summed or averaged as your loop logs it) for a
-        `step()` called without one: one line beside `loss.backward()`, so `scaler.step(opt)`,
-        an `accelerator`-wrapped step or a plain `opt.step()` pass straight through."""
-        self._loss = loss if self._loss is None or not isinstance(loss, torch.Tensor) else self._loss + loss
+    def record(self, loss, step: Optional[int] = None) -> None:
+        """Record this step's loss for a `step()` called without one: one line beside
+        `loss.backward()`, so `scaler.step(opt)`, an `accelerator`-wrapped step or a plain
+        `opt.step()` pass straight through. Pass the unscaled loss (not `scaler.scale(loss)`).
 
-    def step(self, loss=None, grad_norm=None, closure: Optional[Callable] = None, **extra) -> Action:
+        Gradient accumulation: call it for every micro-batch; the loss judged is the SUM of
+        what was recorded since the last step. Record `loss / accum_steps` (what nanoGPT
+        backpropagates) to have the mean over the micro-batches judged.
+
+        step: the loop's own step number for this update (nanoGPT's iter_num), used for the
+        guard and the events (see `step()`). A record with a step number other than the
+        pending one starts a new step: a step the GradScaler skipped (inf/NaN gradients, no
+        `step()` call) leaves nothing behind even when the loop never calls `opt.zero_grad()`.
+        """
+        if step is not None:
+            step = int(step)
+            if self._pending_step is not None and step != self._pending_step:
+                self._loss = None
+            self._pending_step = step
+        if isinstance(loss, torch.Tensor):
+            loss = loss.detach()  # the sum must not keep the micro-batches' graphs alive
+        self._loss = loss if self._loss is None else self._loss + loss
+
+    def step(self, loss=None, grad_norm=None, closure: Optional[Callable] = None, *, step: Optional[int] = None,
+             **extra) -> Action:
         """Decide about this step from its loss and (pre-clip) gradient norm, then apply the
         update or not. Returns the Action; raises keel.GaveUp when the guard gives up.
 
-        The loss: given here, else what `record()` collected since the last step, else what
-        `closure()` returns (Lightning-style closures run forward and backward; they are
-        called once, here). The norm: given, else measured from the gradients."""
+        The loss: given here, else what `record()` collected since the last step (their sum),
+        else what `closure()` returns (Lightning-style closures run forward and backward; they
+        are called once, here). The norm: given, else measured from the gradients (after
+        clipping, if you clipped: pass the norm `clip_grad_norm_` returned).
+
+        step: the loop's own number for this step (nanoGPT's iter_num; given here or to
+        `record()`), used for the guard's decisions and the events, so keel's step numbers
+        are the loop's; it must increase from step to step. Default: keel's own count (one
+        more than the last step).
+
+        fp16 with a GradScaler: `scaler.scale(loss).backward(); opt.record(loss, step=it);
+        scaler.unscale_(opt); gn = clip_grad_norm_(...); scaler.step(opt, grad_norm=gn);
+        scaler.update(); opt.zero_grad()`. The scaler calls this step only when the gradients
+        are finite (its own skips are its business: keel never sees them, they are no
+        incident); keel judges the unscaled loss and the norm after `unscale_`."""
         if loss is None and self._loss is None and closure is not None:
             with torch.enable_grad():
                 loss = closure()
@@ -496,29 +399,73 @@ class GuardedOptimizer:
                 "GuardedOptimizer.step(): no loss for this step; pass it (opt.step(loss)) or call "
                 "opt.record(loss) beside loss.backward()"
             )
+        if step is None:
+            step = self._pending_step
         self._loss = None
-        return self._guarded_step(loss, grad_norm, extra, lambda: self.optimizer.step(closure))
+        self._pending_step = None
+        return self._guarded_step(loss, grad_norm, extra, lambda: self.optimizer.step(closure), step=step)
 
     def _probing(self, step: int) -> bool:
         return step <= max(self._early, self._probe_until) or step % self.probe_every == 0
 
-    def _guarded_step(self, loss, grad_norm, extra: dict, apply: Callable) -> Action:
-        if self._probe is not None:
-            m = self._probe.take()
-            if m is not None and "max_attn_logit" not in extra:
-                extra = {**extra, "max_attn_logit": m}
+    def _step_number(self, step: Optional[int]) -> int:
+        if step is None:
+            return self.step_count + 1
+        if isinstance(step, bool) or int(step) != step:
+            raise ValueError(f"step={step!r}: the loop's step number must be an integer")
+        s = int(step)
+        first = not self._stepped and self.step_count == 0
+        if s < 0 or (s <= self.step_count and not first):
+            raise ValueError(
+                f"step={s}: keel's step numbers must increase (the last step was {self.step_count}); pass "
+                f"the loop's own counter for each update (nanoGPT's iter_num), or no step= for keel's count"
+            )
+        return s
+
+    def _guarded_step(self, loss, grad_norm, extra: dict, apply: Callable, step: Optional[int] = None,
+                      overflow: Optional[torch.Tensor] = None) -> Optional[Action]:
+        """overflow: the `found_inf` a GradScaler hands an optimizer that unscales in its own
+        step (fused Adam): nonzero, the step is the scaler's (the optimizer skips the update
+        itself): keel passes it through unjudged and returns None. It is read with the loss
+        and the norm, in the step's one host sync."""
+        s = self._step_number(step)
+        # this step's forward was measured (and this update is measured)
+        probed = self._probe_on and any(x is not None for x in (self._probe, self._logits, self._updates))
+        for key, probe in (("max_attn_logit", self._probe), ("logit_z", self._logits)):
+            if probe is not None:
+                m = probe.take()
+                if m is not None and key not in extra:
+                    extra = {**extra, key: m}
+        self._snapshot_ready()  # the snapshot copied since the last step is complete before anything writes
         if not self.snapshots.steps:
-            # the ranks agree by now (DDP broadcast at its construction, or a resume loaded)
+            # the state before this step (the ranks agree by now: DDP broadcast at its
+            # construction, or a resume loaded); numbered as the loop's previous step
+            self.step_count = max(self.step_count, s - 1)
             self.snapshots.put(self.step_count, self._capture())
-        s = self.step_count + 1
-        vals = self._read(loss, grad_norm, extra)
+        if overflow is not None:
+            vals = self._read(loss, grad_norm, {**extra, "found_inf": overflow})
+            if vals[-1] != 0:
+                apply()
+                return None
+            vals = vals[:-1]
+        else:
+            vals = self._read(loss, grad_norm, extra)
         act = self.guard.observe(s, vals[0], vals[1], **dict(zip(extra, vals[2:])))
         self.step_count = s
-        if self._probe is not None:
-            # the early rule's window restarts at a rollback: so does measuring every step
-            if act.kind == "rollback":
-                self._probe_until = s + self._early
-            self._probe.on = self._probing(s + 1)  # for the next step's forward
+        self._stepped = True
+        if probed:
+            sig = {"step": s, **{k: v for k, v in zip(extra, vals[2:])}}
+            if self._probe is not None:
+                sig["attn_layers"] = self._probe.taken
+            self._signals = sig
+        # the early rule's window restarts at a rollback: so does measuring every step
+        if act.kind == "rollback":
+            self._probe_until = s + self._early
+        self._probe_on = self._probing(s + 1)  # for the next step's forward
+        for probe in (self._probe, self._logits):
+            if probe is not None:
+                probe.on = self._probe_on
+        self._measure_update = probed and self._updates is not None
         self.last_action = act
         if act.kind == "give_up":
             raise GaveUp(act.diagnosis or "the guard gave up", s)
@@ -533,22 +480,68 @@ class GuardedOptimizer:
         return act
 
     def _apply(self, apply: Callable, factor: float) -> None:
+        params = None
+        if self._measure_update:
+            # a telemetry step: ||Δw||/||w|| across this update (one transient copy)
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            self._updates.begin(params)
         if factor == 1.0:
             apply()
-            return
-        groups = self.optimizer.param_groups
-        saved = [g["lr"] for g in groups]
-        for g, lr in zip(groups, saved):
-            g["lr"] = lr * factor
-        try:
-            apply()
-        finally:
-            # the scheduler keeps owning the LR: the back-off applies to this update only
+        else:
+            groups = self.optimizer.param_groups
+            saved = [g["lr"] for g in groups]
             for g, lr in zip(groups, saved):
-                g["lr"] = lr
+                g["lr"] = lr * factor
+            try:
+                apply()
+            finally:
+                # the scheduler keeps owning the LR: the back-off applies to this update only
+                for g, lr in zip(groups, saved):
+                    g["lr"] = lr
+        if params is not None:
+            ratio = self._updates.end()
+            if ratio is not None and self._signals is not None and self._signals["step"] == self.step_count:
+                names = [self._param_names.get(id(p), f"param{i}") for i, p in enumerate(params)]
+                self._signals["update_ratio"] = (names, ratio)
+
+    @property
+    def signals(self) -> dict:
+        """The early signals of the last telemetry step, as floats: `step`; `max_attn_logit`
+        (one per attention layer, None where not measured); `logit_z`; `update_ratio`
+        ({parameter name: ||Δw||/||w||}, when that step's update was applied). Only what is
+        measured appears; {} before the first telemetry step. The first read after a step
+        costs one host sync."""
+        raw = self._signals
+        if raw is None:
+            return {}
+        if "cache" in raw:
+            return raw["cache"]
+        out = {"step": raw["step"]}
+        if "logit_z" in raw:
+            out["logit_z"] = raw["logit_z"]
+        parts, layers = [], raw.get("attn_layers")
+        if layers is not None:
+            parts += [v for v in layers if v is not None]
+        ratio = raw.get("update_ratio")
+        if ratio is not None:
+            parts.append(ratio[1])
+        if parts:
+            dev = parts[0].device
+            flat = torch.cat([t.detach().float().reshape(-1).to(dev) for t in parts]).tolist()
+            if layers is not None:
+                it = iter(flat)
+                out["max_attn_logit"] = [None if v is None else next(it) for v in layers]
+                flat = flat[sum(v is not None for v in layers):]
+            if ratio is not None:
+                out["update_ratio"] = dict(zip(ratio[0], flat))
+        raw["cache"] = out
+        return out
 
     # -- snapshots and rollback ----------------------------------------------------------
     def _capture(self) -> dict:
+        """The training state now, copied at once (the base snapshot, a resume's, and the
+        synchronous path): weights, optimizer and scheduler state, RNG and the guard's
+        detector windows."""
         st = {
             "step": self.step_count,
             "optimizer": _clone(self.optimizer.state_dict()),
@@ -569,15 +562,148 @@ class GuardedOptimizer:
         return st
 
     def _maybe_snapshot(self, s: int) -> None:
-        if s % self.snapshot_every == 0:
+        if self.rollback_from == "checkpoints":
+            return  # the trainer's checkpoints are the targets: nothing is kept beyond the base
+        # a multiple of snapshot_every was reached or passed since the last step seen (the
+        # loop's own step numbers skip the steps a GradScaler dropped)
+        prev = self.__dict__.get("_snap_prev")
+        e = self.snapshot_every
+        if (s % e == 0) if prev is None else (s // e > prev // e):
             self._pending_snapshot = True
+        self._snap_prev = s
         # an open incident means the weights may already be damaged: wait for a quiet step
         if self._pending_snapshot and not self.guard.in_incident:
-            self.snapshots.put(s, self._capture())
+            if self._stager is None or not self._start_snapshot(s):
+                self.snapshots.put(s, self._capture())
             self._pending_snapshot = False
 
+    def _start_snapshot(self, s: int) -> bool:
+        """Start copying step s's state behind the loop's back (False: it cannot be, e.g.
+        FSDP2's DTensor shards; the caller copies it at once). The small parts (RNG, guard,
+        scheduler) are copied now; weights and optimizer state are copied while the next
+        step's forward and backward run, and `_snapshot_ready` waits before anything writes
+        them."""
+        live = {"optimizer": self.optimizer.state_dict()}  # references to the live tensors
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self.model is not None:
+            live["model"] = self.model.state_dict()
+        else:
+            live["params"] = [p.detach() for p in params]
+        if not Stager.can_stage(_tensors(live, [])):
+            return False
+        now = {"step": s, "rng": _rng_state(), "guard": self.guard._core.state_json()}
+        if self.scheduler is not None:
+            now["scheduler"] = _clone(self.scheduler.state_dict())
+        # only the optimizer's update writes parameters and optimizer state; anything else in
+        # the model's state dict (BatchNorm's running statistics) a forward may write: copy it now
+        later = {p.data_ptr() for p in params}
+        later.update(p.data_ptr() for p in (self.model.parameters() if self.model is not None else ()))
+        later.update(v.data_ptr() for st in self.optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor))
+        if self.snapshots.dir is None:
+            # the snapshot this one will push out gives it its host buffers
+            reuse, write = _tensors(self.snapshots.evict_for_next(), []), None
+        else:
+            reuse, write = self._stager.spare, self.snapshots.write
+        self._stager.start(s, live, now, reuse, eager=lambda t: t.data_ptr() not in later, write=write)
+        return True
+
+    def _snapshot_ready(self) -> None:
+        """Wait for the snapshot being copied in the background, if any, and add it to the
+        history; called before anything writes the weights or the optimizer state (the next
+        step's update, a rollback, state_dict/load_state_dict). A failed copy or disk write
+        raises here, at the next step, with its message."""
+        if self._stager is None or not self._stager.busy:
+            return
+        try:
+            step, state, path = self._stager.wait()
+        except BaseException:
+            self._pending_snapshot = True  # taken again at the next quiet step
+            raise
+        if path is None:
+            self.snapshots.put(step, state)
+        else:
+            self.snapshots.record(step, path)
+
+    def wait_snapshot(self) -> None:
+        """Block until the snapshot being copied in the background (`snapshot_async=True`) is
+        complete. GuardedOptimizer calls it before every update and rollback; call it yourself
+        before code of yours that writes the weights in place between steps (swapping EMA
+        weights in for an evaluation), or pass snapshot_async=False."""
+        self._snapshot_ready()
+
+    @property
+    def snapshot_bytes(self) -> int:
+        """Host memory the in-memory snapshots hold now (the base and the `keep` newest), plus
+        the staging buffers a background disk write reuses; disk snapshots and registered
+        checkpoints hold none."""
+        self._snapshot_ready()
+        held = sum(nbytes(self.snapshots.get(s)) for s in self.snapshots.steps) if self.snapshots.dir is None else 0
+        return held + (nbytes(self._stager.spare) if self._stager is not None else 0)
+
+    def register_checkpoint(self, path, format: str = "torch", load: Optional[Callable] = None) -> bool:
+        """Offer a checkpoint you have just saved as a rollback target, instead of (with
+        rollback_from="checkpoints") or beside keel's own snapshots: nothing is copied; keel
+        keeps the path, the guard's detector windows and the scheduler's state of this step.
+
+        format "torch": a `torch.save`d dict {"model": model.state_dict(), "optimizer":
+        opt.state_dict(), ...}; "dcp": a `torch.distributed.checkpoint` directory written as
+        `dcp.save({"model": msd, "optimizer": osd}, checkpoint_id=path)` with `msd, osd =
+        get_state_dict(model, optimizer)` (FSDP: every rank registers, every rank loads its
+        shards); or `load=fn`: `fn(path)` restores model, optimizer and scheduler in place (your
+        own resume code) and may return the guard's state saved with it (`Guard.state_dict()`).
+
+        Saved while an incident is open the state may be damaged: it is not registered (returns
+        False). A path registered again replaces the older entry (the file was overwritten);
+        the `keep` newest are kept, and one whose file is gone is skipped."""
+        if load is None and format not in Checkpoints.FORMATS:
+            raise ValueError(f"format: 'torch' or 'dcp' (or pass load=your_loader), got {format!r}")
+        if load is None and self.model is None:
+            raise ValueError("register_checkpoint loads the model's state dict: give GuardedOptimizer(model=)")
+        self._snapshot_ready()
+        self.checkpoints.forget(path)
+        if self.guard.in_incident:
+            return False
+        sched = _clone(self.scheduler.state_dict()) if self.scheduler is not None and load is None else None
+        self.checkpoints.add(
+            Checkpoint(self.step_count, os.fspath(path), format if load is None else "custom", load,
+                       self.guard._core.state_json(), sched)
+        )
+        return True
+
+    def _target(self, before_step: int):
+        """The rollback target: (step, the registered Checkpoint or None for a snapshot)."""
+        ck = self.checkpoints.steps
+        t = pick(self.snapshots.steps, ck, before_step)
+        # a snapshot and a checkpoint of one step: the snapshot (no file to read)
+        return t, (self.checkpoints.get(t) if t in ck and t not in self.snapshots.steps else None)
+
+    def _restore_checkpoint(self, c: Checkpoint) -> None:
+        try:
+            if c.load is not None:
+                saved = c.load(c.path)
+            elif c.format == "dcp":
+                saved = load_dcp_checkpoint(c.path, self.model, self.optimizer)
+            else:
+                saved = load_torch_checkpoint(c.path, self.model, self.optimizer)
+        except Exception as e:  # the loader's own error stays chained below keel's message
+            raise _ckpt_read_failed(c.path, e) from e
+        if c.scheduler is not None and self.scheduler is not None:
+            self.scheduler.load_state_dict(_clone(c.scheduler))
+        if isinstance(saved, dict):
+            saved = saved.get("state")
+        # the detector windows saved with the checkpoint, else those of when it was registered
+        self.guard._core.restore_detectors_json(saved if isinstance(saved, str) else c.guard)
+
     def _rollback(self, before_step: int, s: int) -> None:
-        target = self.snapshots.newest_before(before_step)
+        self._snapshot_ready()
+        target, ckpt = self._target(before_step)
+        self._pending_snapshot = False
+        if ckpt is not None:
+            self._restore_checkpoint(ckpt)
+            self.guard.log_event(
+                s, "restored", {"to_step": target, "from": ckpt.path, "reason": f"incident began at step {before_step}"}
+            )
+            return
         st = self.snapshots.get(target)
         if st.get("dcp"):
             from torch.distributed.checkpoint.state_dict import set_state_dict
@@ -601,7 +727,6 @@ class GuardedOptimizer:
         # replay the batches since the snapshot, the incident's among them. The loop moves on
         # to new batches, as keel train's data cursor does.
         self.guard._core.restore_detectors_json(st["guard"])
-        self._pending_snapshot = False
         self.guard.log_event(
             s,
             "restored",
@@ -614,7 +739,10 @@ class GuardedOptimizer:
         checkpoint and a resumed run guards exactly as before. Saved while an incident is
         open, it also carries the clean snapshot a rollback of that incident would restore
         (`rollback_base`), so the resumed run rolls back to the same state as the
-        uninterrupted one, never to the state it resumed from."""
+        uninterrupted one, never to the state it resumed from (a registered checkpoint is
+        carried as a reference: its path, format, guard and scheduler state; one registered
+        with load= is not, and the resumed run rolls back to the state it resumed from)."""
+        self._snapshot_ready()  # a snapshot in flight joins the history first
         # the wrapped optimizer's own state dict, keel's part under its own key: it loads
         # into the raw optimizer too (torch ignores the extra key), as resume code expects
         d = dict(self.optimizer.state_dict())
@@ -623,12 +751,17 @@ class GuardedOptimizer:
         if self.guard.in_incident:
             start = json.loads(self.guard._core.state_json())["policy"].get("incident_start")
             if start is not None:
-                t = self.snapshots.newest_before(start)
-                if self._dcp:
+                t, ckpt = self._target(start)
+                if ckpt is not None:
+                    if ckpt.load is None:
+                        k["rollback_base"] = {"step": t, "checkpoint": ckpt.describe()}
+                elif self._dcp:
                     # the snapshot directory stays on disk: a reference is enough
                     k["rollback_base"] = {"step": t, "dcp_path": self.snapshots.where(t)}
                 else:
-                    k["rollback_base"] = {"step": t, "state": self.snapshots.get(t)}
+                    st = self.snapshots.get(t)
+                    # a copy: a pruned in-memory snapshot lends its buffers to the next one
+                    k["rollback_base"] = {"step": t, "state": _clone(st) if self.snapshots.dir is None else st}
         return d
 
     def load_state_dict(self, d: dict) -> None:
@@ -642,6 +775,7 @@ class GuardedOptimizer:
                 f"optimizer's state_dict() returns (keys state/param_groups[/keel], or the older "
                 f"optimizer/guard/step); got {keys}"
             )
+        self._snapshot_ready()  # the copy in flight reads the tensors about to be overwritten
         if "guard" in d:
             # the older layout: {optimizer, guard, step}
             k = {kk: d[kk] for kk in ("guard", "step", "pending_snapshot", "rollback_base") if kk in d}
@@ -658,10 +792,15 @@ class GuardedOptimizer:
         base = k.get("rollback_base")
         adopt = base is not None and "dcp_path" in base and self._dcp
         self.snapshots.clear()
+        self.checkpoints.clear()
         if adopt:
             # saved inside an incident: the clean snapshot before it stays the rollback target
             self.snapshots.adopt(int(base["step"]), base["dcp_path"])
         elif base is not None and "state" in base:
             self.snapshots.put(int(base["step"]), base["state"])
         else:
+            if base is not None and "checkpoint" in base:
+                # saved inside an incident: the checkpoint before it stays the rollback target
+                c = base["checkpoint"]
+                self.checkpoints.add(Checkpoint(int(base["step"]), c["path"], c["format"], None, c["guard"], c["scheduler"]))
             self.snapshots.put(self.step_count, self._capture())
