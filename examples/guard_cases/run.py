@@ -119,7 +119,7 @@ def summary(d):
     lrb = [e["detail"]["factor"] for e in ev if e["kind"] == "lr_backoff" and e["detail"].get("permanent")]
     what = []
     if rb:
-        what.append(f"{len(rb)} rollbacks at " + ", ".join(str(e["step"]) for e in rb))
+        what.append(f"{len(rb)} rollback{'s' if len(rb) > 1 else ''} at " + ", ".join(str(e["step"]) for e in rb))
     if lrb:
         what.append(f"LR × {lrb[-1]:.3g}")
     for k in ("skip", "early_rule_off", "init_rescue", "give_up"):
