@@ -53,6 +53,14 @@ class GuardSpec:
         return Guard(events=events, **self.config)
 
 
+def wrapper_options(**opts: Any) -> dict:
+    """The GuardedOptimizer options a callback passes through (snapshot_every, keep,
+    snapshot_dir, snapshot_async, rollback_from, probe_*), checked when the callback is made."""
+    if opts["rollback_from"] not in ("snapshots", "checkpoints"):
+        raise ValueError(f"rollback_from: 'snapshots' or 'checkpoints', got {opts['rollback_from']!r}")
+    return opts
+
+
 def guard_state(gopt) -> dict:
     """What an adapter saves in the framework's checkpoint."""
     return {"guard": gopt.guard.state_dict(), "step": gopt.step_count}

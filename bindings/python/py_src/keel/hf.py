@@ -60,7 +60,7 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from . import GaveUp, Guard
-from ._adapt import GuardSpec, guard_state, keep_scheduler_marker, load_guard_state, patch
+from ._adapt import GuardSpec, wrapper_options, guard_state, keep_scheduler_marker, load_guard_state, patch
 from .torch import GuardedOptimizer
 
 __all__ = ["GuardCallback"]
@@ -103,20 +103,15 @@ class GuardCallback(TrainerCallback, ExportableState):
         rollback_from: str = "snapshots",
         **guard_config: Any,
     ):
-        # the early signals measured on the live model (keel.probe), fed to the guard
-        self.probe_attention = probe_attention
-        self.probe_logits = probe_logits
-        self.probe_updates = probe_updates
-        self.probe_every = probe_every
+        # passed to GuardedOptimizer: rollback targets (keel's snapshots, or the Trainer's own
+        # checkpoint-N: no copy) and the early signals measured on the live model (keel.probe)
+        self.options = wrapper_options(
+            snapshot_every=snapshot_every, keep=keep, snapshot_dir=snapshot_dir, snapshot_async=snapshot_async,
+            rollback_from=rollback_from, probe_attention=probe_attention, probe_logits=probe_logits,
+            probe_updates=probe_updates, probe_every=probe_every,
+        )
         self._spec = GuardSpec(guard, events, guard_config)
         self.trainer = trainer
-        self.snapshot_every = snapshot_every
-        self.keep = keep
-        self.snapshot_dir = snapshot_dir
-        # rollback targets: keel's snapshots, or the Trainer's own checkpoint-N (no copy)
-        if rollback_from not in ("snapshots", "checkpoints"):
-            raise ValueError(f"rollback_from: 'snapshots' or 'checkpoints', got {rollback_from!r}")
-        self.snapshot_async, self.rollback_from = snapshot_async, rollback_from
         self.gopt: Optional[GuardedOptimizer] = None
         self.actions: list = []  # every non-proceed Action, for inspection
         self._resume_state: Optional[dict] = None
@@ -139,16 +134,10 @@ class GuardCallback(TrainerCallback, ExportableState):
         cfg = self.guard.config if self.guard is not None else self._spec.config
         return {
             "args": {
-                "snapshot_every": self.snapshot_every,
-                "keep": self.keep,
-                "snapshot_dir": None if self.snapshot_dir is None else os.fspath(self.snapshot_dir),
-                "snapshot_async": self.snapshot_async,
-                "rollback_from": self.rollback_from,
+                **self.options,
+                "snapshot_dir": None if self.options["snapshot_dir"] is None else os.fspath(self.options["snapshot_dir"]),
+                "probe_logits": None if isinstance(self.options["probe_logits"], torch.nn.Module) else self.options["probe_logits"],
                 "events": None if self._spec.events is None else os.fspath(self._spec.events),
-                "probe_attention": self.probe_attention,
-                "probe_logits": self.probe_logits if not isinstance(self.probe_logits, torch.nn.Module) else None,
-                "probe_updates": self.probe_updates,
-                "probe_every": self.probe_every,
                 **cfg,
             },
             "attributes": {"_resume_state": guard_state(self.gopt) if self.gopt is not None else None},
@@ -176,15 +165,7 @@ class GuardCallback(TrainerCallback, ExportableState):
             guard,
             model=model if model is not None else trainer.model,
             scheduler=lr_scheduler,
-            snapshot_every=self.snapshot_every,
-            keep=self.keep,
-            snapshot_dir=self.snapshot_dir,
-            snapshot_async=self.snapshot_async,
-            rollback_from=self.rollback_from,
-            probe_attention=self.probe_attention,
-            probe_logits=self.probe_logits,
-            probe_updates=self.probe_updates,
-            probe_every=self.probe_every,
+            **self.options,
             step_scheduler=False,  # the Trainer steps its scheduler itself
         )
         if self._resume_state is None and state.global_step > 0:
@@ -322,7 +303,7 @@ class GuardCallback(TrainerCallback, ExportableState):
 
     # -- rollback to the Trainer's own checkpoints (rollback_from="checkpoints") -------------
     def _check_checkpoint_rollbacks(self, args) -> None:
-        if self.rollback_from != "checkpoints":
+        if self.options["rollback_from"] != "checkpoints":
             return
         if args.save_only_model:
             raise ValueError(
@@ -340,7 +321,7 @@ class GuardCallback(TrainerCallback, ExportableState):
     def on_save(self, args, state, control, **kw):
         # checkpoint-N is complete (weights, optimizer, scheduler, trainer_state.json with the
         # guard's state): a rollback target unless an incident is open (GuardedOptimizer decides)
-        if self.rollback_from != "checkpoints" or self.gopt is None:
+        if self.options["rollback_from"] != "checkpoints" or self.gopt is None:
             return
         trainer = self.trainer
         run_dir = trainer._get_output_dir(trial=None) if hasattr(trainer, "_get_output_dir") else args.output_dir

@@ -48,7 +48,7 @@ import torch
 from lightning.pytorch import Callback
 
 from . import GaveUp, Guard
-from ._adapt import GuardSpec, guard_state, keep_scheduler_marker, load_guard_state, patch
+from ._adapt import GuardSpec, wrapper_options, guard_state, keep_scheduler_marker, load_guard_state, patch
 from .torch import GuardedOptimizer, grad_norm
 
 __all__ = ["GuardCallback"]
@@ -71,18 +71,15 @@ class GuardCallback(Callback):
         rollback_from: str = "snapshots",
         **guard_config: Any,
     ):
-        # the early signals measured on the live model (keel.probe), fed to the guard; see
-        # keel.torch.GuardedOptimizer (on by default where the model has them)
-        self.probe_attention = probe_attention
-        self.probe_logits = probe_logits
-        self.probe_updates = probe_updates
-        self.probe_every = probe_every
+        # passed to GuardedOptimizer: rollback targets (keel's snapshots, or the .ckpt files the
+        # Trainer saves: no copy) and the early signals measured on the live model (keel.probe;
+        # on by default where the model has them)
+        self.options = wrapper_options(
+            snapshot_every=snapshot_every, keep=keep, snapshot_dir=snapshot_dir, snapshot_async=snapshot_async,
+            rollback_from=rollback_from, probe_attention=probe_attention, probe_logits=probe_logits,
+            probe_updates=probe_updates, probe_every=probe_every,
+        )
         self._spec = GuardSpec(guard, events, guard_config)
-        self.snapshot_every, self.keep, self.snapshot_dir = snapshot_every, keep, snapshot_dir
-        # rollback targets: keel's snapshots, or the .ckpt files the Trainer saves (no copy)
-        if rollback_from not in ("snapshots", "checkpoints"):
-            raise ValueError(f"rollback_from: 'snapshots' or 'checkpoints', got {rollback_from!r}")
-        self.snapshot_async, self.rollback_from = snapshot_async, rollback_from
         self.gopt: Optional[GuardedOptimizer] = None
         self.actions: list = []
         self._norm = None
@@ -122,10 +119,7 @@ class GuardCallback(Callback):
         sched = trainer.lr_scheduler_configs[0].scheduler if trainer.lr_scheduler_configs else None
         guard = self._spec.build(trainer.log_dir or trainer.default_root_dir, trainer.is_global_zero)
         self.gopt = GuardedOptimizer(
-            opt, guard, model=pl_module, scheduler=sched, snapshot_every=self.snapshot_every,
-            keep=self.keep, snapshot_dir=self.snapshot_dir, probe_attention=self.probe_attention,
-            probe_logits=self.probe_logits, probe_updates=self.probe_updates, probe_every=self.probe_every,
-            snapshot_async=self.snapshot_async, rollback_from=self.rollback_from,
+            opt, guard, model=pl_module, scheduler=sched, **self.options,
             step_scheduler=False,  # Lightning steps it
         )
         if self._resume_state is not None:
@@ -159,7 +153,7 @@ class GuardCallback(Callback):
 
         keep_scheduler_marker(inner, step)
         self._undo = patch(opt, "step", step)
-        if self.rollback_from == "checkpoints":
+        if self.options["rollback_from"] == "checkpoints":
             self._undo = self._watch_saves(trainer, self._undo)
 
     def on_before_zero_grad(self, trainer, pl_module, optimizer):
