@@ -19,5 +19,6 @@ pub mod probe;
 pub mod report;
 pub mod sample;
 pub mod sweep;
+pub mod tensorboard;
 pub mod train;
 pub mod watch;

@@ -165,7 +165,12 @@ fn logs_keel_cannot_judge_are_refused_with_the_fix() {
     let o = watch(&[], &d.join("nohead.csv"));
     assert_eq!(code(&o), 1);
     assert!(err(&o).contains("not a header"), "{}", err(&o));
-    // a binary file (a TensorBoard event file, say)
+    // a binary file that is no event file either
+    std::fs::write(d.join("blob.bin"), b"\x89PNG\x00\x00\x00\x0dIHDR").unwrap();
+    let o = watch(&[], &d.join("blob.bin"));
+    assert_eq!(code(&o), 1);
+    assert!(err(&o).contains("not a text log"), "{}", err(&o));
+    // an event file cut inside its first record: said so, and nothing to judge
     std::fs::write(
         d.join("events.out.tfevents.1"),
         b"\x18\x00\x00\x00\x00\x00\x00\x00\xa3\x7f",
@@ -173,7 +178,7 @@ fn logs_keel_cannot_judge_are_refused_with_the_fix() {
     .unwrap();
     let o = watch(&[], &d.join("events.out.tfevents.1"));
     assert_eq!(code(&o), 1);
-    assert!(err(&o).contains("not a text log"), "{}", err(&o));
+    assert!(err(&o).contains("no scalars"), "{}", err(&o));
     // an empty file (without --follow there is nothing to wait for)
     std::fs::write(d.join("empty.jsonl"), "").unwrap();
     let o = watch(&[], &d.join("empty.jsonl"));
@@ -304,4 +309,120 @@ fn follow_starts_a_fresh_history_when_the_log_is_rewritten() {
     assert!(e.contains("fresh history"), "{e}");
     let first: Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
     assert_eq!(first["step"], 201, "a false alarm before the NaNs: {out}");
+}
+
+/// The fixtures of scripts/make_tensorboard_fixtures.py: 60 falling steps, then a loss
+/// growing 12% a step from step 61.
+fn tb_fixture(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/tensorboard")
+        .join(name)
+}
+
+fn only_event_file(dir: &Path) -> std::path::PathBuf {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(v.len(), 1, "{v:?}");
+    v.pop().unwrap()
+}
+
+#[test]
+fn tensorboard_logs_of_torch_and_lightning_are_watched() {
+    // SummaryWriter with HF's tags (simple_value), with new_style tensors, and Lightning's
+    // logger (a log directory of two runs: the newest is read)
+    for (name, loss_tag) in [
+        ("torch_hf_tags", "train/loss"),
+        ("torch_new_style", "loss"),
+        ("lightning", "train_loss"),
+    ] {
+        let o = watch(&["--json"], &tb_fixture(name));
+        assert_eq!(code(&o), 2, "{name}: {}", err(&o));
+        let d = detections(&o);
+        assert_eq!(d[0], (62, "loss_spike".to_string()), "{name}: {d:?}");
+        assert_eq!(d.last().unwrap(), &(64, "persistent".to_string()), "{name}");
+        assert!(
+            err(&o).contains(&format!("loss ← \"{loss_tag}\"")),
+            "{}",
+            err(&o)
+        );
+    }
+    // the older Lightning run (30 clean steps), given as its own directory: nothing to see
+    let o = watch(&[], &tb_fixture("lightning/version_0"));
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    assert!(err(&o).contains("30 steps read"), "{}", err(&o));
+}
+
+#[test]
+fn torn_and_corrupt_event_files_are_reported_not_trusted() {
+    let d = tmpdir("w-tb-bad");
+    let src = std::fs::read(only_event_file(&tb_fixture("torch_hf_tags"))).unwrap();
+    // records: the file-version event, then one per add_scalar (loss, grad_norm, lr per step)
+    let mut offsets = vec![];
+    let mut i = 0usize;
+    while i < src.len() {
+        offsets.push(i);
+        i += 16 + u64::from_le_bytes(src[i..i + 8].try_into().unwrap()) as usize;
+    }
+    assert_eq!(offsets.len(), 1 + 3 * 80);
+    // step 62's loss record (the first spike) corrupted: its value is not trusted, so the
+    // first spike seen is step 63's
+    let mut bad = src.clone();
+    let at = offsets[1 + 3 * 61] + 20;
+    bad[at] ^= 0x40;
+    // and the last record torn (a writer killed mid-write)
+    bad.truncate(src.len() - 3);
+    let f = d.join("events.out.tfevents.1.host");
+    std::fs::write(&f, &bad).unwrap();
+    let o = watch(&["--json"], &f);
+    let e = err(&o);
+    assert_eq!(code(&o), 2, "{e}");
+    assert!(e.contains("fails its CRC check"), "{e}");
+    assert!(e.contains("torn write"), "{e}");
+    let det = detections(&o);
+    assert_eq!(det[0], (63, "loss_spike".to_string()), "{det:?}");
+    // a clean prefix, torn inside the first diverging step: no divergence, and said so
+    std::fs::write(&f, &src[..offsets[1 + 3 * 60] + 9]).unwrap();
+    let o = watch(&[], &f);
+    assert_eq!(code(&o), 0, "{}", err(&o));
+    assert!(err(&o).contains("60 steps read"), "{}", err(&o));
+    // garbage with an event file's name: refused or empty, never a divergence or a panic
+    std::fs::write(&f, b"not an event file at all, just text").unwrap();
+    let o = watch(&[], &f);
+    assert_eq!(code(&o), 1, "{}", err(&o));
+    assert!(err(&o).contains("header"), "{}", err(&o));
+}
+
+#[test]
+fn follow_reads_a_growing_event_file_and_a_restarted_writers_new_file() {
+    use keel::tensorboard::EventWriter;
+    let d = tmpdir("w-tb-follow");
+    let run = d.join("runs").join("exp1");
+    let mut w = EventWriter::create(&run).unwrap();
+    for s in 1..=40u64 {
+        w.scalars(s as i64, &[("train/loss", healthy(s))]).unwrap();
+    }
+    w.flush().unwrap();
+    let mut child = spawn_follow(&d);
+    std::thread::sleep(Duration::from_millis(1500));
+    // more steps on the same file, then the job restarts from step 40's checkpoint: a new
+    // file, whose loss goes non-finite
+    for s in 41..=45u64 {
+        w.scalars(s as i64, &[("train/loss", healthy(s))]).unwrap();
+    }
+    w.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(1200));
+    drop(w);
+    std::thread::sleep(Duration::from_millis(1100)); // the new file's name has a later second
+    let mut w2 = EventWriter::create(&run).unwrap();
+    for s in 41..=60u64 {
+        let v = if s > 50 { f64::NAN } else { healthy(s) };
+        w2.scalars(s as i64, &[("train/loss", v)]).unwrap();
+    }
+    w2.flush().unwrap();
+    let (c, out, e) = wait_exit(&mut child, 30);
+    assert_eq!(c, 2, "{out}\n{e}");
+    assert!(e.contains("went back from 45 to 41"), "{e}");
+    assert!(out.contains("\"nonfinite\""), "{out}");
 }

@@ -54,9 +54,12 @@ pub enum Command {
     /// trainer did not handle, so it can stop a job as a sidecar (exit 1 on bad input)
     Watch {
         /// Metrics file: JSON lines (Python's NaN/Infinity included), CSV with a header row,
-        /// an HF trainer_state.json, or a text log of `name: value` pairs (nanoGPT,
-        /// torchtitan, Megatron). Common field names are recognised (loss, train/loss,
-        /// train_loss, lm loss; step, iter, global_step; grad_norm, gnorm, grad norm)
+        /// an HF trainer_state.json, a text log of `name: value` pairs (nanoGPT, torchtitan,
+        /// Megatron), or TensorBoard events (an events.out.tfevents.* file, or a log
+        /// directory: its newest run, new files included with --follow). A keel run
+        /// directory reads its metrics.jsonl. Common field and tag names are recognised
+        /// (loss, train/loss, train_loss, lm loss; step, iter, global_step; grad_norm,
+        /// gnorm, grad norm, grad-norm)
         file: PathBuf,
         /// Keep reading as the file grows (until divergence or Ctrl-C)
         #[arg(long)]

@@ -10,6 +10,7 @@
 //! put back to those of the restored step, as the live guard does.
 
 pub mod parse;
+mod tb;
 
 pub use parse::{Fields, Format, LineParser, Record};
 
@@ -157,6 +158,45 @@ impl Judge {
             handled: 0,
             announced: false,
         })
+    }
+
+    /// The end of a watch with no unhandled divergence: refuse a log with no loss, else say
+    /// what was read.
+    fn finish(&self, file: &Path, fmt: Format, header: Option<&[String]>) -> Result<i32> {
+        if self.steps == 0 && !crate::train::interrupted() {
+            if self.lines > 0 || header.is_some() {
+                let mut f = self.fields.clone();
+                if let Some(h) = header {
+                    f.seen = h.to_vec();
+                }
+                return Err(f.no_loss_error(file, fmt));
+            }
+            if fmt == Format::TensorBoard {
+                bail!(
+                    "{}: no scalars in it (TensorBoard events with scalar summaries: add_scalar, log_metrics); to wait for a trainer that has not written yet, use --follow",
+                    file.display()
+                );
+            }
+            bail!(
+                "{}: no metrics in it (empty); to wait for a trainer that has not written yet, use --follow",
+                file.display()
+            );
+        }
+        if !self.json {
+            let handled = if self.handled > 0 {
+                format!(
+                    ", {} divergence(s) handled by the trainer's rollbacks",
+                    self.handled
+                )
+            } else {
+                String::new()
+            };
+            eprintln!(
+                "keel watch: {} steps read, {} events{handled}, no unhandled divergence",
+                self.steps, self.detections
+            );
+        }
+        Ok(0)
     }
 
     /// A fresh history (the log was replaced or rewritten).
@@ -440,6 +480,23 @@ pub fn cmd_watch(a: WatchArgs) -> Result<i32> {
         .map_err(|e| anyhow::anyhow!("{e}"))?
         .guard;
     let file = a.file;
+    // a run directory: keel's (or the Python run logger's) metrics.jsonl, else TensorBoard
+    let keel_metrics = file.join("metrics.jsonl");
+    let file: &Path = if file.is_dir() && keel_metrics.is_file() {
+        &keel_metrics
+    } else {
+        file
+    };
+    if let Some((files, dir)) = tensorboard_input(file)? {
+        let events = TrainerEvents::new(a.events.map(Path::to_path_buf));
+        let mut judge = Judge::new(cfg, a.fields, events, a.follow, a.json)?;
+        crate::train::install_interrupt_handler();
+        let code = tb::watch(&mut judge, file, files, dir, a.follow)?;
+        if code != 0 {
+            return Ok(code);
+        }
+        return judge.finish(file, Format::TensorBoard, None);
+    }
     let mut tail = Tail::open(file)?;
     let events = TrainerEvents::new(events_beside(file, a.events));
     let mut judge = Judge::new(cfg, a.fields, events, a.follow, a.json)?;
@@ -540,33 +597,35 @@ pub fn cmd_watch(a: WatchArgs) -> Result<i32> {
         }
         std::thread::sleep(std::time::Duration::from_millis(300));
     }
-    if judge.steps == 0 && !crate::train::interrupted() {
-        if judge.lines > 0 || parser.as_ref().and_then(|p| p.header()).is_some() {
-            let fmt = parser.as_ref().map_or(Format::JsonLines, |p| p.format);
-            let mut f = judge.fields.clone();
-            if let Some(h) = parser.as_ref().and_then(|p| p.header()) {
-                f.seen = h.to_vec();
-            }
-            return Err(f.no_loss_error(file, fmt));
+    let fmt = parser.as_ref().map_or(Format::JsonLines, |p| p.format);
+    judge.finish(file, fmt, parser.as_ref().and_then(|p| p.header()))
+}
+
+/// A TensorBoard input: an event file (by name or by its first record), or a directory of
+/// them. Returns the files and, for a directory, the run directory to watch for new files.
+fn tensorboard_input(path: &Path) -> Result<Option<(Vec<PathBuf>, Option<PathBuf>)>> {
+    if path.is_dir() {
+        let (files, others) = crate::tensorboard::event_files(path)?;
+        let run = files[0].parent().map(Path::to_path_buf);
+        if !others.is_empty() {
+            eprintln!(
+                "keel watch: {} holds {} other run director{} with event files; reading the newest, {} (give another directory to choose)",
+                path.display(),
+                others.len(),
+                if others.len() == 1 { "y" } else { "ies" },
+                run.as_deref().unwrap_or(path).display()
+            );
         }
-        bail!(
-            "{}: no metrics in it (empty); to wait for a trainer that has not written yet, use --follow",
-            file.display()
-        );
+        return Ok(Some((files, run)));
     }
-    if !a.json {
-        let handled = if judge.handled > 0 {
-            format!(
-                ", {} divergence(s) handled by the trainer's rollbacks",
-                judge.handled
-            )
-        } else {
-            String::new()
-        };
-        eprintln!(
-            "keel watch: {} steps read, {} events{handled}, no unhandled divergence",
-            judge.steps, judge.detections
-        );
+    let mut head = [0u8; 12];
+    let n = File::open(path)
+        .and_then(|mut f| f.read(&mut head))
+        .unwrap_or(0);
+    if crate::tensorboard::is_event_file(path)
+        || crate::tensorboard::looks_like_tfrecord(&head[..n])
+    {
+        return Ok(Some((vec![path.to_path_buf()], None)));
     }
-    Ok(0)
+    Ok(None)
 }

@@ -31,6 +31,8 @@ pub enum Format {
     HfState,
     /// Free text with `name: value` / `name=value` / `name value` pairs.
     Text,
+    /// TensorBoard event files (read by `watch::tb`, not line by line).
+    TensorBoard,
 }
 
 impl Format {
@@ -40,6 +42,7 @@ impl Format {
             Format::Csv => "CSV",
             Format::HfState => "HF trainer_state.json",
             Format::Text => "text log",
+            Format::TensorBoard => "TensorBoard events",
         }
     }
 
@@ -49,7 +52,7 @@ impl Format {
             bail!(
                 "{}: not a text log (a NUL byte at offset {i}); keel watch reads JSON lines, CSV \
                  with a header row, HF trainer_state.json, or text logs with `name: value` pairs \
-                 (TensorBoard event files are not read yet: log scalars to JSON lines or CSV)",
+                 (TensorBoard event files are read by their name, events.out.tfevents.*, or as a log directory)",
                 path.display()
             );
         }
@@ -340,8 +343,19 @@ const GRAD: &[&str] = &[
     "gradient_norm",
     "train/gnorm",
 ];
-const ATTN: &[&str] = &["max_attn_logit", "train/max_attn_logit"];
-const LOGZ: &[&str] = &["logit_z", "train/logit_z"];
+// keel/*: the Python package's HF and Lightning callbacks (HF's TensorBoard adds train/)
+const ATTN: &[&str] = &[
+    "max_attn_logit",
+    "train/max_attn_logit",
+    "keel/max_attn_logit",
+    "train/keel/max_attn_logit",
+];
+const LOGZ: &[&str] = &[
+    "logit_z",
+    "train/logit_z",
+    "keel/logit_z",
+    "train/keel/logit_z",
+];
 
 /// The slots of `StepMetrics` a log can fill.
 pub const SLOTS: [&str; 5] = ["step", "loss", "grad_norm", "max_attn_logit", "logit_z"];
@@ -513,7 +527,7 @@ impl LineParser {
         Ok(match self.format {
             Format::JsonLines => json_relaxed(line.trim()).and_then(|v| record_of_json(&v)),
             Format::Text => Some(record_of_text(line)),
-            Format::HfState => None,
+            Format::HfState | Format::TensorBoard => None,
             Format::Csv => {
                 let cells = csv_cells(line, self.delim);
                 let Some(h) = &self.csv_header else {
