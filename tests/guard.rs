@@ -92,7 +92,14 @@ fn nan_and_bad_batch_are_skipped_and_replay_tells_them_apart() {
     let o = train(
         &d,
         160,
-        &["--inject", "nan@60", "--inject", "bad-batch@120"],
+        &[
+            "--inject",
+            "nan@60",
+            "--inject",
+            "bad-batch@120",
+            "--set",
+            "telemetry.tensorboard=true",
+        ],
     );
     ok(&o);
     let ev = events(&d);
@@ -114,7 +121,62 @@ fn nan_and_bad_batch_are_skipped_and_replay_tells_them_apart() {
     assert!(m[59]["loss"].is_null() && m[59]["skipped"] == true);
     assert!(m.last().unwrap()["loss"].as_f64().unwrap().is_finite());
     // the sidecar sees what the live guard saw
-    assert_eq!(watch(&d), (det, 0));
+    assert_eq!(watch(&d), (det.clone(), 0));
+    // and the TensorBoard mirror holds the same run: every step's loss, the skips at
+    // their steps (scalar and text), read back by keel watch to the same detections
+    let (files, _) = keel::tensorboard::event_files(&d.join("tensorboard")).unwrap();
+    let (sc, notes) = keel::tensorboard::read_scalars(&files).unwrap();
+    assert!(notes.is_empty(), "{notes:?}");
+    let loss: Vec<(i64, f64)> = sc
+        .iter()
+        .filter(|s| s.tag == "train/loss")
+        .map(|s| (s.step, s.value))
+        .collect();
+    assert_eq!(loss.len(), 160);
+    for (i, (step, v)) in loss.iter().enumerate() {
+        assert_eq!(*step, i as i64 + 1);
+        match m[i]["loss"].as_f64() {
+            Some(x) => assert_eq!(*v, x as f32 as f64, "step {step}"),
+            None => assert!(v.is_nan() && *step == 60, "step {step}: {v}"),
+        }
+    }
+    let tb_skips: Vec<i64> = sc
+        .iter()
+        .filter(|s| s.tag == "keel/skip")
+        .map(|s| s.step)
+        .collect();
+    assert_eq!(tb_skips, vec![60, 120]);
+    assert!(sc
+        .iter()
+        .any(|s| s.tag.starts_with("layers/max_attn_logit_per_layer/")));
+    let mut r = keel::tensorboard::EventReader::open(&files[0]).unwrap();
+    let texts: Vec<(i64, String)> = r
+        .poll(true)
+        .unwrap()
+        .0
+        .into_iter()
+        .flat_map(|e| e.texts.into_iter().map(move |(_, t)| (e.step, t)))
+        .collect();
+    assert!(
+        texts.iter().any(|(s, t)| *s == 120 && t.contains("skip")),
+        "{texts:?}"
+    );
+    let o = keel()
+        .args(["watch", "--json"])
+        .arg(d.join("tensorboard"))
+        .output()
+        .unwrap();
+    let tb_det: Vec<(u64, String)> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            (
+                v["step"].as_u64().unwrap(),
+                v["detector"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!((tb_det, o.status.code().unwrap()), (det, 0));
     // the NaN was a transient fault: it does not reproduce; the junk batch does, and is data
     let r = replay(&d, 60);
     assert_eq!(r["reproduces"], false, "{r}");

@@ -140,11 +140,17 @@ impl Default for EvalSection {
 pub struct TelemetrySection {
     /// Per-layer statistics every N steps (0 = off).
     pub every: u64,
+    /// Also write TensorBoard event files under `<out>/tensorboard/` (metrics, per-layer
+    /// telemetry, guard events as scalars and text): `tensorboard --logdir <out>`.
+    pub tensorboard: bool,
 }
 
 impl Default for TelemetrySection {
     fn default() -> Self {
-        TelemetrySection { every: 10 }
+        TelemetrySection {
+            every: 10,
+            tensorboard: false,
+        }
     }
 }
 

@@ -356,6 +356,7 @@ pub(crate) struct Trainer {
     metrics: Option<JsonlWriter>,
     events: Option<JsonlWriter>,
     telemetry: Option<JsonlWriter>,
+    tb: Option<log::TbMirror>,
     sumsq: Vec<f64>,
     ckpt_pending: bool,
     t_start: Instant,
@@ -445,6 +446,11 @@ impl Trainer {
             } else {
                 None
             },
+            tb: if record && cfg.telemetry.tensorboard {
+                Some(log::TbMirror::create(&out.join("tensorboard"))?)
+            } else {
+                None
+            },
             record,
             sumsq: vec![0.0; nspecs],
             // a resumed run still owes the regular checkpoint its source was waiting to take
@@ -467,7 +473,11 @@ impl Trainer {
 
     fn event_at(&mut self, step: u64, kind: &str, detail: serde_json::Value) -> Result<()> {
         if let Some(e) = &mut self.events {
-            e.write(&log::event_line(step, kind, detail))?;
+            let line = log::event_line(step, kind, detail);
+            e.write(&line)?;
+            if let Some(tb) = &mut self.tb {
+                tb.event(&line)?;
+            }
         }
         Ok(())
     }
@@ -709,6 +719,9 @@ impl Trainer {
         if let Some(w) = &mut self.metrics {
             w.write(&line)?;
         }
+        if let Some(tb) = &mut self.tb {
+            tb.metrics(&line)?;
+        }
         if tel_now {
             self.write_telemetry(s, update_ratio.is_some(), lse_max)?;
         }
@@ -812,6 +825,9 @@ impl Trainer {
         });
         if let Some(w) = &mut self.telemetry {
             w.write(&line)?;
+        }
+        if let Some(tb) = &mut self.tb {
+            tb.telemetry(&line)?;
         }
         Ok(())
     }

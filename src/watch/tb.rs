@@ -39,6 +39,8 @@ struct Pending {
     step: Option<i64>,
     values: Vec<(String, f64)>,
     since: Instant,
+    /// keel's own mirror marks a step the guard skipped (`keel/skipped`).
+    skipped: bool,
     /// Last step handed to the judge (steps going back mean a resumed or restarted run).
     last: Option<i64>,
 }
@@ -92,6 +94,7 @@ pub(super) fn watch(
         step: None,
         values: Vec::new(),
         since: Instant::now(),
+        skipped: false,
         last: None,
     };
     loop {
@@ -121,6 +124,10 @@ pub(super) fn watch(
                     p.since = Instant::now();
                 }
                 for (tag, v) in e.scalars {
+                    if tag == "keel/skipped" {
+                        p.skipped = v == 1.0;
+                        continue;
+                    }
                     // a tag logged twice in a step: the later value
                     match p.values.iter_mut().find(|(t, _)| *t == tag) {
                         Some(slot) => slot.1 = v,
