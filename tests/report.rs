@@ -228,7 +228,83 @@ fn run_report_renders() {
     // `keel report` on the same directory rewrites it the same way
     let o = ok(keel().arg("report").arg(&run));
     assert!(o.contains("report.html"));
+    compare_with_a_tensorboard_run(&dir, &run);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let p = e.unwrap().path();
+        let q = to.join(p.file_name().unwrap());
+        if p.is_dir() {
+            copy_dir(&p, &q);
+        } else {
+            std::fs::copy(&p, &q).unwrap();
+        }
+    }
+}
+
+/// A TensorBoard log (Lightning's logger, 80 steps diverging from 61) drawn as a run, and
+/// beside a keel run (60 steps, a skip at 30) on one comparison page.
+fn compare_with_a_tensorboard_run(dir: &Path, run: &Path) {
+    let tb = dir.join("tb");
+    copy_dir(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tensorboard/lightning"),
+        &tb,
+    );
+    ok(keel().arg("report").arg(&tb));
+    let html = std::fs::read_to_string(tb.join("report.html")).unwrap();
+    assert!(html.contains("TensorBoard events"), "source not named");
+    assert!(html.contains("loss ← train_loss"), "tag mapping not shown");
+    assert!(html.contains("id=\"fig-loss\"") && html.contains("id=\"fig-grad_norm\""));
+    assert!(!html.contains("fig-lr\""), "no LR was logged: no LR plot");
+    // several runs need a directory of their own
+    let o = keel().arg("report").arg(run).arg(&tb).output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--out"));
+    let cmp = dir.join("cmp");
+    ok(keel()
+        .arg("report")
+        .arg(run)
+        .arg(&tb)
+        .arg("--out")
+        .arg(&cmp));
+    let html = std::fs::read_to_string(cmp.join("report.html")).unwrap();
+    assert_offline(&html);
+    // the key numbers side by side: steps 60 and 80, the keel run's one skip
+    let row = |name: &str| {
+        let i = html
+            .find(&format!("<td>{name}</td>"))
+            .unwrap_or_else(|| panic!("no row {name}"));
+        html[i..i + html[i..].find("</tr>").unwrap()].to_string()
+    };
+    assert!(row("run").contains("<td>60</td>"), "{}", row("run"));
+    assert!(row("tb").contains("<td>80</td>"), "{}", row("tb"));
+    assert!(
+        row("run").contains("<td>1</td>"),
+        "one skip: {}",
+        row("run")
+    );
+    let loss = std::fs::read_to_string(cmp.join("plots/loss.svg")).unwrap();
+    assert!(
+        loss.contains(">\nrun\n<") && loss.contains(">\ntb\n<"),
+        "legend lacks a run"
+    );
+    assert!(
+        loss.contains("run: skip"),
+        "the skip is not marked in the run's colour"
+    );
+    // validation loss only in the keel run: drawn, and said so
+    assert!(
+        html.contains("only in run"),
+        "the one-run plot is not labelled"
+    );
+    browse(
+        &cmp.join("report.html"),
+        &["numbers", "curves", "fig-loss", "fig-val_loss"],
+        5,
+    );
 }
 
 #[test]

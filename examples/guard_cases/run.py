@@ -25,6 +25,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -66,8 +67,15 @@ def corpus(kind: str, out: str) -> str:
     if kind == "python":
         files = sorted(glob.glob(os.path.join(os.path.dirname(os.__file__), "*.py")))
     else:
+        # only the crates keel's Cargo.lock names (exact versions): the same text on any
+        # machine that built keel, whatever else its cargo registry holds
+        lock = open(os.path.join(ROOT, "Cargo.lock")).read()
+        pinned = set(re.findall(r'name = "([^"]+)"\nversion = "([^"]+)"', lock))
         home = os.path.expanduser("~/.cargo/registry/src")
-        files = sorted(glob.glob(os.path.join(home, "*", "*", "src", "**", "*.rs"), recursive=True))
+        files = sorted(
+            f for f in glob.glob(os.path.join(home, "*", "*", "src", "**", "*.rs"), recursive=True)
+            if tuple(os.path.relpath(f, home).split(os.sep)[1].rsplit("-", 1)) in pinned
+        )
     buf, n = [], 0
     for f in files:
         with open(f, encoding="utf-8", errors="replace") as fh:
@@ -144,12 +152,16 @@ def main():
     ap.add_argument("--out", default="runs/guard_cases")
     ap.add_argument("--only", default=None, help="run only cases whose name contains this")
     ap.add_argument("--no-clean", action="store_true", help="skip the five clean seeds")
+    ap.add_argument("--seeds", default=None,
+                    help="comma-separated train.seed values: each case at each seed (a high LR near the edge "
+                         "is noisy: one seed can end 0%% or 36%% above the stable run)")
     ap.add_argument("--table", action="store_true", help="print the table of the runs already made; run nothing")
     ap.add_argument("--keel", default=os.environ.get("KEEL", os.path.join(ROOT, "target", "release", "keel")))
     a = ap.parse_args()
     global TABLE_ONLY
     TABLE_ONLY = a.table
     sets = ["tune", "heldout"] if a.set == "all" else [a.set]
+    seeds = [None] if a.seeds is None else [int(x) for x in a.seeds.split(",")]
     for which in sets:
         out = os.path.join(a.out, which)
         os.makedirs(out, exist_ok=True)
@@ -162,16 +174,27 @@ def main():
                 continue
             data = corpus(kind, a.out)
             stable_extra = [x for x in extra if not x.startswith("init.std")]  # the reference: HF's init
-            try:
-                u = summary(train(a.keel, out, name + "-unguarded", data, lr, extra, False))
-                g = summary(train(a.keel, out, name + "-guarded", data, lr, extra, True))
-                s = summary(train(a.keel, out, name + "-stable", data, STABLE_LR, stable_extra, True))
-            except FileNotFoundError as e:
-                print(f"| {name} | not run yet ({e}) |")
-                continue
-            gv = g["val"] if g["steps"] == STEPS else None
-            print(f"| {name} | {fmt(u['val'])} | {fmt(gv) if gv is not None else 'gave up at ' + str(g['steps'])} | {fmt(s['val'])} "
-                  f"| {pct(u['val'], s['val'])} | {pct(gv, s['val'])} | {g['what']} |", flush=True)
+            per_seed = []
+            for seed in seeds:
+                sfx = "" if seed is None else f"-s{seed}"
+                try:
+                    u = summary(train(a.keel, out, name + sfx + "-unguarded", data, lr, extra, False, seed))
+                    g = summary(train(a.keel, out, name + sfx + "-guarded", data, lr, extra, True, seed))
+                    s = summary(train(a.keel, out, name + sfx + "-stable", data, STABLE_LR, stable_extra, True, seed))
+                except FileNotFoundError as e:
+                    print(f"| {name}{sfx} | not run yet ({e}) |")
+                    continue
+                gv = g["val"] if g["steps"] == STEPS else None
+                print(f"| {name}{sfx} | {fmt(u['val'])} | {fmt(gv) if gv is not None else 'gave up at ' + str(g['steps'])} | {fmt(s['val'])} "
+                      f"| {pct(u['val'], s['val'])} | {pct(gv, s['val'])} | {g['what']} |", flush=True)
+                if gv is not None and u["val"] is not None:
+                    per_seed.append((100 * (u["val"] - s["val"]) / s["val"], 100 * (gv - s["val"]) / s["val"]))
+            if len(per_seed) > 1:
+                mu = sum(x[0] for x in per_seed) / len(per_seed)
+                mg = sum(x[1] for x in per_seed) / len(per_seed)
+                worse = sum(1 for x in per_seed if x[1] > x[0])
+                print(f"| **{name}, mean of {len(per_seed)} seeds** | | | | {mu:+.1f}% | {mg:+.1f}% "
+                      f"| guard worse than none in {worse} of {len(per_seed)} |", flush=True)
         if a.no_clean or a.only:
             continue
         kind, extra = CLEAN[which]

@@ -137,8 +137,14 @@ pub enum Command {
     /// Write DIR/report.html (self-contained, opens offline) and DIR/plots/ for a run, a
     /// sweep or a `keel check --out` directory
     Report {
-        /// The directory of keel train, keel sweep or keel check --out
-        dir: PathBuf,
+        /// The directory of keel train, keel sweep or keel check --out, the Python run
+        /// logger's directory, or a TensorBoard log directory; several runs (with --out)
+        /// are drawn on one page
+        #[arg(required = true, num_args = 1..)]
+        dirs: Vec<PathBuf>,
+        /// Where to write the comparison page of several runs (report.html and plots/)
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Mean next-token cross-entropy of a model on a token file (JSON on stdout)
     Eval {
@@ -337,8 +343,16 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             sets,
         } => cmd_init(preset, hf, &scheme, seed, out, explain, &sets),
         Command::Sweep(a) => cmd_sweep(a, cli.threads),
-        Command::Report { dir } => {
-            let p = crate::report::write(&dir)?;
+        Command::Report { dirs, out } => {
+            let p = match (dirs.len(), out) {
+                (1, None) => crate::report::write(&dirs[0])?,
+                (_, Some(out)) => crate::report::compare::write(&dirs, &out)?,
+                (_, None) => anyhow::bail!(
+                    "keel report: {} runs given and no --out; fix: keel report {} --out compare/ (a comparison page needs a directory of its own)",
+                    dirs.len(),
+                    dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(" ")
+                ),
+            };
             println!("report: {}", p.display());
             Ok(0)
         }

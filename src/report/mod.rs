@@ -2,8 +2,10 @@
 //! offline) for a run, a sweep or a `keel check` output, and the same plots as SVG and PNG
 //! under `DIR/plots/`.
 
+pub mod compare;
 pub mod html;
 pub mod plot;
+pub mod runs;
 
 use crate::train::{num_field, read_jsonl};
 use anyhow::{bail, Context, Result};
@@ -31,11 +33,14 @@ pub fn detect(dir: &Path) -> Result<Kind> {
         Ok(Kind::Check)
     } else if dir.join("coord_check.json").exists() {
         Ok(Kind::Coord)
+    } else if runs::RunData::is_run(dir) {
+        // a TensorBoard log directory
+        Ok(Kind::Run)
     } else if !dir.is_dir() {
         bail!("{}: no such directory", dir.display())
     } else {
         bail!(
-            "{}: not a keel run, sweep or check directory (no metrics.jsonl, sweep.json, check.json or coord_check.json); fix: give the --out directory of keel train, keel sweep or keel check",
+            "{}: not a keel run, sweep or check directory (no metrics.jsonl, sweep.json, check.json, coord_check.json or TensorBoard event files); fix: give the --out directory of keel train, keel sweep or keel check, the Python run logger's directory, or a TensorBoard log directory",
             dir.display()
         )
     }
@@ -61,7 +66,7 @@ fn series_of(m: &[Value], key: &str) -> Vec<(f64, f64)> {
 }
 
 /// Centred moving mean over `2h+1` points (no lag, unlike an EMA on a falling curve).
-fn smooth(p: &[(f64, f64)], h: usize) -> Vec<(f64, f64)> {
+pub(crate) fn smooth(p: &[(f64, f64)], h: usize) -> Vec<(f64, f64)> {
     let q: Vec<(f64, f64)> = p.iter().copied().filter(|(_, y)| y.is_finite()).collect();
     (0..q.len())
         .map(|i| {
@@ -185,14 +190,18 @@ fn layer_heatmap(tel: &[Value], key: &str, title: &str, label: &str, log: bool) 
 }
 
 /// Line plots in the report: smaller canvas, so the text stays readable two to a row.
-const SIZE: (u32, u32) = (760, 470);
+pub(crate) const SIZE: (u32, u32) = (760, 470);
 
 fn run_page(dir: &Path) -> Result<Page> {
-    let metrics = read_jsonl(&dir.join("metrics.jsonl"))?;
-    let events = read_jsonl(&dir.join("events.jsonl")).unwrap_or_default();
-    let tel = read_jsonl(&dir.join("telemetry.jsonl")).unwrap_or_default();
-    let cfg_text = std::fs::read_to_string(dir.join("config.toml")).unwrap_or_default();
-    let cfg = crate::config::RunConfig::load(Some(&dir.join("config.toml")), &[]).ok();
+    let run = runs::RunData::load(dir)?;
+    let (source, notes) = (run.source, run.notes);
+    let (metrics, events, tel, cfg_text, cfg) = (
+        run.metrics,
+        run.events,
+        run.telemetry,
+        run.cfg_text,
+        run.cfg,
+    );
     let plots = dir.join("plots");
     let mut page = Page::new(&format!("keel run — {}", dir_name(dir)));
     let last = metrics.last();
@@ -208,6 +217,9 @@ fn run_page(dir: &Path) -> Result<Page> {
         ("finished", "good")
     } else if kinds.last() == Some(&"interrupted") {
         ("interrupted", "warn")
+    } else if cfg.is_none() {
+        // a PyTorch or TensorBoard run: its planned length is not known here
+        ("logged", "good")
     } else {
         ("in progress or stopped", "warn")
     };
@@ -216,7 +228,14 @@ fn run_page(dir: &Path) -> Result<Page> {
     // the same figures, labelled the same way, as the end-of-run summary on the terminal
     let fig = crate::train::figures::figures(&metrics, &events);
     page.status = Some((status.0.to_string(), status.1.to_string()));
-    page.stat("steps", &format!("{steps} / {planned}"));
+    if planned > 0 {
+        page.stat("steps", &format!("{steps} / {planned}"));
+    } else {
+        page.stat("steps", &format!("{steps}"));
+    }
+    if cfg.is_none() {
+        page.subtitle = format!("from {source}");
+    }
     for (label, value) in fig.rows() {
         page.stat(&label, &value);
     }
@@ -407,11 +426,20 @@ fn run_page(dir: &Path) -> Result<Page> {
         }
     }
     page.section("events", "Events", events_table(&events));
-    page.section(
-        "config",
-        "Resolved configuration",
-        format!("<details><summary>config.toml — re-running it reproduces the run</summary><pre>{}</pre></details>", esc(&cfg_text)),
-    );
+    if !notes.is_empty() {
+        let items: String = notes
+            .iter()
+            .map(|n| format!("<li>{}</li>", esc(n)))
+            .collect();
+        page.section("notes", "Not read", format!("<ul>{items}</ul>"));
+    }
+    if !cfg_text.is_empty() {
+        page.section(
+            "config",
+            "Resolved configuration",
+            format!("<details><summary>config.toml — re-running it reproduces the run</summary><pre>{}</pre></details>", esc(&cfg_text)),
+        );
+    }
     Ok(page)
 }
 
@@ -427,7 +455,7 @@ fn human(x: f64) -> String {
     }
 }
 
-fn dir_name(dir: &Path) -> String {
+pub(crate) fn dir_name(dir: &Path) -> String {
     std::fs::canonicalize(dir)
         .ok()
         .and_then(|p| p.file_name().map(|s| s.to_string_lossy().to_string()))
@@ -613,7 +641,7 @@ fn verdict_class(v: &str) -> &'static str {
 }
 
 /// One event's detail as a sentence (the raw JSON is in events.jsonl).
-fn event_sentence(kind: &str, d: &Value) -> String {
+pub(crate) fn event_sentence(kind: &str, d: &Value) -> String {
     let n = |k: &str| d.get(k).and_then(Value::as_f64);
     let st = |k: &str| st_of(d, k);
     match kind {

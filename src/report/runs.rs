@@ -1,0 +1,266 @@
+//! A run's logs as the report draws them, from a keel run directory (`keel train`, or the
+//! Python package's run logger: metrics.jsonl, events.jsonl, telemetry.jsonl, config.toml)
+//! or a TensorBoard log directory (torch's SummaryWriter, Lightning, the HF Trainer,
+//! torchtitan, keel's own mirror), whose tags are mapped to keel's field names.
+
+use crate::tensorboard::{event_files, EventReader};
+use crate::train::read_jsonl;
+use anyhow::Result;
+use serde_json::{json, Map, Value};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+pub struct RunData {
+    pub dir: PathBuf,
+    pub metrics: Vec<Value>,
+    pub events: Vec<Value>,
+    pub telemetry: Vec<Value>,
+    pub cfg_text: String,
+    pub cfg: Option<crate::config::RunConfig>,
+    /// Where the numbers came from, for the page ("metrics.jsonl", "TensorBoard: ...").
+    pub source: String,
+    /// Notes on what was not read (corrupt records, a torn end).
+    pub notes: Vec<String>,
+}
+
+/// keel's field → the tags other writers use for it, in order of preference.
+const TAGS: &[(&str, &[&str])] = &[
+    (
+        "loss",
+        &[
+            "train/loss",
+            "loss",
+            "train_loss",
+            "train_loss_step",
+            "train/loss_step",
+            "lm loss",
+            "train/lm_loss",
+            "loss/train",
+            "training_loss",
+            "loss_metrics/global_avg_loss",
+        ],
+    ),
+    (
+        "grad_norm",
+        &[
+            "train/grad_norm",
+            "grad_norm",
+            "grad-norm",
+            "grad norm",
+            "gnorm",
+            "optim/total_grad_norm",
+        ],
+    ),
+    (
+        "lr",
+        &[
+            "train/lr",
+            "train/learning_rate",
+            "lr",
+            "learning_rate",
+            "lr-AdamW",
+            "lr-Adam",
+            "lr_scheduler/lr",
+        ],
+    ),
+    (
+        "val_loss",
+        &[
+            "val/loss",
+            "eval/loss",
+            "val_loss",
+            "validation/loss",
+            "loss/val",
+            "eval_loss",
+            "val/lm_loss",
+        ],
+    ),
+    (
+        "max_attn_logit",
+        &[
+            "train/max_attn_logit",
+            "max_attn_logit",
+            "keel/max_attn_logit",
+            "train/keel/max_attn_logit",
+        ],
+    ),
+    (
+        "logit_z",
+        &[
+            "train/logit_z",
+            "logit_z",
+            "keel/logit_z",
+            "train/keel/logit_z",
+        ],
+    ),
+    (
+        "update_ratio",
+        &[
+            "train/update_ratio",
+            "update_ratio",
+            "keel/update_ratio_max",
+            "train/keel/update_ratio_max",
+        ],
+    ),
+    ("tokens_per_s", &["perf/tokens_per_s", "tokens_per_s"]),
+];
+
+/// Tags under keel/ that are signals, not events.
+const KEEL_SIGNALS: &[&str] = &[
+    "skipped",
+    "skipped_steps",
+    "max_attn_logit",
+    "logit_z",
+    "update_ratio_max",
+    "lr_factor",
+    "rollbacks",
+];
+
+impl RunData {
+    /// Whether `dir` can be loaded: a keel run or a TensorBoard log directory.
+    pub fn is_run(dir: &Path) -> bool {
+        dir.join("metrics.jsonl").is_file() || (dir.is_dir() && event_files(dir).is_ok())
+    }
+
+    pub fn load(dir: &Path) -> Result<RunData> {
+        if dir.join("metrics.jsonl").is_file() {
+            let cfg_path = dir.join("config.toml");
+            return Ok(RunData {
+                dir: dir.to_path_buf(),
+                metrics: read_jsonl(&dir.join("metrics.jsonl"))?,
+                events: read_jsonl(&dir.join("events.jsonl")).unwrap_or_default(),
+                telemetry: read_jsonl(&dir.join("telemetry.jsonl")).unwrap_or_default(),
+                cfg_text: std::fs::read_to_string(&cfg_path).unwrap_or_default(),
+                cfg: cfg_path
+                    .is_file()
+                    .then(|| crate::config::RunConfig::load(Some(&cfg_path), &[]).ok())
+                    .flatten(),
+                source: "metrics.jsonl".into(),
+                notes: Vec::new(),
+            });
+        }
+        Self::from_tensorboard(dir)
+    }
+
+    fn from_tensorboard(dir: &Path) -> Result<RunData> {
+        let (files, others) = event_files(dir)?;
+        let mut notes = Vec::new();
+        if !others.is_empty() {
+            notes.push(format!(
+                "{} other run director{} with event files not drawn (give each as its own directory to compare them)",
+                others.len(),
+                if others.len() == 1 { "y" } else { "ies" }
+            ));
+        }
+        // step → tag → value (a later value of a tag at a step wins); texts per step
+        let mut steps: BTreeMap<i64, BTreeMap<String, f64>> = BTreeMap::new();
+        let mut texts: Vec<(i64, String)> = Vec::new();
+        let mut t0: Option<f64> = None;
+        let mut wall: BTreeMap<i64, f64> = BTreeMap::new();
+        for f in &files {
+            let (events, problems) = EventReader::open(f)?.poll(true)?;
+            notes.extend(problems.iter().map(|p| p.describe(f)));
+            for e in events {
+                if e.wall_time > 0.0 && !e.scalars.is_empty() {
+                    t0 = Some(t0.map_or(e.wall_time, |t: f64| t.min(e.wall_time)));
+                    wall.insert(e.step, e.wall_time);
+                }
+                let row = steps.entry(e.step).or_default();
+                for (tag, v) in e.scalars {
+                    row.insert(tag, v);
+                }
+                for (tag, t) in e.texts {
+                    if tag.starts_with("keel/") {
+                        texts.push((e.step, t));
+                    }
+                }
+            }
+        }
+        steps.retain(|_, r| !r.is_empty());
+        // each field from the first of its tags present anywhere in the log
+        let present = |tag: &str| steps.values().any(|r| r.contains_key(tag));
+        let chosen: Vec<(&str, &str)> = TAGS
+            .iter()
+            .filter_map(|(field, tags)| Some((*field, *tags.iter().find(|t| present(t))?)))
+            .collect();
+        let mut metrics = Vec::new();
+        let mut events = Vec::new();
+        for (&step, row) in &steps {
+            let mut m = Map::new();
+            m.insert("step".into(), json!(step));
+            for (field, tag) in &chosen {
+                if let Some(v) = row.get(*tag) {
+                    m.insert(
+                        field.to_string(),
+                        if v.is_finite() { json!(v) } else { Value::Null },
+                    );
+                }
+            }
+            if row.get("keel/skipped") == Some(&1.0) {
+                m.insert("skipped".into(), json!(true));
+            }
+            if let (Some(t), Some(w)) = (t0, wall.get(&step)) {
+                m.insert("elapsed_s".into(), json!(w - t));
+            }
+            if m.len() > 1 + usize::from(m.contains_key("elapsed_s")) {
+                metrics.push(Value::Object(m));
+            }
+            // guard events: keel/<kind> (keel's mirror) or keel/event/<kind> scalars
+            for (tag, v) in row {
+                let Some(kind) = tag
+                    .strip_prefix("train/keel/")
+                    .or_else(|| tag.strip_prefix("keel/"))
+                    .map(|k| k.strip_prefix("event/").unwrap_or(k))
+                else {
+                    continue;
+                };
+                if KEEL_SIGNALS.contains(&kind) || kind.contains('/') {
+                    continue;
+                }
+                let words = texts
+                    .iter()
+                    .find(|(s, t)| *s == step && t.contains(kind))
+                    .map(|(_, t)| t.clone());
+                let mut detail = json!({});
+                if kind == "lr_backoff" {
+                    detail["factor"] = json!(v);
+                }
+                if let Some(w) = words {
+                    detail["reason"] = json!(w);
+                }
+                events.push(json!({"step": step, "kind": kind, "detail": detail}));
+            }
+        }
+        if metrics.is_empty() {
+            anyhow::bail!(
+                "{}: its TensorBoard events hold no training scalars keel knows (no tag among {}); fix: log the loss under one of those tags",
+                dir.display(),
+                TAGS[0].1.join(", ")
+            );
+        }
+        let run = files[0].parent().unwrap_or(dir);
+        Ok(RunData {
+            dir: dir.to_path_buf(),
+            metrics,
+            events,
+            telemetry: Vec::new(),
+            cfg_text: String::new(),
+            cfg: None,
+            source: format!(
+                "TensorBoard events in {} ({}; {})",
+                run.display(),
+                if files.len() == 1 {
+                    "1 file".to_string()
+                } else {
+                    format!("{} files", files.len())
+                },
+                chosen
+                    .iter()
+                    .map(|(f, t)| format!("{f} ← {t}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            notes,
+        })
+    }
+}
