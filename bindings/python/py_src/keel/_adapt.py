@@ -4,6 +4,7 @@ undone, and the guard they build from their keyword arguments."""
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Optional
 
 from . import Guard
@@ -44,13 +45,33 @@ class GuardSpec:
             Guard(**config)  # validates the keys now
         self.guard, self.events, self.config = guard, events, config
 
-    def build(self, default_dir: Optional[str], is_main: bool) -> Guard:
+    def build(self, default_dir: Optional[str], is_main: bool, log_dir: Optional[os.PathLike] = None) -> Guard:
         if self.guard is not None:
             return self.guard
         events = self.events
-        if events is None and is_main and default_dir is not None:
-            events = os.path.join(default_dir, "keel-events.jsonl")
+        if events is None and is_main:
+            if log_dir is not None:
+                events = os.path.join(os.fspath(log_dir), "events.jsonl")  # keel's run directory
+            elif default_dir is not None:
+                events = os.path.join(default_dir, "keel-events.jsonl")
         return Guard(events=events, **self.config)
+
+
+def run_logger(log_dir: Optional[os.PathLike], is_main: bool, tokens_per_step: Optional[int] = None):
+    """The RunLogger of an adapter's `log_dir` (None without one); it writes on the main
+    process only, as the framework says which that is."""
+    if log_dir is None:
+        return None
+    from .torch import RunLogger
+
+    return RunLogger(log_dir, tokens_per_step=tokens_per_step, rank=0 if is_main else 1)
+
+
+def warn_once(seen: set, key: str, message: str) -> None:
+    """A logger keel cannot write to is said once, not at every event."""
+    if key not in seen:
+        seen.add(key)
+        warnings.warn(message, stacklevel=3)
 
 
 def wrapper_options(**opts: Any) -> dict:
@@ -63,11 +84,12 @@ def wrapper_options(**opts: Any) -> dict:
 
 def guard_state(gopt) -> dict:
     """What an adapter saves in the framework's checkpoint."""
-    return {"guard": gopt.guard.state_dict(), "step": gopt.step_count}
+    return {"guard": gopt.guard.state_dict(), "step": gopt.step_count, "rollbacks": gopt.rollbacks}
 
 
 def load_guard_state(gopt, st: dict) -> None:
     gopt.guard.load_state_dict(st["guard"])
     gopt.step_count = int(st["step"])
+    gopt.rollbacks = int(st.get("rollbacks", 0))
     gopt.snapshots.clear()
     gopt.snapshots.put(gopt.step_count, gopt._capture())

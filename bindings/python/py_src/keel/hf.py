@@ -12,7 +12,8 @@ gradient norm (what `accelerator.clip_grad_norm_` returned to the Trainer; nothi
 computed twice). Skips leave weights and optimizer state untouched, back-offs scale the LR
 of that update, rollbacks restore model, optimizer, scheduler and RNG state from the newest
 snapshot, and giving up raises keel.GaveUp out of `trainer.train()`. Events go to
-`<output_dir>/keel-events.jsonl` (main process only) unless `events=` says otherwise.
+`<output_dir>/keel-events.jsonl` (main process only; `<log_dir>/events.jsonl` with `log_dir=`)
+unless `events=` says otherwise.
 
 Rollback targets: keel's snapshots (a host copy of weights and optimizer state every
 `snapshot_every` steps, 12 bytes per fp32 parameter with AdamW, `keep` + 1 of them held;
@@ -41,8 +42,24 @@ out, and logs no loss for an interval in which every step was skipped); the run'
 update used (the scheduler's times the guard's factor). Each training log also carries
 `keel/skipped_steps` (steps not applied since the last log) and, when a telemetry step fell
 in the interval, keel's early signals: `keel/max_attn_logit` (over the layers),
-`keel/logit_z` and `keel/update_ratio_max` (see keel.torch.GuardedOptimizer) — in
-`state.log_history` and whatever the Trainer reports to (W&B, TensorBoard).
+`keel/logit_z` and `keel/update_ratio_max` (see keel.torch.GuardedOptimizer), and the guard's
+`keel/lr_factor` and `keel/rollbacks` — in `state.log_history` and whatever the Trainer
+reports to (W&B, TensorBoard): the callback adds them before the Trainer hands the log to
+its callbacks, so the `report_to` integrations get them whatever the callback order.
+
+Guard events at their step (`report_events=True`, the default): after a step with a
+detection, skip, back-off or rollback, the callback logs `keel/event/<kind>` = 1,
+`keel/lr_factor` and `keel/rollbacks` through `trainer.log` at that step (the step's number
+is the Trainer's global_step, as in its own logs), so every `report_to` integration charts
+it (HF prefixes train logs: `train/keel/event/skip` in TensorBoard and W&B); the events as
+sentences go to TensorBoard (`add_text`, tag `train/keel/events`) and W&B (a text value
+`train/keel/events`). A give-up is reported before keel.GaveUp leaves `train()`.
+
+keel's run directory (`log_dir=`): metrics.jsonl (every step's loss, gradient norm, the LR
+the update used, skipped flag, tokens counted from the batches' input_ids, wall time, the
+early signals on telemetry steps), each evaluation's `eval_loss` as `val_loss`,
+telemetry.jsonl and events.jsonl (the guard writes them there unless `events=` is given):
+`keel report DIR` draws the run like a `keel train` run (keel.torch.RunLogger).
 """
 
 from __future__ import annotations
@@ -60,7 +77,16 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from . import GaveUp, Guard
-from ._adapt import GuardSpec, wrapper_options, guard_state, keep_scheduler_marker, load_guard_state, patch
+from ._adapt import (
+    GuardSpec,
+    guard_state,
+    keep_scheduler_marker,
+    load_guard_state,
+    patch,
+    run_logger,
+    warn_once,
+    wrapper_options,
+)
 from .torch import GuardedOptimizer
 
 __all__ = ["GuardCallback"]
@@ -84,7 +110,12 @@ class GuardCallback(TrainerCallback, ExportableState):
     probe_attention / probe_logits / probe_updates / probe_every: the early signals measured on
     the live model (keel.torch.GuardedOptimizer; on by default where the model has them).
     The guard's state is saved in the Trainer's checkpoints (trainer_state.json) and restored
-    by `trainer.train(resume_from_checkpoint=...)`."""
+    by `trainer.train(resume_from_checkpoint=...)`.
+    log_dir: keel's run directory (keel.torch.RunLogger: metrics.jsonl per step, the eval loss
+    as val_loss, telemetry.jsonl, events.jsonl) for `keel report` / `keel watch`; main process
+    only. tokens_per_step: the tokens of one optimizer step over all ranks (default: counted
+    from the batches' input_ids). report_events: send each guard event to the Trainer's
+    loggers (`report_to`) at its step (True by default)."""
 
     def __init__(
         self,
@@ -101,6 +132,9 @@ class GuardCallback(TrainerCallback, ExportableState):
         probe_every: int = 10,
         snapshot_async: bool = True,
         rollback_from: str = "snapshots",
+        log_dir: Optional[os.PathLike] = None,
+        tokens_per_step: Optional[int] = None,
+        report_events: bool = True,
         **guard_config: Any,
     ):
         # passed to GuardedOptimizer: rollback targets (keel's snapshots, or the Trainer's own
@@ -124,6 +158,10 @@ class GuardCallback(TrainerCallback, ExportableState):
         self._skipped = 0
         self._unfilled = 0
         self._last_log_step = 0
+        self.log_dir, self.tokens_per_step, self.report_events = log_dir, tokens_per_step, report_events
+        self._tokens = 0  # this step's tokens, counted from its batches
+        self._pending_events: list = []  # (step, scalars, text) to report at the step's end
+        self._warned: set = set()
 
     @property
     def guard(self) -> Optional[Guard]:
@@ -138,6 +176,9 @@ class GuardCallback(TrainerCallback, ExportableState):
                 "snapshot_dir": None if self.options["snapshot_dir"] is None else os.fspath(self.options["snapshot_dir"]),
                 "probe_logits": None if isinstance(self.options["probe_logits"], torch.nn.Module) else self.options["probe_logits"],
                 "events": None if self._spec.events is None else os.fspath(self._spec.events),
+                "log_dir": None if self.log_dir is None else os.fspath(self.log_dir),
+                "tokens_per_step": self.tokens_per_step,
+                "report_events": self.report_events,
                 **cfg,
             },
             "attributes": {"_resume_state": guard_state(self.gopt) if self.gopt is not None else None},
@@ -159,7 +200,8 @@ class GuardCallback(TrainerCallback, ExportableState):
                 "inside the scaler's step); train in bf16 or fp32, or use accelerate 1.x"
             )
         self._check_checkpoint_rollbacks(args)
-        guard = self._spec.build(args.output_dir, state.is_world_process_zero)
+        main = state.is_world_process_zero
+        guard = self._spec.build(args.output_dir, main, self.log_dir)
         self.gopt = GuardedOptimizer(
             optimizer,
             guard,
@@ -167,7 +209,11 @@ class GuardCallback(TrainerCallback, ExportableState):
             scheduler=lr_scheduler,
             **self.options,
             step_scheduler=False,  # the Trainer steps its scheduler itself
+            log_dir=run_logger(self.log_dir, main, self.tokens_per_step),
         )
+        self._pending_events = []
+        if self.report_events and main:
+            self.gopt.add_event_hook(lambda s, scalars, text: self._pending_events.append((s, scalars, text)))
         if self._resume_state is None and state.global_step > 0:
             # a resumed run: the Trainer restores callback state only with
             # args.restore_callback_states_from_checkpoint, so read ours from the loaded state
@@ -185,11 +231,18 @@ class GuardCallback(TrainerCallback, ExportableState):
         # accumulation: their mean over the micro-batches, what the Trainer logs)
         inner_training_step = trainer.training_step
 
+        world = max(1, int(getattr(args, "world_size", 1) or 1))
+
         def training_step(*a, **k):
             if self._loss is None:
                 # the running loss before this step's batches: a step keel skips is taken out
                 tr = getattr(trainer, "_tr_loss", None)
                 self._tr_before = tr.detach().clone() if isinstance(tr, torch.Tensor) else None
+                self._tokens = 0
+            inputs = a[1] if len(a) > 1 else k.get("inputs")
+            ids = inputs.get("input_ids") if isinstance(inputs, dict) else None
+            if isinstance(ids, torch.Tensor):
+                self._tokens += ids.numel() * world  # every rank's batch alike (metrics.jsonl's tokens)
             loss = inner_training_step(*a, **k)
             d = loss.detach()
             self._loss = d if self._loss is None else self._loss + d
@@ -220,6 +273,8 @@ class GuardCallback(TrainerCallback, ExportableState):
             self._loss = self._norm = None
             if loss is None:
                 loss = torch.tensor(float("nan"))
+            if self.tokens_per_step is None and self._tokens:
+                self.gopt._tokens = self._tokens
             try:
                 act = self.gopt._guarded_step(
                     loss, norm, {}, lambda: inner_step(*a, **k), step=trainer.state.global_step + 1,
@@ -227,6 +282,7 @@ class GuardCallback(TrainerCallback, ExportableState):
                 )
             except GaveUp:
                 self._unwrap()  # a caught GaveUp leaves a clean Trainer behind
+                self._report_pending(trainer)  # on_step_end will not come: the give-up is reported now
                 raise
             if act is None:
                 return  # the scaler's overflow
@@ -286,6 +342,9 @@ class GuardCallback(TrainerCallback, ExportableState):
                 del logs["loss"]  # no step of the interval was applied: no loss to report
                 self._unfilled += skipped
         logs["keel/skipped_steps"] = skipped
+        if self.gopt is not None:
+            logs["keel/lr_factor"] = self.gopt.guard.lr_factor
+            logs["keel/rollbacks"] = self.gopt.rollbacks
         sig = self.gopt.signals if self.gopt is not None else {}
         if sig and sig["step"] > since:
             attn = [v for v in sig.get("max_attn_logit") or [] if v is not None]
@@ -300,6 +359,60 @@ class GuardCallback(TrainerCallback, ExportableState):
     def on_step_begin(self, args, state, control, **kw):
         # a step the fp16 scaler skipped (overflow) never reached keel: nothing of it carries over
         self._loss = self._norm = None
+
+    # -- the guard's events on the Trainer's loggers -----------------------------------------
+    def on_step_end(self, args, state, control, **kw):
+        # the step is counted now (global_step == its number): its events go where the
+        # Trainer's own logs of that step go
+        self._report_pending(self.trainer)
+
+    def _report_pending(self, trainer) -> None:
+        """Each event step's scalars through `trainer.log` (every report_to integration, the
+        log history and the console, at the step's number), and its sentences as text to
+        TensorBoard and W&B, the integrations that take text."""
+        pending, self._pending_events = self._pending_events, []
+        for s, scalars, text in pending:
+            st = trainer.state
+            saved = st.global_step
+            # a give-up is reported from inside its step, before the Trainer counts it
+            st.global_step = s
+            # the Trainer's on_log clears control.should_log: its own log of this step, decided
+            # before on_step_end returns, must still happen
+            ctl = trainer.control
+            should_log = ctl.should_log
+            try:
+                trainer.log(dict(scalars))
+                if text:
+                    self._report_text(trainer, s, text)
+            finally:
+                st.global_step = saved
+                ctl.should_log = trainer.control.should_log = should_log
+
+    def _report_text(self, trainer, step: int, text: str) -> None:
+        for cb in trainer.callback_handler.callbacks:
+            name = type(cb).__name__
+            try:
+                if name == "TensorBoardCallback":
+                    w = getattr(cb, "tb_writer", None)
+                    if w is not None:  # the Trainer's writer (HF prefixes its train logs with train/)
+                        w.add_text("train/keel/events", text, step)
+                        w.flush()
+                elif name == "WandbCallback":
+                    wb = getattr(cb, "_wandb", None)
+                    run = getattr(wb, "run", None)
+                    if run is not None:
+                        run.log({"train/keel/events": text, "train/global_step": step})
+            except Exception as e:  # a logger failing on text must not stop training
+                warn_once(self._warned, name, f"keel.hf.GuardCallback: could not write guard events as text to "
+                                              f"{name}: {type(e).__name__}: {e}")
+
+    def on_evaluate(self, args, state, control, metrics=None, **kw):
+        # the eval loss, after the step it was measured at, into keel's run directory
+        if self.gopt is None or self.gopt.logger is None or not metrics:
+            return
+        v = metrics.get("eval_loss")
+        if isinstance(v, (int, float)):
+            self.gopt.logger.log_val(v, state.global_step)
 
     # -- rollback to the Trainer's own checkpoints (rollback_from="checkpoints") -------------
     def _check_checkpoint_rollbacks(self, args) -> None:

@@ -10,7 +10,8 @@ each by the accumulation) and the pre-clip gradient norm (measured in
 `on_before_optimizer_step`, before Lightning clips), then applies the update or not. A
 training_step that returns None (Lightning's "skip this batch") is passed through unjudged.
 The guard's state is saved in Lightning checkpoints (the callback's state_dict). Rollbacks restore the LightningModule, optimizer, scheduler and
-RNG state. Events go to `<log_dir or default_root_dir>/keel-events.jsonl` on global rank 0.
+RNG state. Events go to `<trainer.log_dir or default_root_dir>/keel-events.jsonl` on global rank 0
+(`<log_dir>/events.jsonl` with the callback's `log_dir=`).
 For manual optimisation, wrap your optimizer in keel.torch.GuardedOptimizer yourself.
 
 Rollback targets: keel's snapshots (a host copy of weights and optimizer state every
@@ -37,6 +38,19 @@ divides it by the scaler's scale), and a step keel skips still ends in `scaler.u
 
 The early signals (keel.torch.GuardedOptimizer: max attention logit, output logZ, update
 ratios) are measured on the LightningModule's model where it has them: `callback.gopt.signals`.
+
+Guard events on the Trainer's loggers (`report_events=True`, the default): after a step with
+a detection, skip, back-off or rollback, `keel/event/<kind>` = 1, `keel/lr_factor` and
+`keel/rollbacks` go to every logger in `trainer.loggers` (`log_metrics`) at the step
+Lightning logs that batch's own metrics under (its count of optimizer steps before the
+update: keel's step s is logger step s - 1), and the events as sentences as text:
+TensorBoardLogger's `add_text` (tag `keel/events`), WandbLogger's run (a text value
+`keel/events`). A logger that cannot write (its package missing) is warned about once, by
+name; training goes on.
+
+keel's run directory (`log_dir=`): metrics.jsonl per step, the validation loss the module
+logs (`val_key`) as `val_loss` after each validation, telemetry.jsonl and events.jsonl, for
+`keel report DIR` (keel.torch.RunLogger; global rank 0 writes).
 """
 
 from __future__ import annotations
@@ -48,13 +62,34 @@ import torch
 from lightning.pytorch import Callback
 
 from . import GaveUp, Guard
-from ._adapt import GuardSpec, wrapper_options, guard_state, keep_scheduler_marker, load_guard_state, patch
+from ._adapt import (
+    GuardSpec,
+    guard_state,
+    keep_scheduler_marker,
+    load_guard_state,
+    patch,
+    run_logger,
+    warn_once,
+    wrapper_options,
+)
 from .torch import GuardedOptimizer, grad_norm
 
 __all__ = ["GuardCallback"]
 
 
+_VAL_KEYS = ("val_loss", "val/loss", "validation_loss", "valid_loss", "loss/val", "val_loss_epoch")
+
+
 class GuardCallback(Callback):
+    """guard: a keel.Guard, or None to build one from `guard_config` ([guard] keys, checked
+    now). snapshot_every / keep / snapshot_dir / rollback_from: rollback targets, probe_*: the
+    early signals (see keel.torch.GuardedOptimizer). log_dir: keel's run directory
+    (keel.torch.RunLogger; global rank 0 only): metrics.jsonl per step, the validation loss
+    (`val_key`, default the first of val_loss, val/loss, validation_loss, valid_loss, loss/val,
+    val_loss_epoch that the module logs) as val_loss, telemetry.jsonl, events.jsonl. tokens_per_step: the
+    tokens of one optimizer step over all ranks, for metrics.jsonl's `tokens` (not logged
+    without it). report_events: send each guard event to `trainer.loggers` at its step (True)."""
+
     def __init__(
         self,
         guard: Optional[Guard] = None,
@@ -69,6 +104,10 @@ class GuardCallback(Callback):
         probe_every: int = 10,
         snapshot_async: bool = True,
         rollback_from: str = "snapshots",
+        log_dir: Optional[os.PathLike] = None,
+        tokens_per_step: Optional[int] = None,
+        val_key: Optional[str] = None,
+        report_events: bool = True,
         **guard_config: Any,
     ):
         # passed to GuardedOptimizer: rollback targets (keel's snapshots, or the .ckpt files the
@@ -88,6 +127,9 @@ class GuardCallback(Callback):
         self._undo = None
         self._scaler = None
         self._opt = None
+        self.log_dir, self.tokens_per_step, self.val_key = log_dir, tokens_per_step, val_key
+        self.report_events = report_events
+        self._warned: set = set()
 
     @property
     def guard(self) -> Optional[Guard]:
@@ -117,11 +159,15 @@ class GuardCallback(Callback):
         opt = getattr(opt, "optimizer", opt) if not isinstance(opt, torch.optim.Optimizer) else opt
         self._opt = opt
         sched = trainer.lr_scheduler_configs[0].scheduler if trainer.lr_scheduler_configs else None
-        guard = self._spec.build(trainer.log_dir or trainer.default_root_dir, trainer.is_global_zero)
+        main = trainer.is_global_zero
+        guard = self._spec.build(trainer.log_dir or trainer.default_root_dir, main, self.log_dir)
         self.gopt = GuardedOptimizer(
             opt, guard, model=pl_module, scheduler=sched, **self.options,
             step_scheduler=False,  # Lightning steps it
+            log_dir=run_logger(self.log_dir, main, self.tokens_per_step),
         )
+        if self.report_events and main and trainer.loggers:
+            self.gopt.add_event_hook(lambda s, scalars, text: self._report(trainer, scalars, text))
         if self._resume_state is not None:
             load_guard_state(self.gopt, self._resume_state)
             self._resume_state = None
@@ -155,6 +201,41 @@ class GuardCallback(Callback):
         self._undo = patch(opt, "step", step)
         if self.options["rollback_from"] == "checkpoints":
             self._undo = self._watch_saves(trainer, self._undo)
+
+    # -- the guard's events on the Trainer's loggers, the validation loss in keel's run ------
+    def _report(self, trainer, scalars: dict, text: str) -> None:
+        """A step's guard events to every logger of the Trainer, at the step Lightning logs
+        that batch's own metrics under (its count of optimizer steps before this one)."""
+        loop = getattr(trainer.fit_loop, "epoch_loop", None)
+        step = getattr(loop, "_batches_that_stepped", None)
+        step = trainer.global_step if step is None else step
+        for lg in trainer.loggers:
+            name = type(lg).__name__
+            try:
+                lg.log_metrics(dict(scalars), step=step)
+                if text:
+                    exp = lg.experiment
+                    if callable(getattr(exp, "add_text", None)):  # TensorBoard's SummaryWriter
+                        exp.add_text("keel/events", text, step)
+                    elif name == "WandbLogger":
+                        exp.log({"keel/events": text, "trainer/global_step": step})
+            except Exception as e:  # a logger that cannot write must not stop training
+                missing = f" (install the `{e.name}` package)" if isinstance(e, ModuleNotFoundError) and e.name else ""
+                warn_once(self._warned, name, f"keel.lightning.GuardCallback: cannot write guard events to {name}: "
+                                              f"{type(e).__name__}: {e}{missing}; training goes on")
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.sanity_checking or self.gopt is None or self.gopt.logger is None:
+            return
+        m = trainer.callback_metrics
+        keys = (self.val_key,) if self.val_key is not None else _VAL_KEYS
+        key = next((k for k in keys if k in m), None)
+        if key is None:
+            if self.val_key is not None:
+                warn_once(self._warned, "val_key", f"keel.lightning.GuardCallback(val_key={self.val_key!r}): the module "
+                                                   f"logged no such metric (it logged: {', '.join(sorted(m)) or 'none'})")
+            return
+        self.gopt.logger.log_val(float(m[key]), trainer.global_step)
 
     def on_before_zero_grad(self, trainer, pl_module, optimizer):
         # the start of an accumulation window (before its first backward): a step the fp16

@@ -48,19 +48,41 @@ sharded state) and are per rank, taken at the same steps on every rank.
 
 After a rollback the scheduler is at the snapshot's step: the schedule is replayed from there
 (keel train instead keeps the schedule on the step count); the step count goes on.
+
+keel's run directory and the job's own loggers:
+
+    opt = keel.torch.GuardedOptimizer(adamw, model=model, scheduler=sched, log_dir="runs/exp1",
+                                      tokens_per_step=batch * seq)
+    ...
+    opt.log_val(val_loss, step=it)                 # after an evaluation
+    opt.add_event_hook(keel.torch.tensorboard_hook(writer))   # guard events on your charts
+
+`log_dir` makes a RunLogger there: metrics.jsonl (every step's loss and gradient norm as the
+guard judged them (pre-clip when the loop passes what `clip_grad_norm_` returned), the LR the
+update used (the scheduler's times the guard's factor), skipped flag, tokens, wall time; the
+early signals on telemetry steps), telemetry.jsonl (per-layer max attention logit, logZ,
+update ratios per tensor group) and events.jsonl (the guard's events), in `keel train`'s
+format: `keel report runs/exp1` draws the run, `keel watch runs/exp1/metrics.jsonl` follows
+it. Only rank 0 writes. An event hook is called as `hook(step, scalars, text)` after each
+step with guard events (`keel/event/<kind>` = 1, `keel/lr_factor`, `keel/rollbacks`; one
+sentence per event), on every rank (register it where your logger lives), to put skips,
+back-offs and rollbacks on the job's W&B or TensorBoard charts at their step.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import time
+import warnings
 from typing import Any, Callable, Optional
 
 import torch
 
 from . import Action, GaveUp, Guard
 
-__all__ = ["GuardedOptimizer", "Snapshots", "grad_norm"]
+__all__ = ["GuardedOptimizer", "RunLogger", "Snapshots", "event_sentence", "grad_norm", "tensorboard_hook"]
 
 
 def _dtensor_types():
@@ -132,6 +154,290 @@ from .snapshots import (  # noqa: F401 (re-exported: keel.torch.Snapshots)
 )
 
 
+# -- keel's run directory ------------------------------------------------------------------
+def _num(x) -> Optional[float]:
+    """A metric as keel writes it: a float, or None (JSON null) when not finite."""
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _global_rank() -> int:
+    d = torch.distributed
+    if d.is_available() and d.is_initialized():
+        return d.get_rank()
+    # torchrun sets RANK before the process group exists: a logger made first still knows
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def _param_group(name: str) -> str:
+    """The tensor group of keel's telemetry (embed, attn, mlp, norm, head) a parameter belongs
+    to, from its name (HF Llama family, torchtitan, nanoGPT and similar); "other" if unknown."""
+    parts = name.lower().split(".")
+    mods = parts[:-1] if len(parts) > 1 else parts
+    if any("norm" in p or p.startswith("ln") for p in mods):
+        return "norm"
+    if any("embed" in p or p in ("wte", "wpe") for p in mods):
+        return "embed"
+    if any(p in ("lm_head", "output", "head") for p in mods):
+        return "head"
+    if any("attn" in p or "attention" in p for p in mods):
+        return "attn"
+    if any(p in ("mlp", "ffn", "feed_forward", "feedforward") or "mlp" in p for p in mods):
+        return "mlp"
+    return "other"
+
+
+def event_sentence(kind: str, detail: Any) -> str:
+    """One guard event as a sentence (what `keel report` writes in its events table)."""
+    d = detail if isinstance(detail, dict) else {}
+
+    def f(k):
+        v = d.get(k)
+        return f"{v:.4g}" if isinstance(v, (int, float)) else None
+
+    if kind in ("spike", "divergence", "warning"):
+        return (f"{d.get('detector', '')}: {d.get('reason', '')} (value {f('value') or 'not finite'}, "
+                f"threshold {f('threshold') or '—'})")
+    if kind in ("rollback", "restored") and "to_step" in d:
+        if d["to_step"] == 0:
+            return f"restored the initial weights ({d.get('reason', '')})"
+        return f"restored step {d['to_step']} from {d.get('from', '?')} ({d.get('reason', '')})"
+    if kind == "skip":
+        return "the update was skipped"
+    if kind == "lr_backoff":
+        until = d.get("until_step")
+        return f"LR × {f('factor') or '?'} " + (f"until step {until}" if until is not None else "from now on")
+    if kind == "lr_restore":
+        return "LR restored"
+    for k in ("reason", "diagnosis"):
+        if isinstance(d.get(k), str):
+            return d[k]
+    return json.dumps(detail) if d else ""
+
+
+class RunLogger:
+    """keel's run directory for a PyTorch job: the files `keel train --out DIR` writes, so that
+    `keel report DIR` draws the run as it draws a keel run and `keel watch DIR/metrics.jsonl`
+    follows it.
+
+        log = keel.torch.RunLogger("runs/exp1")      # or GuardedOptimizer(..., log_dir="runs/exp1")
+        log.log_step(step, loss, grad_norm=gn, lr=lr, skipped=False)
+        log.log_val(val_loss, step=step)
+
+    metrics.jsonl: one line per step, keel's fields: `step`, `loss`, `lr`, `grad_norm`,
+    `skipped`; `tokens` (cumulative) and `tokens_per_s` when the tokens are known
+    (`tokens_per_step`, or `tokens=` per step); `elapsed_s` (wall seconds since the logger was
+    made, continued across a resume); on telemetry steps `max_attn_logit` (over the layers),
+    `logit_z` and `update_ratio` (‖Δw‖/‖w‖ over every parameter); anything else given as a
+    number under its own name. Validation losses are lines of their own: `step`, `val_loss`,
+    `elapsed_s` (and `tokens`). A metric that is not finite is written as null (keel's
+    convention); one not measured is left out.
+    telemetry.jsonl: on telemetry steps `step`, `max_attn_logit_per_layer` (a list, null where
+    not measured), `logit_z_mean`, `update_ratio` ({group: ‖Δw‖/‖w‖} over keel's groups embed,
+    attn, mlp, norm, head, plus "other" for names keel does not know; null on a step with no
+    update).
+    events.jsonl: guard events (`{"step", "kind", "detail", "time"}`), written by the guard
+    GuardedOptimizer makes (events="DIR/events.jsonl"), or by `event()`.
+
+    No config.toml is written: keel's RunConfig describes keel's own trainer and would describe
+    this run wrongly; `keel report` draws the curves and events without it.
+
+    Every line is one write(2) of a whole line, unbuffered: a killed job leaves whole lines.
+    The first line written drops the lines of that step and later ones already in the files
+    (a resumed job re-logs them, as `keel train` does on resume). Only global rank 0 writes
+    (`rank=` overrides the detection; on other ranks every method does nothing).
+    """
+
+    def __init__(self, dir: os.PathLike, *, tokens_per_step: Optional[int] = None, rank: Optional[int] = None):
+        self.dir = os.fspath(dir)
+        self.enabled = (_global_rank() if rank is None else int(rank)) == 0
+        self.tokens_per_step = tokens_per_step
+        self.tokens: Optional[int] = None  # cumulative, once a step's tokens are known
+        self._t0 = time.monotonic()
+        self._elapsed0 = 0.0
+        self._last_t: Optional[float] = None
+        self._started = False
+        self._fds: dict = {}
+        if self.enabled:
+            os.makedirs(self.dir, exist_ok=True)
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.dir, name)
+
+    # -- writing -------------------------------------------------------------------------
+    def _write(self, name: str, obj: dict) -> None:
+        line = (json.dumps(obj, allow_nan=False, separators=(",", ":")) + "\n").encode()
+        fd = self._fds.get(name)
+        if fd is None:
+            fd = self._fds[name] = os.open(self.path(name), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        # one write of the whole line (O_APPEND: never interleaved, never half-written by a kill)
+        view = memoryview(line)
+        while view:
+            view = view[os.write(fd, view):]
+
+    def _start(self, step: int) -> None:
+        """At the first line: drop lines of this step and later (a resumed or restarted job
+        logs them again) and carry on the elapsed time and token count of what is kept."""
+        self._started = True
+        last = None  # the kept step line of the largest step
+        elapsed = 0.0
+        for name in ("metrics.jsonl", "telemetry.jsonl"):
+            p = self.path(name)
+            if not os.path.exists(p):
+                continue
+            with open(p, "rb") as f:
+                lines = f.read().split(b"\n")
+            keep, dropped = [], False
+            for ln in lines:
+                if not ln.strip():
+                    continue
+                try:
+                    s = json.loads(ln).get("step")
+                except (ValueError, AttributeError):
+                    dropped = True  # a torn line of a killed job
+                    continue
+                if isinstance(s, (int, float)) and s < step:
+                    keep.append(ln)
+                    m = json.loads(ln)
+                    if name == "metrics.jsonl" and isinstance(m.get("elapsed_s"), (int, float)):
+                        elapsed = max(elapsed, float(m["elapsed_s"]))
+                    if name == "metrics.jsonl" and "loss" in m and (last is None or s >= last["step"]):
+                        last = m
+                else:
+                    dropped = True
+            if dropped:
+                tmp = p + ".tmp"
+                with open(tmp, "wb") as f:
+                    f.write(b"".join(ln + b"\n" for ln in keep))
+                os.replace(tmp, p)
+        self._elapsed0 = elapsed
+        if last is not None and isinstance(last.get("tokens"), (int, float)) and self.tokens is None:
+            self.tokens = int(last["tokens"])
+
+    def _elapsed(self) -> float:
+        return self._elapsed0 + time.monotonic() - self._t0
+
+    def _begin(self, step: int) -> bool:
+        if not self.enabled:
+            return False
+        if not self._started:
+            self._start(int(step))
+        return True
+
+    def log_step(self, step: int, loss: Any, *, grad_norm: Any = None, lr: Any = None, skipped: bool = False,
+                 tokens: Optional[int] = None, max_attn_logit: Any = None, logit_z: Any = None,
+                 update_ratio: Any = None, **extra: Any) -> None:
+        """One step's line of metrics.jsonl. `tokens`: this step's tokens (all ranks; default
+        `tokens_per_step`); None values are left out; extra keyword numbers are written as
+        they are named."""
+        if not self._begin(step):
+            return
+        now = time.monotonic()
+        line: dict = {"step": int(step)}
+        n = tokens if tokens is not None else self.tokens_per_step
+        if n is not None:
+            self.tokens = (self.tokens or 0) + int(n)
+            line["tokens"] = self.tokens
+        line["loss"] = None if loss is None else _num(loss)
+        if lr is not None:
+            line["lr"] = _num(lr)
+        if grad_norm is not None:
+            line["grad_norm"] = _num(grad_norm)
+        if n is not None:
+            dt = now - (self._last_t if self._last_t is not None else self._t0)
+            line["tokens_per_s"] = int(n) / dt if dt > 0 else None
+        self._last_t = now
+        line["elapsed_s"] = self._elapsed()
+        for k, v in (("max_attn_logit", max_attn_logit), ("logit_z", logit_z)):
+            if v is not None:
+                line[k] = _num(v)
+        line["skipped"] = bool(skipped)
+        if update_ratio is not None:
+            line["update_ratio"] = _num(update_ratio)
+        for k, v in extra.items():
+            if k in line:
+                raise ValueError(f"log_step: {k!r} is one of keel's own fields; give it by its keyword")
+            if v is not None:
+                line[k] = v if isinstance(v, bool) else _num(v)
+        self._write("metrics.jsonl", line)
+
+    def log_val(self, val_loss: Any, step: int) -> None:
+        """A validation loss at `step` (after that step's update), as a line of its own:
+        `keel report` draws it on the loss plot and counts it in the best/last val loss."""
+        if not self._begin(step):
+            return
+        line: dict = {"step": int(step), "val_loss": _num(val_loss), "elapsed_s": self._elapsed()}
+        if self.tokens is not None:
+            line["tokens"] = self.tokens
+        self._write("metrics.jsonl", line)
+
+    def log_telemetry(self, step: int, *, max_attn_logit_per_layer: Optional[list] = None,
+                      logit_z_mean: Any = None, update_ratio: Optional[dict] = None, **extra: Any) -> None:
+        """A telemetry.jsonl line (keel's per-layer and per-group early signals)."""
+        if not self._begin(step):
+            return
+        line: dict = {"step": int(step)}
+        if max_attn_logit_per_layer is not None:
+            line["max_attn_logit_per_layer"] = [None if v is None else _num(v) for v in max_attn_logit_per_layer]
+        if logit_z_mean is not None:
+            line["logit_z_mean"] = _num(logit_z_mean)
+        line["update_ratio"] = None if update_ratio is None else {k: _num(v) for k, v in update_ratio.items()}
+        line.update(extra)
+        self._write("telemetry.jsonl", line)
+
+    def event(self, step: int, kind: str, detail: Optional[dict] = None, time_s: Optional[float] = None) -> None:
+        """An events.jsonl line in keel's format."""
+        if not self._begin(step):
+            return
+        self._write("events.jsonl", {"step": int(step), "kind": kind, "detail": detail or {},
+                                     "time": time.time() if time_s is None else time_s})
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def tensorboard_hook(writer: Any) -> Callable:
+    """An event hook (`GuardedOptimizer.add_event_hook`) writing keel's guard events to
+    TensorBoard at their step: the scalars (`keel/event/<kind>` = 1, `keel/lr_factor`,
+    `keel/rollbacks`) and the sentences as text under `keel/events`. `writer`: a
+    `torch.utils.tensorboard.SummaryWriter` (or anything with add_scalar/add_text), or a log
+    directory to make one in."""
+    if isinstance(writer, (str, os.PathLike)):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise ImportError(
+                f"keel.torch.tensorboard_hook({os.fspath(writer)!r}) writes with torch.utils.tensorboard, which "
+                f"needs the tensorboard package: pip install tensorboard ({e})"
+            ) from None
+        writer = SummaryWriter(os.fspath(writer))
+
+    def hook(step: int, scalars: dict, text: str) -> None:
+        for k, v in scalars.items():
+            writer.add_scalar(k, v, step)
+        if text:
+            writer.add_text("keel/events", text, step)
+        flush = getattr(writer, "flush", None)
+        if callable(flush):
+            flush()
+
+    return hook
+
+
 class GuardedOptimizer:
     """Wraps any torch optimizer (and its LR scheduler) with keel's guard.
 
@@ -164,6 +470,13 @@ class GuardedOptimizer:
     stays sharded: FSDP2's format; needs snapshot_dir and model).
     reduce: average the loss and gradient norm over ranks when torch.distributed is
     initialised ("auto"), always (True) or never (False).
+    log_dir: keel's run directory (a path, or a RunLogger): every step's line in
+    metrics.jsonl, telemetry.jsonl on telemetry steps, and the guard's events in
+    events.jsonl (the guard made here writes them there unless `events=` says otherwise; a
+    guard given writing elsewhere is mirrored); `log_val()` adds validation losses. Rank 0
+    only. tokens_per_step: the tokens of one step over all ranks, for metrics.jsonl's
+    `tokens` and `tokens_per_s` (or `step(..., tokens=n)` per step).
+    Event hooks (`add_event_hook`) get each step's guard events for the job's own loggers.
     """
 
     def __init__(
@@ -186,12 +499,21 @@ class GuardedOptimizer:
         step_scheduler: bool = True,
         snapshot_async: bool = True,
         rollback_from: str = "snapshots",
+        log_dir: Any = None,
+        tokens_per_step: Optional[int] = None,
         **guard_config: Any,
     ):
         if snapshot_format not in ("torch", "dcp"):
             raise ValueError(f"snapshot_format: 'torch' or 'dcp', got {snapshot_format!r}")
         if snapshot_format == "dcp" and (snapshot_dir is None or model is None):
             raise ValueError("snapshot_format='dcp' writes torch.distributed.checkpoint directories: give snapshot_dir= and model=")
+        logger = None
+        if log_dir is not None:
+            logger = log_dir if isinstance(log_dir, RunLogger) else RunLogger(log_dir, tokens_per_step=tokens_per_step)
+            if tokens_per_step is not None:
+                logger.tokens_per_step = tokens_per_step
+            if guard is None and events is None and logger.enabled:
+                events = logger.path("events.jsonl")  # the guard writes keel's events file itself
         if guard is None:
             if events is not None and self._dist() and torch.distributed.get_rank() != 0:
                 events = None  # every rank decides alike; rank 0 writes the one events file
@@ -201,7 +523,7 @@ class GuardedOptimizer:
                 raise ValueError(
                     f"{e} (GuardedOptimizer's own arguments: guard, model, scheduler, snapshot_every, keep, "
                     "snapshot_dir, snapshot_format, probe_attention, probe_logits, probe_updates, probe_every, events, "
-                    "reduce, step_scheduler, snapshot_async, rollback_from)"
+                    "reduce, step_scheduler, snapshot_async, rollback_from, log_dir, tokens_per_step)"
                 ) from None
         elif guard_config or events is not None:
             raise ValueError("give either guard= or guard keyword arguments (and events=), not both")
@@ -264,6 +586,17 @@ class GuardedOptimizer:
             self._updates = UpdateRatio()
         self._signals: Optional[dict] = None  # raw (tensors) until `signals` is read
         self._measure_update = False
+        # keel's run directory (metrics.jsonl, telemetry.jsonl, events.jsonl) and the event hooks
+        self.logger: Optional[RunLogger] = logger
+        # the guard writes events.jsonl there itself, unless it was given writing elsewhere
+        self._mirror_events = logger is not None and logger.enabled and not (
+            guard.events_path is not None
+            and os.path.abspath(guard.events_path) == os.path.abspath(logger.path("events.jsonl"))
+        )
+        self._event_hooks: list = []
+        self._step_events: list = []
+        self.rollbacks = 0  # rollbacks taken by this wrapper (keel/rollbacks)
+        self._tokens: Optional[int] = None  # this step's tokens, given to step()
 
     # -- the optimizer's face ------------------------------------------------------------
     # A GradScaler unscales and checks the gradients itself, and calls step() only when they
@@ -369,7 +702,7 @@ class GuardedOptimizer:
         self._loss = loss if self._loss is None else self._loss + loss
 
     def step(self, loss=None, grad_norm=None, closure: Optional[Callable] = None, *, step: Optional[int] = None,
-             **extra) -> Action:
+             tokens: Optional[int] = None, **extra) -> Action:
         """Decide about this step from its loss and (pre-clip) gradient norm, then apply the
         update or not. Returns the Action; raises keel.GaveUp when the guard gives up.
 
@@ -387,7 +720,10 @@ class GuardedOptimizer:
         scaler.unscale_(opt); gn = clip_grad_norm_(...); scaler.step(opt, grad_norm=gn);
         scaler.update(); opt.zero_grad()`. The scaler calls this step only when the gradients
         are finite (its own skips are its business: keel never sees them, they are no
-        incident); keel judges the unscaled loss and the norm after `unscale_`."""
+        incident); keel judges the unscaled loss and the norm after `unscale_`.
+
+        tokens: the tokens this step trained on, over all ranks, for metrics.jsonl's `tokens`
+        (with `log_dir`; default `tokens_per_step`)."""
         if loss is None and self._loss is None and closure is not None:
             with torch.enable_grad():
                 loss = closure()
@@ -403,6 +739,7 @@ class GuardedOptimizer:
             step = self._pending_step
         self._loss = None
         self._pending_step = None
+        self._tokens = tokens
         return self._guarded_step(loss, grad_norm, extra, lambda: self.optimizer.step(closure), step=step)
 
     def _probing(self, step: int) -> bool:
@@ -467,17 +804,119 @@ class GuardedOptimizer:
                 probe.on = self._probe_on
         self._measure_update = probed and self._updates is not None
         self.last_action = act
+        self._step_events = list(act.events)
+        # the LR this step's update uses (or would have): the scheduler's times the guard's factor
+        lr = self._lr(act.lr_factor) if self.logger is not None and self.logger.enabled else None
         if act.kind == "give_up":
+            self._after_step(act, vals, extra, lr)
             raise GaveUp(act.diagnosis or "the guard gave up", s)
         if act.kind == "rollback":
+            self.rollbacks += 1
             self._rollback(act.rollback_before, s)
+            self._after_step(act, vals, extra, lr)
             return act
         if not act.skip:
             self._apply(apply, act.lr_factor)
+        self._after_step(act, vals, extra, lr)
         if self.step_scheduler and self.scheduler is not None:
             self.scheduler.step()
         self._maybe_snapshot(s)
         return act
+
+    # -- logging: keel's run directory and the job's own loggers ---------------------------
+    def _lr(self, factor: float) -> Optional[float]:
+        groups = self.optimizer.param_groups
+        if not groups or "lr" not in groups[0]:
+            return None
+        return float(groups[0]["lr"]) * factor  # a tensor LR (capturable optimizers) reads here
+
+    def _event(self, step: int, kind: str, detail: dict) -> None:
+        """An event of keel's own making (what a rollback restored): to the guard's events
+        file, keel's run directory and the event hooks."""
+        self.guard.log_event(step, kind, detail)
+        self._step_events.append({"step": step, "kind": kind, "detail": detail, "time": time.time()})
+
+    def _after_step(self, act: Action, vals: tuple, extra: dict, lr: Optional[float]) -> None:
+        """The step's line in metrics.jsonl (telemetry.jsonl on telemetry steps), its events
+        where the guard does not write them, and the event hooks."""
+        s = act.step
+        log = self.logger
+        if log is not None and log.enabled:
+            got = dict(zip(extra, vals[2:]))
+            sig = self.signals if self._signals is not None and self._signals["step"] == s else {}
+            ratio = sig.get("update_ratio")
+            groups, overall = self._group_ratios(ratio) if ratio else (None, None)
+            log.log_step(
+                s, vals[0], grad_norm=vals[1], lr=lr, skipped=act.skip, tokens=self._tokens,
+                max_attn_logit=got.get("max_attn_logit"), logit_z=got.get("logit_z"), update_ratio=overall,
+            )
+            if sig:
+                log.log_telemetry(s, max_attn_logit_per_layer=sig.get("max_attn_logit"),
+                                  logit_z_mean=sig.get("logit_z"), update_ratio=groups)
+            if self._mirror_events:
+                for e in self._step_events:
+                    log.event(e.get("step", s), e["kind"], e.get("detail"), e.get("time"))
+        self._tokens = None
+        if self._event_hooks and (self._step_events or act.kind != "proceed"):
+            scalars, text = self.event_report(act, self._step_events)
+            for hook in list(self._event_hooks):
+                try:
+                    hook(s, scalars, text)
+                except Exception as e:  # a broken logger must not stop training: say so, go on
+                    warnings.warn(f"keel: an event hook ({getattr(hook, '__qualname__', hook)}) failed at step {s}: "
+                                  f"{type(e).__name__}: {e}", stacklevel=3)
+
+    def _group_ratios(self, ratio: dict) -> tuple:
+        """‖Δw‖/‖w‖ per keel tensor group and over every parameter (keel's telemetry), from the
+        per-tensor ratios and the weight norms measured with them."""
+        norms = self._signals.get("norm_floats") if self._signals is not None else None
+        if not norms or len(norms) != len(ratio):
+            return None, None
+        d2: dict = {}
+        w2: dict = {}
+        for (name, r), w in zip(ratio.items(), norms):
+            if not (math.isfinite(r) and math.isfinite(w)):
+                continue
+            g = _param_group(name)
+            d2[g] = d2.get(g, 0.0) + (r * w) ** 2
+            w2[g] = w2.get(g, 0.0) + w * w
+        groups = {g: math.sqrt(d2[g] / max(w2[g], 1e-30)) for g in d2}
+        overall = math.sqrt(sum(d2.values()) / max(sum(w2.values()), 1e-30)) if d2 else None
+        return groups, overall
+
+    def event_report(self, act: Action, events: Optional[list] = None) -> tuple:
+        """A step's guard events as (scalars, text) for a metrics logger: `keel/event/<kind>` = 1
+        for each kind of event (spike, warning, divergence, skip, lr_backoff, lr_restore,
+        rollback, restored, give_up, ...), `keel/lr_factor` (the LR multiplier in force) and
+        `keel/rollbacks` (rollbacks so far); the text has one line per event."""
+        events = list(act.events) if events is None else events
+        scalars = {}
+        for e in events:
+            scalars[f"keel/event/{e['kind']}"] = 1.0
+        if act.kind != "proceed":
+            scalars.setdefault(f"keel/event/{act.kind}", 1.0)
+        scalars["keel/lr_factor"] = float(act.lr_factor)
+        scalars["keel/rollbacks"] = float(self.rollbacks)
+        text = "\n".join(f"step {e.get('step', act.step)}: {e['kind']}: {event_sentence(e['kind'], e.get('detail'))}"
+                         for e in events)
+        return scalars, text
+
+    def add_event_hook(self, fn: Callable) -> Callable:
+        """Call `fn(step, scalars, text)` after every step with guard events (a detection, a
+        skip, a back-off, a rollback, giving up), so they reach the job's own logger at their
+        step: `scalars` is `event_report`'s dict, `text` one line per event. E.g.
+        `opt.add_event_hook(keel.torch.tensorboard_hook(writer))`, or for W&B
+        `opt.add_event_hook(lambda step, sc, text: wandb.log({**sc, "keel/events": text}, step=step))`.
+        A hook that raises is reported with a warning; training goes on. Returns `fn`."""
+        self._event_hooks.append(fn)
+        return fn
+
+    def log_val(self, val_loss: Any, step: Optional[int] = None) -> None:
+        """Log a validation loss to keel's run directory (`log_dir`) at `step` (default: the last
+        step taken). Give the loss already averaged over the ranks; only rank 0 writes."""
+        if self.logger is None:
+            raise ValueError("GuardedOptimizer.log_val: no run directory to log to; pass log_dir= to GuardedOptimizer")
+        self.logger.log_val(val_loss, self.step_count if step is None else step)
 
     def _apply(self, apply: Callable, factor: float) -> None:
         params = None
@@ -499,10 +938,15 @@ class GuardedOptimizer:
                 for g, lr in zip(groups, saved):
                     g["lr"] = lr
         if params is not None:
+            # the weight norms UpdateRatio measured before the update: with the ratios they
+            # give keel's per-group ratios in telemetry.jsonl
+            norms = self._updates._st[1] if self._updates._st is not None else None
             ratio = self._updates.end()
             if ratio is not None and self._signals is not None and self._signals["step"] == self.step_count:
                 names = [self._param_names.get(id(p), f"param{i}") for i, p in enumerate(params)]
                 self._signals["update_ratio"] = (names, ratio)
+                if self.logger is not None and self.logger.enabled and norms is not None:
+                    self._signals["update_norms"] = norms
 
     @property
     def signals(self) -> dict:
@@ -525,6 +969,9 @@ class GuardedOptimizer:
         ratio = raw.get("update_ratio")
         if ratio is not None:
             parts.append(ratio[1])
+        norms = raw.get("update_norms")
+        if norms is not None:
+            parts += list(norms)  # read in the same host transfer, kept out of the dict
         if parts:
             dev = parts[0].device
             flat = torch.cat([t.detach().float().reshape(-1).to(dev) for t in parts]).tolist()
@@ -534,6 +981,9 @@ class GuardedOptimizer:
                 flat = flat[sum(v is not None for v in layers):]
             if ratio is not None:
                 out["update_ratio"] = dict(zip(ratio[0], flat))
+                flat = flat[len(ratio[0]):]
+            if norms is not None:
+                raw["norm_floats"] = flat[: len(norms)]
         raw["cache"] = out
         return out
 
@@ -700,7 +1150,7 @@ class GuardedOptimizer:
         self._pending_snapshot = False
         if ckpt is not None:
             self._restore_checkpoint(ckpt)
-            self.guard.log_event(
+            self._event(
                 s, "restored", {"to_step": target, "from": ckpt.path, "reason": f"incident began at step {before_step}"}
             )
             return
@@ -727,7 +1177,7 @@ class GuardedOptimizer:
         # replay the batches since the snapshot, the incident's among them. The loop moves on
         # to new batches, as keel train's data cursor does.
         self.guard._core.restore_detectors_json(st["guard"])
-        self.guard.log_event(
+        self._event(
             s,
             "restored",
             {"to_step": target, "from": self.snapshots.where(target), "reason": f"incident began at step {before_step}"},
@@ -746,7 +1196,8 @@ class GuardedOptimizer:
         # the wrapped optimizer's own state dict, keel's part under its own key: it loads
         # into the raw optimizer too (torch ignores the extra key), as resume code expects
         d = dict(self.optimizer.state_dict())
-        k = {"guard": self.guard.state_dict(), "step": self.step_count, "pending_snapshot": self._pending_snapshot}
+        k = {"guard": self.guard.state_dict(), "step": self.step_count, "pending_snapshot": self._pending_snapshot,
+             "rollbacks": self.rollbacks}
         d["keel"] = k
         if self.guard.in_incident:
             start = json.loads(self.guard._core.state_json())["policy"].get("incident_start")
@@ -778,7 +1229,7 @@ class GuardedOptimizer:
         self._snapshot_ready()  # the copy in flight reads the tensors about to be overwritten
         if "guard" in d:
             # the older layout: {optimizer, guard, step}
-            k = {kk: d[kk] for kk in ("guard", "step", "pending_snapshot", "rollback_base") if kk in d}
+            k = {kk: d[kk] for kk in ("guard", "step", "pending_snapshot", "rollback_base", "rollbacks") if kk in d}
             self.optimizer.load_state_dict(d["optimizer"])
         else:
             # the optimizer's own state dict, with keel's part under "keel" when it has one
@@ -788,6 +1239,7 @@ class GuardedOptimizer:
             self.guard.load_state_dict(k["guard"])
             self.step_count = int(k["step"])
             self._pending_snapshot = bool(k.get("pending_snapshot", False))
+            self.rollbacks = int(k.get("rollbacks", 0))
         self._loss = None
         base = k.get("rollback_base")
         adopt = base is not None and "dcp_path" in base and self._dcp
