@@ -29,7 +29,7 @@ fn gate(r: &CheckReport, name: &str) -> Verdict {
     r.gates.iter().find(|g| g.name == name).unwrap().verdict
 }
 
-/// Stated tolerances (README): residual, sublayer outputs, output logits, gradient of the
+/// Stated tolerances (docs/check.md): residual, sublayer outputs, output logits, gradient of the
 /// residual stream (after layer 0) within 10%; attention-logit spread within 25%; initial
 /// loss within 0.05 nats.
 #[test]
@@ -225,7 +225,7 @@ const RECIPES: &[Recipe] = &[
     Recipe { name: "tiny width, 128 layers, no depth scaling", sets: &["model.preset=\"tiny\"", "model.num_layers=128", "init.scheme=\"normal\"", "optim.lr=3e-3"], known: Some(false), source: "planted (DeepNet's depth problem at d 256); not trained here" },
 ];
 
-/// The calibration table (README "Calibration"): every known-good recipe PASSes or WARNs,
+/// The calibration table (docs/check.md, "Calibration"): every known-good recipe PASSes or WARNs,
 /// every known-bad one FAILs. Prints the table: `cargo test --release --test check
 /// calibration -- --nocapture`.
 #[test]

@@ -437,7 +437,7 @@ fn check_exits_4_on_a_failing_audit() {
     assert!(out.contains("was initialised with megatron"), "{out}");
 }
 
-/// The README's init → audit example: options recorded by `keel init` are what the audit
+/// docs/init.md's init → audit example: options recorded by `keel init` are what the audit
 /// checks against; without the record, no per-tensor cause is guessed and a common factor
 /// is named as one gain.
 #[test]

@@ -244,8 +244,8 @@ pub struct TargetArgs {
 }
 
 impl TargetArgs {
-    fn target(&self) -> anyhow::Result<crate::sweep::results::Target> {
-        use crate::sweep::results::Target;
+    fn target(&self) -> anyhow::Result<crate::sweep::analysis::Target> {
+        use crate::sweep::analysis::Target;
         if let Some(h) = &self.hf {
             let mc =
                 crate::config::ModelConfig::from_hf_json(h).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -283,7 +283,7 @@ fn cmd_sweep(a: SweepArgs, threads: usize) -> anyhow::Result<i32> {
         return crate::sweep::run::collect(&dir, &target.target()?);
     }
     let Some(config) = a.config else {
-        anyhow::bail!("keel sweep needs --config sweep.toml (or `keel sweep collect DIR`); see `keel sweep --help` and README.md");
+        anyhow::bail!("keel sweep needs --config sweep.toml (or `keel sweep collect DIR`); see `keel sweep --help` and docs/sweep.md");
     };
     let out = a.out.unwrap_or_else(|| {
         let stem = config

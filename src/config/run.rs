@@ -293,7 +293,7 @@ impl RunConfig {
             ConfigError::new(
                 &field,
                 msg,
-                "see the [section] keys in README.md / DESIGN.md",
+                "see docs/configuration.md for every [section] key",
             )
         })?;
         Ok(cfg)

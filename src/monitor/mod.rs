@@ -88,7 +88,7 @@ pub struct GuardConfig {
     pub max_skips: u64,
     /// An attention-logit warning within this many steps of the start (or of the last
     /// rollback) rolls back and multiplies the LR by `early_lr_factor`: in the stability sweep
-    /// (README) that warning came before 34 of 36 degraded plain-model runs, at steps 3–17,
+    /// (docs/sweep.md) that warning came before 34 of 36 degraded plain-model runs, at steps 3–17,
     /// before the loss showed anything. 0 = off.
     pub early_window: u64,
     /// ×1/4 (was 1/3: on the HF example at 100x the walk-down stopped at 1/27, 3.7x the stable

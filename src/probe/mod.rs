@@ -112,7 +112,7 @@ pub struct Gate {
     /// PASS up to `pass`, WARN up to `warn` (infinite: the gate never fails), FAIL above.
     pub pass: f64,
     pub warn: f64,
-    /// Where the thresholds come from (the calibration in README "Calibration").
+    /// Where the thresholds come from (the calibration in docs/check.md, "Calibration").
     pub basis: &'static str,
 }
 
@@ -141,8 +141,8 @@ impl Gate {
 /// Gate thresholds, calibrated on published recipes that trained at scale (Llama 2 7B/13B/70B,
 /// Llama 3 8B/70B, Mistral 7B, Qwen3 8B, an OLMo 2 7B-shaped model, TinyLlama) and on recipes
 /// measured to fail (σ = 1; the LR 33× too high of examples/instability): every known-good one
-/// passes or warns, every known-bad one fails, with margin on both sides (README
-/// "Calibration", `tests/check.rs::calibration_*`).
+/// passes or warns, every known-bad one fails, with margin on both sides (docs/check.md,
+/// "Calibration"; `tests/check.rs::calibration_*`).
 pub mod thresholds {
     /// (pass, warn, basis) per gate.
     pub type T = (f64, f64, &'static str);

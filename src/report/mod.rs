@@ -816,7 +816,7 @@ fn sweep_page(dir: &Path) -> Result<Page> {
                         .map_or(0, |a| a.iter().filter(|x| !x.is_null()).count());
                     let nl = g["lrs"].as_array().map_or(0, Vec::len);
                     vec![
-                        esc(&crate::sweep::results::describe_group(&group, true)),
+                        esc(&crate::sweep::analysis::describe_group(&group, true)),
                         fmt(&g["best_lr"]),
                         g["best_loss"]
                             .as_f64()

@@ -7,8 +7,10 @@
 //! warm-up: trials run with `train.stop_if_diverged = true`, so they stop there (exit 2) and
 //! record the step in `events.jsonl`.
 
+pub mod analysis;
+pub mod collect;
+pub mod output;
 pub mod plot;
-pub mod results;
 pub mod run;
 
 use crate::config::set_path;

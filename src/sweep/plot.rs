@@ -2,7 +2,7 @@
 //! diverged cells marked) and loss-vs-LR curves per depth/width panel, and the largest
 //! stable LR against width and depth.
 
-use super::results::{describe_group, GroupSummary, Recommendation};
+use super::analysis::{describe_group, GroupSummary, Recommendation};
 use super::{show_num, Plan};
 use crate::report::plot::{save, save_heatmap, Heatmap, Marker, Plot, Series};
 use anyhow::Result;

@@ -2,7 +2,9 @@
 //! threads split between them; resume skips finished trials; `--emit` writes the trials out
 //! for Slurm or any job runner instead; `collect` reads results back.
 
-use super::results::{self, describe_group, Recommendation, Target, TrialResult};
+use super::analysis::{self, describe_group, Recommendation, Target};
+use super::collect::{self, TrialResult};
+use super::output;
 use super::{prepare, Plan, SweepSpec};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -85,7 +87,7 @@ fn terminate(child: &Child) {
 
 /// Print the per-group table and the recommendation.
 fn report(dir: &Path, plan: &Plan, res: &[TrialResult], rec: &Recommendation) {
-    let groups = results::summarize(plan, res);
+    let groups = analysis::summarize(plan, res);
     println!(
         "sweep: {} trials — {} finished, {} diverged, {} not done",
         res.len(),
@@ -231,7 +233,7 @@ pub fn run(opts: &SweepOptions) -> Result<i32> {
     let mut res: Vec<TrialResult> = plan
         .trials
         .iter()
-        .map(|t| results::collect_trial(&trial_dir(out, &t.id), t, &plan, None))
+        .map(|t| collect::collect_trial(&trial_dir(out, &t.id), t, &plan, None))
         .collect();
     let skipped = res.iter().filter(|r| r.done()).count();
     let mut pending: std::collections::VecDeque<usize> =
@@ -282,7 +284,7 @@ pub fn run(opts: &SweepOptions) -> Result<i32> {
             };
             let i = pending.remove(pos).expect("index from position");
             // a leftover process of a killed sweep may have finished it meanwhile
-            let now = results::collect_trial(
+            let now = collect::collect_trial(
                 &trial_dir(out, &plan.trials[i].id),
                 &plan.trials[i],
                 &plan,
@@ -318,7 +320,7 @@ pub fn run(opts: &SweepOptions) -> Result<i32> {
                 Some(3) if !interrupted => Some(-3),
                 c => c,
             };
-            let r = results::collect_trial(&trial_dir(out, &t.id), t, &plan, code);
+            let r = collect::collect_trial(&trial_dir(out, &t.id), t, &plan, code);
             let line = match r.status.as_str() {
                 "finished" => format!(
                     "{}: finished, {} {}",
@@ -356,13 +358,13 @@ pub fn run(opts: &SweepOptions) -> Result<i32> {
             bar.set_message(status_msg(&running, &res));
             // results so far, so a killed sweep still leaves readable outputs (a failed
             // write here must not stop the trials)
-            if let Err(e) = results::write_all(out, &plan, &plan.base_scheme, &res, &target) {
+            if let Err(e) = output::write_all(out, &plan, &plan.base_scheme, &res, &target) {
                 bar.suspend(|| eprintln!("note: could not update the results yet: {e:#}"));
             }
         }
     }
     bar.finish_and_clear();
-    let rec = results::write_all(out, &plan, &plan.base_scheme, &res, &target)?;
+    let rec = output::write_all(out, &plan, &plan.base_scheme, &res, &target)?;
     report(out, &plan, &res, &rec);
     let failed = res.iter().filter(|r| r.status == "failed").count();
     if interrupted {
@@ -409,9 +411,9 @@ fn gather(dir: &Path, target: &Target) -> Result<(Plan, Vec<TrialResult>, Recomm
     let res: Vec<TrialResult> = plan
         .trials
         .iter()
-        .map(|t| results::collect_trial(&trial_dir(dir, &t.id), t, &plan, None))
+        .map(|t| collect::collect_trial(&trial_dir(dir, &t.id), t, &plan, None))
         .collect();
     let target = target_of(&plan, target);
-    let rec = results::write_all(dir, &plan, &plan.base_scheme, &res, &target)?;
+    let rec = output::write_all(dir, &plan, &plan.base_scheme, &res, &target)?;
     Ok((plan, res, rec))
 }

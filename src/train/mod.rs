@@ -178,7 +178,7 @@ fn resolve_config(opts: &TrainOptions) -> Result<Resolved> {
     .map_err(|e| anyhow::anyhow!("{e}"))?;
     let changes = config_changes(&saved, &new);
     // the thread count changes speed only (and exactness only across thread counts, which
-    // the README states); it is not a change of the run
+    // docs/train.md states); it is not a change of the run
     let changes: Vec<_> = changes
         .into_iter()
         .filter(|(k, _, _)| k != "train.threads")

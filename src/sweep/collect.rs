@@ -1,0 +1,186 @@
+//! One trial's outcome, read back from its run directory (so trials run elsewhere collect
+//! the same way): keel trials' metrics.jsonl, command trials' logs in any format keel reads.
+
+use super::{Plan, Trial};
+use crate::train::{num_field, read_jsonl};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+use std::path::Path;
+
+/// One trial's outcome.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TrialResult {
+    pub id: String,
+    /// Axis key → value.
+    pub axes: Map<String, Value>,
+    /// finished | diverged | incomplete | failed | not_started
+    pub status: String,
+    pub steps_planned: u64,
+    pub steps_done: u64,
+    /// The loss of step 1.
+    pub initial_loss: Option<f64>,
+    /// The compared metric (`sweep.metric`) at the end of the trial.
+    pub final_loss: Option<f64>,
+    /// Mean training loss of the last 10 steps.
+    pub final_train_loss: Option<f64>,
+    /// Last validation loss recorded.
+    pub val_loss: Option<f64>,
+    /// Lowest 10-step mean of the training loss.
+    pub min_loss: Option<f64>,
+    pub diverged: bool,
+    pub diverged_at: Option<u64>,
+    pub diverged_reason: Option<String>,
+    /// Max attention logit, mean of the last 10 steps, and its peak over the trial.
+    pub max_attn_logit: Option<f64>,
+    pub peak_attn_logit: Option<f64>,
+    pub final_grad_norm: Option<f64>,
+    /// Guard detections (the guard is off in sweeps: they are logged, not acted on).
+    pub spikes: usize,
+    pub warnings: usize,
+    /// Early warning: the first step each passive detector fired (attention logit above
+    /// guard.attn_logit_max, output log-partition drift, a loss spike), to set against
+    /// `diverged_at`.
+    pub first_attn_warning: Option<u64>,
+    pub first_logit_warning: Option<u64>,
+    pub first_loss_spike: Option<u64>,
+    /// Largest |mean output log-partition| over the trial (output-logit divergence).
+    pub peak_logit_z: Option<f64>,
+    pub wall_s: Option<f64>,
+    pub tokens_per_s: Option<f64>,
+}
+
+pub(crate) fn mean(v: &[f64]) -> Option<f64> {
+    (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+}
+
+fn axes_json(t: &Trial) -> Map<String, Value> {
+    t.assign
+        .iter()
+        .map(|(k, v)| {
+            let j = match v {
+                toml::Value::String(s) => json!(s),
+                toml::Value::Integer(i) => json!(i),
+                toml::Value::Float(x) => json!(x),
+                toml::Value::Boolean(b) => json!(b),
+                other => json!(other.to_string()),
+            };
+            (k.clone(), j)
+        })
+        .collect()
+}
+
+/// Read a trial's run directory. `exit` is the process's exit code when the sweep ran it.
+pub fn collect_trial(dir: &Path, t: &Trial, plan: &Plan, exit: Option<i32>) -> TrialResult {
+    let metrics = read_jsonl(&dir.join("metrics.jsonl")).unwrap_or_default();
+    let events = read_jsonl(&dir.join("events.jsonl")).unwrap_or_default();
+    let steps_planned = crate::config::RunConfig::load(Some(&dir.join("config.toml")), &[])
+        .map(|c| c.train.steps)
+        .unwrap_or(plan.steps);
+    let steps_done = metrics
+        .last()
+        .and_then(|m| m.get("step").and_then(Value::as_u64))
+        .unwrap_or(0);
+    let div = events.iter().find(|e| {
+        matches!(
+            e.get("kind").and_then(Value::as_str),
+            Some("diverged") | Some("give_up")
+        )
+    });
+    // distinct steps: a resumed trial logs the replayed steps' events again
+    let count = |k: &str| {
+        let mut steps: Vec<u64> = events
+            .iter()
+            .filter(|e| e.get("kind").and_then(Value::as_str) == Some(k))
+            .filter_map(|e| e.get("step").and_then(Value::as_u64))
+            .collect();
+        steps.sort_unstable();
+        steps.dedup();
+        steps.len()
+    };
+    let status = if div.is_some() {
+        "diverged"
+    } else if steps_done >= steps_planned && steps_done > 0 {
+        "finished"
+    } else if exit.is_some_and(|c| c != 0 && c != 3) {
+        "failed"
+    } else if metrics.is_empty() {
+        "not_started"
+    } else {
+        "incomplete"
+    };
+    let losses: Vec<Option<f64>> = metrics.iter().map(|m| num_field(m, "loss")).collect();
+    let finite: Vec<f64> = losses.iter().flatten().copied().collect();
+    let tail = |v: &[f64]| mean(&v[v.len().saturating_sub(10)..]);
+    let final_train_loss = tail(&finite);
+    let val_loss = metrics.iter().rev().find_map(|m| num_field(m, "val_loss"));
+    let min_loss = finite
+        .windows(10.min(finite.len().max(1)))
+        .filter_map(mean)
+        .fold(None, |a: Option<f64>, b| Some(a.map_or(b, |a| a.min(b))));
+    let final_loss = match (status, plan.settings.metric.as_str()) {
+        ("finished", "val_loss") => val_loss.or(final_train_loss),
+        _ => final_train_loss,
+    };
+    let attn: Vec<f64> = metrics
+        .iter()
+        .filter_map(|m| num_field(m, "max_attn_logit"))
+        .collect();
+    // the first step a detector of the given name fired
+    let first = |det: &str| {
+        events
+            .iter()
+            .filter(|e| e.pointer("/detail/detector").and_then(Value::as_str) == Some(det))
+            .filter_map(|e| e.get("step").and_then(Value::as_u64))
+            .min()
+    };
+    let mut tps: Vec<f64> = metrics
+        .iter()
+        .filter_map(|m| num_field(m, "tokens_per_s"))
+        .collect();
+    TrialResult {
+        id: t.id.clone(),
+        axes: axes_json(t),
+        status: status.into(),
+        steps_planned,
+        steps_done,
+        initial_loss: losses.first().copied().flatten(),
+        final_loss,
+        final_train_loss,
+        val_loss,
+        min_loss,
+        diverged: div.is_some(),
+        diverged_at: div.and_then(|e| e.get("step").and_then(Value::as_u64)),
+        diverged_reason: div.and_then(|e| {
+            let d = e.get("detail")?;
+            d.get("reason")
+                .or(d.get("diagnosis"))
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        }),
+        max_attn_logit: tail(&attn),
+        peak_attn_logit: attn.iter().copied().reduce(f64::max),
+        final_grad_norm: metrics.iter().rev().find_map(|m| num_field(m, "grad_norm")),
+        spikes: count("spike"),
+        warnings: count("warning"),
+        first_attn_warning: first("attn_logit"),
+        first_logit_warning: first("logit_drift"),
+        first_loss_spike: first("loss_spike"),
+        peak_logit_z: metrics
+            .iter()
+            .filter_map(|m| num_field(m, "logit_z"))
+            .map(f64::abs)
+            .reduce(f64::max),
+        wall_s: metrics.last().and_then(|m| num_field(m, "elapsed_s")),
+        tokens_per_s: {
+            tps.sort_by(f64::total_cmp);
+            tps.get(tps.len() / 2).copied()
+        },
+    }
+}
+
+impl TrialResult {
+    /// Finished or diverged: nothing left to run.
+    pub fn done(&self) -> bool {
+        self.status == "finished" || self.status == "diverged"
+    }
+}
