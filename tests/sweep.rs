@@ -293,3 +293,206 @@ fn bad_sweeps_are_refused_with_the_field() {
     assert!(e.contains("different sweep"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A command sweep of tests/fixtures/sweep_trial.py (python3, no torch): 4 LRs × 2 widths.
+fn command_spec(dir: &Path, extra: &str, command_tail: &str) -> PathBuf {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sweep_trial.py");
+    let p = dir.join("cmd.toml");
+    std::fs::write(
+        &p,
+        format!(
+            r#"
+[trial]
+command = ["python3", "{}", "--lr", "{{optim.lr}}", "--out", "{{dir}}", "--steps", "{{steps}}"{command_tail}]
+steps = 150
+metrics = "log.csv"
+grace_s = 2
+{extra}
+
+[axes]
+"optim.lr" = [0.001, 0.01, 0.1, 1.0]
+"model.hidden_size" = [64, 128]
+"#,
+            script.display()
+        ),
+    )
+    .unwrap();
+    p
+}
+
+fn have_python() -> bool {
+    Command::new("python3")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn command_trials_are_swept_and_diverging_ones_stopped_early() {
+    if !have_python() {
+        eprintln!("SKIPPED: no python3 to run the trial script");
+        return;
+    }
+    let d = tmpdir("cmd-sweep");
+    let spec = command_spec(&d, "", r#", "--width", "{model.hidden_size}""#);
+    let out = d.join("out");
+    let o = sweep(&["--threads", "2"], &["--jobs", "2"], &spec, &out)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    let stdout = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(o.status.success(), "{err}\n{stdout}");
+    let rs = results(&out);
+    assert_eq!(rs.len(), 8);
+    // past the edge (LR 1.0 at both widths, 0.1 at width 128): stopped soon after step 20
+    for r in &rs {
+        let lr = r["axes"]["optim.lr"].as_f64().unwrap();
+        let w = r["axes"]["model.hidden_size"].as_i64().unwrap();
+        let past = lr > if w <= 64 { 0.5 } else { 0.05 };
+        if past {
+            assert_eq!(r["status"], "diverged", "{r}");
+            assert_eq!(r["stopped_early"], true, "{r}");
+            let at = r["diverged_at"].as_u64().unwrap();
+            assert!((21..=40).contains(&at), "{r}");
+            assert!(r["steps_done"].as_u64().unwrap() < 100, "not stopped: {r}");
+        } else {
+            assert_eq!(r["status"], "finished", "{r}");
+            assert_eq!(r["steps_done"], 150, "{r}");
+        }
+    }
+    // the map: max stable LR per width, and the compute the early stops saved
+    let summary: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let mut stable: Vec<(i64, f64)> = summary["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| {
+            (
+                g["group"]["model.hidden_size"].as_i64().unwrap(),
+                g["max_stable_lr"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    stable.sort_by_key(|x| x.0);
+    assert_eq!(stable, vec![(64, 0.1), (128, 0.01)]);
+    assert_eq!(summary["compute"]["stopped"], 3);
+    assert!(stdout.contains("compute saved"), "{stdout}");
+    assert!(err.contains("diverged at step"), "{err}");
+    // resume: nothing is run again
+    let log = std::fs::read_to_string(
+        out.join("trials")
+            .join(rs[0]["id"].as_str().unwrap())
+            .join("log.csv"),
+    )
+    .unwrap();
+    let o = sweep(&["--threads", "2"], &["--jobs", "2"], &spec, &out)
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("(8 done before)"));
+    let again = std::fs::read_to_string(
+        out.join("trials")
+            .join(rs[0]["id"].as_str().unwrap())
+            .join("log.csv"),
+    )
+    .unwrap();
+    assert_eq!(log, again);
+    // keel report draws the command sweep like any other
+    let o = keel().arg("report").arg(&out).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // --emit writes each trial's command as a script that exports its axes
+    let emit = d.join("emit");
+    let o = sweep(&[], &["--emit", "list"], &spec, &emit)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let cmds = std::fs::read_to_string(emit.join("commands.txt")).unwrap();
+    let first = cmds.lines().next().unwrap();
+    assert!(
+        first.starts_with("sh ") && first.ends_with("run.sh"),
+        "{first}"
+    );
+    let sh = std::fs::read_to_string(first.trim_start_matches("sh ")).unwrap();
+    assert!(
+        sh.contains("export KEEL_AXIS_OPTIM_LR=") && sh.contains("--width 64"),
+        "{sh}"
+    );
+}
+
+#[test]
+fn command_trials_that_fail_or_cannot_be_read_are_reported_not_diverged() {
+    if !have_python() {
+        eprintln!("SKIPPED: no python3 to run the trial script");
+        return;
+    }
+    let d = tmpdir("cmd-bad");
+    // the script fails: exit code and its last stderr line, not "diverged"
+    let spec = command_spec(
+        &d,
+        "env = { FAIL = \"1\" }",
+        r#", "--width", "{model.hidden_size}""#,
+    );
+    let out = d.join("fail");
+    let o = sweep(&[], &["--jobs", "2"], &spec, &out).output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let rs = results(&out);
+    assert!(
+        rs.iter()
+            .all(|r| r["status"] == "failed" && r["diverged"] == false),
+        "{rs:?}"
+    );
+    assert_eq!(rs[0]["exit_code"], 7);
+    assert!(
+        rs[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("CUDA out of memory"),
+        "{}",
+        rs[0]
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("FAILED (exit 7)") && err.contains("CUDA out of memory"),
+        "{err}"
+    );
+    // a log without a loss field keel knows: reported with the fix
+    let spec = command_spec(
+        &d,
+        "env = { LOSS_NAME = \"objective\" }",
+        r#", "--width", "{model.hidden_size}""#,
+    );
+    let out = d.join("noloss");
+    let o = sweep(&[], &["--jobs", "2"], &spec, &out).output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let rs = results(&out);
+    assert!(
+        rs[0]["error"].as_str().unwrap().contains("trial.fields"),
+        "{}",
+        rs[0]
+    );
+    // bad templates and programs are refused before anything runs, naming the field
+    let spec = command_spec(&d, "", r#", "--width", "{model.hiden_size}""#);
+    let o = sweep(&[], &[], &spec, &d.join("x1")).output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("trial.command[") && err.contains("names no axis"),
+        "{err}"
+    );
+    // an axis no placeholder uses: allowed (the environment has it), with a warning
+    let spec = command_spec(&d, "", r#", "--width", "64""#);
+    let o = sweep(&[], &["--emit", "list"], &spec, &d.join("x2"))
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("KEEL_AXIS_MODEL_HIDDEN_SIZE"));
+    let p = d.join("cmd.toml");
+    let text = std::fs::read_to_string(&p)
+        .unwrap()
+        .replace("\"python3\"", "\"pythonnn3\"");
+    std::fs::write(&p, text).unwrap();
+    let o = sweep(&[], &[], &p, &d.join("x3")).output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not found on PATH"));
+}

@@ -5,7 +5,8 @@
 
 use crate::tensorboard::{event_files, EventReader};
 use crate::train::read_jsonl;
-use anyhow::Result;
+use crate::watch::parse::{Format, LineParser, Record};
+use anyhow::{bail, Context, Result};
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -103,6 +104,8 @@ const TAGS: &[(&str, &[&str])] = &[
         ],
     ),
     ("tokens_per_s", &["perf/tokens_per_s", "tokens_per_s"]),
+    ("elapsed_s", &["elapsed_s"]),
+    ("tokens", &["tokens"]),
 ];
 
 /// Tags under keel/ that are signals, not events.
@@ -140,6 +143,88 @@ impl RunData {
             });
         }
         Self::from_tensorboard(dir)
+    }
+
+    /// Any log `keel watch` reads (JSON lines, CSV, a text log; or a directory: keel's run
+    /// format or TensorBoard), as keel's metrics lines. `overrides`: `NAME=FIELD` as
+    /// `keel watch --field` (step, loss, grad_norm, max_attn_logit, logit_z, or any keel field
+    /// such as val_loss or lr).
+    pub fn metrics_of(path: &Path, overrides: &[String]) -> Result<Vec<Value>> {
+        if path.is_dir() {
+            return Ok(Self::load(path)?.metrics);
+        }
+        if crate::tensorboard::is_event_file(path) {
+            let mut d = Self::from_tensorboard(path.parent().unwrap_or(Path::new(".")))?;
+            return Ok(std::mem::take(&mut d.metrics));
+        }
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("{}: cannot read the metrics log", path.display()))?;
+        let head = text.as_bytes();
+        let fmt = Format::sniff(path, &head[..head.len().min(65536)])?;
+        let rows: Vec<Record> = if fmt == Format::HfState {
+            crate::watch::parse::hf_state_records(&text).unwrap_or_default()
+        } else {
+            let tsv = path
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("tsv"));
+            let mut p = LineParser::new(fmt, tsv);
+            let mut rows = Vec::new();
+            for l in text.lines() {
+                // a torn last line of a job being written (or killed) is not an error
+                if let Ok(Some(r)) = p.parse(l, path) {
+                    rows.push(r);
+                }
+            }
+            rows
+        };
+        let mut chosen: Vec<(String, String)> = Vec::new();
+        for o in overrides {
+            let Some((k, v)) = o.split_once('=') else {
+                bail!("field {o}: expected NAME=FIELD, e.g. loss=train/loss");
+            };
+            chosen.push((k.to_string(), v.to_string()));
+        }
+        let present = |tag: &str| rows.iter().any(|r| r.get(tag).is_some());
+        let mut slots: Vec<(&str, &[&str])> = vec![("step", crate::watch::parse::STEP)];
+        slots.extend(TAGS.iter().map(|(f, t)| (*f, *t)));
+        for (field, tags) in slots {
+            if chosen.iter().any(|(k, _)| k == field) {
+                continue;
+            }
+            if let Some(t) = std::iter::once(&field)
+                .chain(tags.iter())
+                .find(|t| present(t))
+            {
+                chosen.push((field.to_string(), t.to_string()));
+            }
+        }
+        let mut out = Vec::new();
+        for (n, r) in rows.iter().enumerate() {
+            let mut m = Map::new();
+            for (field, tag) in &chosen {
+                if let Some(v) = r.get(tag) {
+                    let x = if field == "step" && v.is_finite() && v >= 0.0 {
+                        json!(v as u64) // an integer, as keel writes it
+                    } else if v.is_finite() {
+                        json!(v)
+                    } else {
+                        Value::Null
+                    };
+                    m.insert(field.clone(), x);
+                }
+            }
+            if m.is_empty() {
+                continue;
+            }
+            if !m.contains_key("step") {
+                m.insert("step".into(), json!(n as u64 + 1));
+            }
+            if r.skipped {
+                m.insert("skipped".into(), json!(true));
+            }
+            out.push(Value::Object(m));
+        }
+        Ok(out)
     }
 
     fn from_tensorboard(dir: &Path) -> Result<RunData> {

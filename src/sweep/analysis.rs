@@ -829,6 +829,7 @@ mod tests {
             steps: 10,
             base_scheme: "normal".into(),
             base: String::new(),
+            command: None,
         }
     }
 
@@ -865,6 +866,7 @@ mod tests {
             peak_logit_z: None,
             wall_s: None,
             tokens_per_s: None,
+            ..Default::default()
         }
     }
 

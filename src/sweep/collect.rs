@@ -8,7 +8,7 @@ use serde_json::{json, Map, Value};
 use std::path::Path;
 
 /// One trial's outcome.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 pub struct TrialResult {
     pub id: String,
     /// Axis key → value.
@@ -47,6 +47,37 @@ pub struct TrialResult {
     pub peak_logit_z: Option<f64>,
     pub wall_s: Option<f64>,
     pub tokens_per_s: Option<f64>,
+    /// A failed command trial: its exit code (-1: killed by a signal) and the last lines of
+    /// its stderr.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// keel stopped the trial when its log diverged (a command trial followed by the sweep).
+    #[serde(default)]
+    pub stopped_early: bool,
+}
+
+/// A trial's metrics lines in keel's fields: keel trials' metrics.jsonl; a command trial's
+/// log (any format keel watch reads) mapped to them.
+pub fn trial_metrics(dir: &Path, plan: &Plan) -> Vec<Value> {
+    match &plan.command {
+        None => read_jsonl(&dir.join("metrics.jsonl")).unwrap_or_default(),
+        Some(c) => {
+            let p = dir.join(&c.metrics);
+            if !p.exists() {
+                return Vec::new();
+            }
+            crate::report::runs::RunData::metrics_of(&p, &c.fields).unwrap_or_default()
+        }
+    }
+}
+
+/// The last `n` non-empty lines of a file.
+pub fn tail_lines(path: &Path, n: usize) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    (!lines.is_empty()).then(|| lines[lines.len().saturating_sub(n)..].join("\n"))
 }
 
 pub(crate) fn mean(v: &[f64]) -> Option<f64> {
@@ -71,11 +102,16 @@ fn axes_json(t: &Trial) -> Map<String, Value> {
 
 /// Read a trial's run directory. `exit` is the process's exit code when the sweep ran it.
 pub fn collect_trial(dir: &Path, t: &Trial, plan: &Plan, exit: Option<i32>) -> TrialResult {
-    let metrics = read_jsonl(&dir.join("metrics.jsonl")).unwrap_or_default();
+    let metrics = trial_metrics(dir, plan);
     let events = read_jsonl(&dir.join("events.jsonl")).unwrap_or_default();
-    let steps_planned = crate::config::RunConfig::load(Some(&dir.join("config.toml")), &[])
-        .map(|c| c.train.steps)
-        .unwrap_or(plan.steps);
+    // (a command trial's directory may hold a config.toml of the script's own)
+    let steps_planned = if plan.command.is_some() {
+        plan.steps
+    } else {
+        crate::config::RunConfig::load(Some(&dir.join("config.toml")), &[])
+            .map(|c| c.train.steps)
+            .unwrap_or(plan.steps)
+    };
     let steps_done = metrics
         .last()
         .and_then(|m| m.get("step").and_then(Value::as_u64))
@@ -97,7 +133,14 @@ pub fn collect_trial(dir: &Path, t: &Trial, plan: &Plan, exit: Option<i32>) -> T
         steps.dedup();
         steps.len()
     };
-    let status = if div.is_some() {
+    // a command trial's log in which no loss field was found: nothing can be judged
+    let no_loss = plan
+        .command
+        .as_ref()
+        .filter(|_| !metrics.is_empty() && metrics.iter().all(|m| m.get("loss").is_none()));
+    let status = if no_loss.is_some() {
+        "failed"
+    } else if div.is_some() {
         "diverged"
     } else if steps_done >= steps_planned && steps_done > 0 {
         "finished"
@@ -175,6 +218,25 @@ pub fn collect_trial(dir: &Path, t: &Trial, plan: &Plan, exit: Option<i32>) -> T
             tps.sort_by(f64::total_cmp);
             tps.get(tps.len() / 2).copied()
         },
+        exit_code: (status == "failed").then_some(exit).flatten(),
+        error: match no_loss {
+            Some(c) => Some(format!(
+                "{}: no loss field in the trial's log (fields: {}); fix: set trial.fields = [\"loss=NAME\"] in the sweep file",
+                dir.join(&c.metrics).display(),
+                metrics
+                    .first()
+                    .and_then(Value::as_object)
+                    .map(|o| o.keys().cloned().collect::<Vec<_>>().join(", "))
+                    .unwrap_or_default()
+            )),
+            None => (status == "failed")
+                .then(|| {
+                    tail_lines(&dir.join("stderr.log"), 5)
+                        .or_else(|| tail_lines(&dir.join("train.log"), 5))
+                })
+                .flatten(),
+        },
+        stopped_early: div.is_some_and(|e| e.pointer("/detail/stopped_by").is_some()),
     }
 }
 

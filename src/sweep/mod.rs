@@ -49,6 +49,131 @@ impl Default for SweepSettings {
     }
 }
 
+/// `[trial]` of sweep.toml: each trial runs this command (the user's own training script)
+/// instead of `keel train`, and reports through a metrics log in its directory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrialCommand {
+    /// The argv, with `{axis.key}` for each axis's value, `{dir}` (the trial's directory,
+    /// absolute), `{id}` and `{steps}`; also exported as KEEL_TRIAL_DIR, KEEL_TRIAL_ID,
+    /// KEEL_TRIAL_STEPS and KEEL_AXIS_<KEY> (e.g. KEEL_AXIS_OPTIM_LR).
+    pub command: Vec<String>,
+    /// Steps each trial runs: a trial whose log reaches this step has finished.
+    pub steps: u64,
+    /// The trial's metrics log, relative to its directory: keel's run format (the Python
+    /// package's `log_dir=`), or any log keel watch reads (JSON lines, CSV, text, a
+    /// TensorBoard directory).
+    #[serde(default = "default_metrics")]
+    pub metrics: String,
+    /// Field names in that log, NAME=FIELD as `keel watch --field` (e.g. "loss=train/loss").
+    #[serde(default)]
+    pub fields: Vec<String>,
+    /// Stop a trial whose log shows a divergence (the guard's detectors), and give its slot
+    /// to the next trial.
+    #[serde(default = "yes")]
+    pub stop_diverged: bool,
+    /// Also stop a trial on the early attention warning (max attention logit past
+    /// guard.attn_logit_max after guard.early_window steps).
+    #[serde(default)]
+    pub stop_on_attn_warning: bool,
+    /// Seconds between SIGTERM and SIGKILL when a trial is stopped.
+    #[serde(default = "grace")]
+    pub grace_s: f64,
+    /// Extra environment variables for every trial.
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
+}
+
+fn default_metrics() -> String {
+    "metrics.jsonl".into()
+}
+fn yes() -> bool {
+    true
+}
+fn grace() -> f64 {
+    10.0
+}
+
+/// The environment-variable name of an axis: KEEL_AXIS_OPTIM_LR for optim.lr.
+pub fn axis_env(key: &str) -> String {
+    let k: String = key
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("KEEL_AXIS_{k}")
+}
+
+/// `{name}` placeholders of one argument.
+fn placeholders(arg: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = arg;
+    while let Some(i) = rest.find('{') {
+        let Some(j) = rest[i..].find('}') else { break };
+        out.push(rest[i + 1..i + j].to_string());
+        rest = &rest[i + j + 1..];
+    }
+    out
+}
+
+impl TrialCommand {
+    /// The argv and environment of one trial.
+    pub fn resolve(&self, t: &Trial, dir: &Path) -> (Vec<String>, Vec<(String, String)>) {
+        let dir_s = dir.display().to_string();
+        let value = |name: &str| -> Option<String> {
+            match name {
+                "dir" => Some(dir_s.clone()),
+                "id" => Some(t.id.clone()),
+                "steps" => Some(self.steps.to_string()),
+                k => t
+                    .assign
+                    .iter()
+                    .find(|(a, _)| a == k)
+                    .map(|(_, v)| show_arg(v)),
+            }
+        };
+        let argv = self
+            .command
+            .iter()
+            .map(|a| {
+                let mut s = a.clone();
+                for p in placeholders(a) {
+                    if let Some(v) = value(&p) {
+                        s = s.replace(&format!("{{{p}}}"), &v);
+                    }
+                }
+                s
+            })
+            .collect();
+        let mut env: Vec<(String, String)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        env.push(("KEEL_TRIAL_DIR".into(), dir_s.clone()));
+        env.push(("KEEL_TRIAL_ID".into(), t.id.clone()));
+        env.push(("KEEL_TRIAL_STEPS".into(), self.steps.to_string()));
+        for (k, v) in &t.assign {
+            env.push((axis_env(k), show_arg(v)));
+        }
+        (argv, env)
+    }
+}
+
+/// An axis value on a command line: full precision (3e-4 as 0.0003), strings bare.
+fn show_arg(v: &toml::Value) -> String {
+    match v {
+        toml::Value::String(s) => s.clone(),
+        toml::Value::Float(f) => format!("{f}"),
+        other => other.to_string(),
+    }
+}
+
 /// One axis: a run-config key and its values.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Axis {
@@ -62,6 +187,10 @@ pub struct SweepSpec {
     pub base: toml::Table,
     pub axes: Vec<Axis>,
     pub settings: SweepSettings,
+    /// Command trials (`[trial]`) instead of keel trials.
+    pub command: Option<TrialCommand>,
+    /// What is allowed but probably a mistake (an axis no placeholder uses).
+    pub warnings: Vec<String>,
 }
 
 /// One trial: its id (the directory name under `trials/`) and axis values.
@@ -85,6 +214,9 @@ pub struct Plan {
     /// The `[base]` table as TOML text: resuming with a changed base is refused.
     #[serde(default)]
     pub base: String,
+    /// Command trials: what each trial runs (None: `keel train`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<TrialCommand>,
 }
 
 fn err(file: &Path, field: &str, what: impl std::fmt::Display, fix: &str) -> anyhow::Error {
@@ -213,6 +345,17 @@ impl SweepSpec {
                     "add [axes] with at least the learning rate: \"optim.lr\" = [1e-3, 3e-3, 1e-2]",
                 )),
             };
+        let command: Option<TrialCommand> = match doc.remove("trial") {
+            Some(v) => Some(v.try_into().map_err(|e: toml::de::Error| {
+                err(
+                    path,
+                    "trial",
+                    e.message(),
+                    "keys: command (an argv list), steps, metrics, fields, stop_diverged, stop_on_attn_warning, grace_s, env",
+                )
+            })?),
+            None => None,
+        };
         let settings: SweepSettings = match doc.remove("sweep") {
             Some(v) => v.try_into().map_err(|e: toml::de::Error| {
                 err(
@@ -229,7 +372,7 @@ impl SweepSpec {
                 path,
                 k,
                 "unknown section",
-                "use [base], [axes] and [sweep]",
+                "use [base], [axes], [sweep] and [trial]",
             ));
         }
         if !matches!(settings.metric.as_str(), "val_loss" | "train_loss") {
@@ -278,7 +421,7 @@ impl SweepSpec {
                     "keep one",
                 ));
             }
-            if !key.contains('.') {
+            if !key.contains('.') && command.is_none() {
                 return Err(err(
                     path,
                     &format!("axes.\"{key}\""),
@@ -328,12 +471,90 @@ impl SweepSpec {
                 "sweep fewer values per axis",
             ));
         }
+        let mut warnings = Vec::new();
+        if let Some(c) = &command {
+            if c.command.is_empty() || c.command[0].trim().is_empty() {
+                return Err(err(
+                    path,
+                    "trial.command",
+                    "is empty",
+                    "give the argv, e.g. [\"python\", \"train.py\", \"--lr\", \"{optim.lr}\", \"--out\", \"{dir}\"]",
+                ));
+            }
+            if c.steps == 0 {
+                return Err(err(
+                    path,
+                    "trial.steps",
+                    "missing or 0",
+                    "give the steps each trial runs (a trial whose log reaches them has finished)",
+                ));
+            }
+            if !base.is_empty() {
+                return Err(err(
+                    path,
+                    "base",
+                    "sets keel train's config, but [trial] runs a command",
+                    "pass settings on the command line (or drop [trial] to sweep keel train)",
+                ));
+            }
+            if !(c.grace_s >= 0.0 && c.grace_s.is_finite()) {
+                return Err(err(
+                    path,
+                    "trial.grace_s",
+                    c.grace_s,
+                    "use seconds ≥ 0, e.g. 10",
+                ));
+            }
+            let mut used = Vec::new();
+            for (i, a) in c.command.iter().enumerate() {
+                for p in placeholders(a) {
+                    let known = matches!(p.as_str(), "dir" | "id" | "steps")
+                        || axes.iter().any(|x: &Axis| x.key == p);
+                    if !known {
+                        let names: Vec<String> =
+                            axes.iter().map(|x| format!("{{{}}}", x.key)).collect();
+                        return Err(err(
+                            path,
+                            &format!("trial.command[{i}]"),
+                            format!("placeholder {{{p}}} names no axis"),
+                            &format!(
+                                "use one of {}, {{dir}}, {{id}}, {{steps}}",
+                                names.join(", ")
+                            ),
+                        ));
+                    }
+                    used.push(p);
+                }
+            }
+            for a in &axes {
+                if !used.contains(&a.key) {
+                    warnings.push(format!(
+                        "{}: axis \"{}\" is in no placeholder of trial.command: the trials differ only by the environment variable {} (add {{{}}} to the command if the script takes it as an argument)",
+                        path.display(),
+                        a.key,
+                        axis_env(&a.key),
+                        a.key
+                    ));
+                }
+            }
+            if Path::new(&c.metrics).is_absolute() {
+                // an absolute metrics path would be shared by every trial
+                return Err(err(
+                    path,
+                    "trial.metrics",
+                    "an absolute path: every trial would write the same log",
+                    "give a path relative to the trial's directory ({dir})",
+                ));
+            }
+        }
         // the LR axis last: trials of one group run next to each other
         axes.sort_by_key(|a| a.key == settings.lr_key);
         Ok(SweepSpec {
             base,
             axes,
             settings,
+            command,
+            warnings,
         })
     }
 
@@ -545,41 +766,122 @@ pub fn prepare(spec: &SweepSpec, dir: &Path, progress: bool) -> Result<Plan> {
     std::fs::create_dir_all(dir.join("trials"))
         .with_context(|| format!("{}: cannot create the sweep directory", dir.display()))?;
     let trials = spec.trials();
-    let base_cfg =
-        RunConfig::from_table(spec.base.clone()).map_err(|e| anyhow::anyhow!("[base]: {e}"))?;
+    let (steps, base_scheme) = match &spec.command {
+        Some(c) => (c.steps, String::new()),
+        None => {
+            let base_cfg = RunConfig::from_table(spec.base.clone())
+                .map_err(|e| anyhow::anyhow!("[base]: {e}"))?;
+            (base_cfg.train.steps, base_cfg.init.scheme.clone())
+        }
+    };
     let plan = Plan {
         axes: spec.axes.clone(),
         settings: spec.settings.clone(),
         trials: trials.clone(),
-        steps: base_cfg.train.steps,
-        base_scheme: base_cfg.init.scheme.clone(),
+        steps,
+        base_scheme,
         base: spec.base.to_string(),
+        command: spec.command.clone(),
     };
     let plan_path = dir.join("sweep.json");
     if plan_path.exists() {
         let old: Plan = serde_json::from_str(&std::fs::read_to_string(&plan_path)?)
             .with_context(|| format!("{}: not a keel sweep plan", plan_path.display()))?;
-        if old.trials != plan.trials || old.steps != plan.steps || old.base != plan.base {
+        if old.trials != plan.trials
+            || old.steps != plan.steps
+            || old.base != plan.base
+            || old.command.as_ref().map(|c| &c.command) != plan.command.as_ref().map(|c| &c.command)
+        {
             bail!(
-                "{}: this directory holds a different sweep ({} trials, or another [base]); fix: resume it with its own sweep.toml, or pick a new --out",
+                "{}: this directory holds a different sweep ({} trials, or another [base] or trial command); fix: resume it with its own sweep.toml, or pick a new --out",
                 dir.display(),
                 old.trials.len()
             );
         }
     }
-    let data = shared_data(spec, dir, progress)?;
-    for t in &trials {
-        let table = spec.trial_table(t, data.as_ref())?;
-        let cfg = RunConfig::from_table(table.clone())
-            .and_then(|c| c.validate().map(|_| c))
-            .map_err(|e| anyhow::anyhow!("trial {}: {e}", t.id))?;
-        let tdir = dir.join("trials").join(&t.id);
-        std::fs::create_dir_all(&tdir)
-            .with_context(|| format!("{}: cannot create", tdir.display()))?;
-        crate::checkpoint::write_atomic(&tdir.join("trial.toml"), cfg.to_toml().as_bytes())?;
+    if let Some(c) = &spec.command {
+        let exe = &c.command[0];
+        if find_program(exe).is_none() {
+            bail!(
+                "trial.command[0]: {exe:?} is not found{}; fix: give the program's path or install it",
+                if exe.contains('/') { "" } else { " on PATH" }
+            );
+        }
+        let root = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+        for t in &trials {
+            let tdir = root.join("trials").join(&t.id);
+            std::fs::create_dir_all(&tdir).with_context(|| {
+                format!(
+                    "trial {}: {}: cannot create its directory",
+                    t.id,
+                    tdir.display()
+                )
+            })?;
+            let (argv, env) = c.resolve(t, &tdir);
+            // what the trial runs, as a script (the --emit commands run it)
+            let cwd = std::env::current_dir().unwrap_or_default();
+            let mut sh = format!(
+                "#!/bin/sh\n# keel sweep trial {}\ncd {}\n",
+                t.id,
+                shell_quote(&cwd.display().to_string())
+            );
+            for (k, v) in &env {
+                sh += &format!("export {k}={}\n", shell_quote(v));
+            }
+            sh += &format!(
+                "exec {}\n",
+                argv.iter()
+                    .map(|a| shell_quote(a))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+            crate::checkpoint::write_atomic(&tdir.join("run.sh"), sh.as_bytes())
+                .with_context(|| format!("trial {}: {} is not writable", t.id, tdir.display()))?;
+        }
+    } else {
+        let data = shared_data(spec, dir, progress)?;
+        for t in &trials {
+            let table = spec.trial_table(t, data.as_ref())?;
+            let cfg = RunConfig::from_table(table.clone())
+                .and_then(|c| c.validate().map(|_| c))
+                .map_err(|e| anyhow::anyhow!("trial {}: {e}", t.id))?;
+            let tdir = dir.join("trials").join(&t.id);
+            std::fs::create_dir_all(&tdir)
+                .with_context(|| format!("{}: cannot create", tdir.display()))?;
+            crate::checkpoint::write_atomic(&tdir.join("trial.toml"), cfg.to_toml().as_bytes())?;
+        }
     }
     crate::checkpoint::write_atomic(&plan_path, serde_json::to_string_pretty(&plan)?.as_bytes())?;
     Ok(plan)
+}
+
+/// A program as the shell would find it: a path, or a name on PATH.
+pub fn find_program(exe: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let runnable = |p: &Path| {
+        p.is_file() && std::fs::metadata(p).is_ok_and(|m| m.permissions().mode() & 0o111 != 0)
+    };
+    if exe.contains('/') {
+        let p = PathBuf::from(exe);
+        return runnable(&p).then_some(p);
+    }
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(exe))
+            .find(|p| runnable(p))
+    })
+}
+
+/// A word for sh: quoted unless it is plainly safe.
+pub fn shell_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c))
+    {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
 }
 
 #[cfg(test)]

@@ -99,6 +99,7 @@ pub fn write_all(
         "finished": results.iter().filter(|r| r.status == "finished").count(),
         "diverged": results.iter().filter(|r| r.diverged).count(),
         "unfinished": results.iter().filter(|r| !r.done()).count(),
+        "compute": compute_saved(results),
         "groups": groups,
         "recommendation": rec,
         "target": target,
@@ -109,4 +110,37 @@ pub fn write_all(
     )?;
     super::plot::write_all(&dir.join("plots"), plan, base_scheme, &groups, &rec)?;
     Ok(rec)
+}
+
+/// Steps the sweep ran against running every trial to the end: a diverged trial stops at
+/// its divergence (keel trials by themselves, command trials when the sweep stops them).
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct ComputeSaved {
+    /// Trials that stopped at their divergence.
+    pub stopped: usize,
+    pub steps_run: u64,
+    pub steps_planned: u64,
+}
+
+impl ComputeSaved {
+    /// Fraction of the planned steps not run.
+    pub fn fraction(&self) -> f64 {
+        if self.steps_planned == 0 {
+            0.0
+        } else {
+            1.0 - self.steps_run as f64 / self.steps_planned as f64
+        }
+    }
+}
+
+pub fn compute_saved(results: &[TrialResult]) -> ComputeSaved {
+    let done: Vec<&TrialResult> = results.iter().filter(|r| r.done()).collect();
+    ComputeSaved {
+        stopped: done
+            .iter()
+            .filter(|r| r.diverged && r.steps_done < r.steps_planned)
+            .count(),
+        steps_run: done.iter().map(|r| r.steps_done.min(r.steps_planned)).sum(),
+        steps_planned: done.iter().map(|r| r.steps_planned).sum(),
+    }
 }

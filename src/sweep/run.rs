@@ -79,9 +79,111 @@ fn spawn(exe: &Path, out: &Path, id: &str, threads: usize) -> Result<Child> {
 }
 
 fn terminate(child: &Child) {
+    signal(child, libc::SIGTERM);
+}
+
+fn signal(child: &Child, sig: libc::c_int) {
     // SAFETY: plain kill(2) on a PID we spawned and have not yet reaped.
     unsafe {
-        libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+        libc::kill(child.id() as libc::pid_t, sig);
+    }
+}
+
+/// Start a command trial: its argv and environment, stdout to train.log, stderr to
+/// stderr.log (its last lines explain a failure).
+fn spawn_command(plan: &Plan, out: &Path, i: usize) -> Result<Child> {
+    let c = plan.command.as_ref().expect("a command sweep");
+    let t = &plan.trials[i];
+    let dir = abs(&trial_dir(out, &t.id));
+    let (argv, env) = c.resolve(t, &dir);
+    let open = |name: &str| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(name))
+            .with_context(|| format!("trial {}: {}: cannot open {name}", t.id, dir.display()))
+    };
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..])
+        .envs(env)
+        .stdin(Stdio::null())
+        .stdout(open("train.log")?)
+        .stderr(open("stderr.log")?);
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: as in `spawn`: prctl only.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+    }
+    cmd.spawn().with_context(|| {
+        format!(
+            "trial {}: cannot start {:?}; fix: check trial.command (the program, its path)",
+            t.id, argv[0]
+        )
+    })
+}
+
+/// A running command trial's log, judged by the guard's detectors as it grows.
+struct Follower {
+    mon: crate::monitor::Monitor,
+    fed: Option<u64>,
+    /// Stopped by the sweep: when SIGTERM was sent.
+    stopped: Option<Instant>,
+    killed: bool,
+    last_read: Instant,
+}
+
+impl Follower {
+    fn new() -> Self {
+        Follower {
+            mon: crate::monitor::Monitor::new(crate::monitor::GuardConfig::default()),
+            fed: None,
+            stopped: None,
+            killed: false,
+            last_read: Instant::now() - Duration::from_secs(10),
+        }
+    }
+
+    /// Read the new lines; Some((step, reason)) when the trial should be stopped.
+    fn check(&mut self, plan: &Plan, dir: &Path) -> Option<(u64, String, String)> {
+        let c = plan.command.as_ref()?;
+        let metrics = collect::trial_metrics(dir, plan);
+        let early = self.mon.cfg.early_window;
+        for m in &metrics {
+            let Some(step) = m.get("step").and_then(serde_json::Value::as_u64) else {
+                continue;
+            };
+            if self.fed.is_some_and(|f| step <= f) {
+                continue;
+            }
+            // validation lines (no loss) are not steps
+            let Some(loss) = m.get("loss") else { continue };
+            self.fed = Some(step);
+            if m.get("skipped").and_then(serde_json::Value::as_bool) == Some(true) {
+                continue;
+            }
+            let num = |k: &str| m.get(k).and_then(serde_json::Value::as_f64);
+            let sm = crate::monitor::StepMetrics {
+                step,
+                loss: loss.as_f64().unwrap_or(f64::NAN),
+                grad_norm: num("grad_norm"),
+                max_attn_logit: num("max_attn_logit"),
+                logit_z: num("logit_z"),
+            };
+            for d in self.mon.observe(&sm) {
+                let stop = (c.stop_diverged && d.kind == crate::monitor::Severity::Divergence)
+                    || (c.stop_on_attn_warning && d.detector == "attn_logit" && step > early);
+                if stop {
+                    return Some((step, d.detector.clone(), d.reason.clone()));
+                }
+            }
+        }
+        None
     }
 }
 
@@ -95,6 +197,16 @@ fn report(dir: &Path, plan: &Plan, res: &[TrialResult], rec: &Recommendation) {
         res.iter().filter(|r| r.diverged).count(),
         res.iter().filter(|r| !r.done()).count()
     );
+    let saved = output::compute_saved(res);
+    if saved.stopped > 0 {
+        println!(
+            "  {} trial(s) stopped when they diverged: {} of {} planned steps run, {:.0}% of the sweep's compute saved against running every trial to the end",
+            saved.stopped,
+            saved.steps_run,
+            saved.steps_planned,
+            100.0 * saved.fraction()
+        );
+    }
     let lr = |x: Option<f64>| x.map_or("—".to_string(), super::show_num);
     let w = groups
         .iter()
@@ -147,6 +259,9 @@ fn write_emit(out: &Path, plan: &Plan, how: Emit, jobs: usize, threads: usize) -
     crate::checkpoint::write_atomic(&dir.join("trials.txt"), ids.as_bytes())?;
     let cmd = |id: &str, threads: &str| {
         let td = dir.join("trials").join(id);
+        if plan.command.is_some() {
+            return format!("sh {}", td.join("run.sh").display());
+        }
         format!(
             "{} --threads {threads} train --config {} --out {}",
             exe.display(),
@@ -179,9 +294,13 @@ fn write_emit(out: &Path, plan: &Plan, how: Emit, jobs: usize, threads: usize) -
                  KEEL=${{KEEL:-{exe}}}\n\
                  ID=$(sed -n \"$((SLURM_ARRAY_TASK_ID + 1))p\" {d}/trials.txt)\n\
                  T={d}/trials/$ID\n\
-                 # exit 2 = the trial diverged: a result, not a job failure\n\
-                 \"$KEEL\" --threads \"${{SLURM_CPUS_PER_TASK:-{threads}}}\" train --config \"$T/trial.toml\" --out \"$T\" || [ $? -eq 2 ]\n",
+                 {run}\n",
                 sb = dir.join("sweep.sbatch").display(),
+                run = if plan.command.is_some() {
+                    "# the trial's own command (trials/ID/run.sh); follow it with: keel watch --follow $T/<its log>\nsh \"$T/run.sh\"".to_string()
+                } else {
+                    "# exit 2 = the trial diverged: a result, not a job failure\n\"$KEEL\" --threads \"${SLURM_CPUS_PER_TASK:-THREADS}\" train --config \"$T/trial.toml\" --out \"$T\" || [ $? -eq 2 ]".replace("THREADS", &threads.to_string())
+                },
                 d = dir.display(),
                 last = n.saturating_sub(1),
                 exe = exe.display(),
@@ -195,6 +314,9 @@ fn write_emit(out: &Path, plan: &Plan, how: Emit, jobs: usize, threads: usize) -
 
 pub fn run(opts: &SweepOptions) -> Result<i32> {
     let spec = SweepSpec::load(&opts.config)?;
+    for w in &spec.warnings {
+        eprintln!("warning: {w}");
+    }
     std::fs::create_dir_all(&opts.out)
         .with_context(|| format!("{}: cannot create the sweep directory", opts.out.display()))?;
     let _lock = crate::train::lock::RunLock::acquire(&opts.out)?;
@@ -256,6 +378,7 @@ pub fn run(opts: &SweepOptions) -> Result<i32> {
     );
     bar.set_position(skipped as u64);
     let mut running: Vec<(usize, Child, Instant)> = Vec::new();
+    let mut followers: std::collections::HashMap<usize, Follower> = Default::default();
     let mut interrupted = false;
     let mut finished_now = skipped;
     let status_msg = |running: &[(usize, Child, Instant)], res: &[TrialResult]| {
@@ -296,7 +419,12 @@ pub fn run(opts: &SweepOptions) -> Result<i32> {
                 bar.inc(1);
                 continue;
             }
-            let child = spawn(&exe, out, &plan.trials[i].id, per)?;
+            let child = if plan.command.is_some() {
+                followers.insert(i, Follower::new());
+                spawn_command(&plan, out, i)?
+            } else {
+                spawn(&exe, out, &plan.trials[i].id, per)?
+            };
             running.push((i, child, Instant::now()));
             bar.set_message(status_msg(&running, &res));
         }
@@ -304,6 +432,48 @@ pub fn run(opts: &SweepOptions) -> Result<i32> {
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
+        // command trials: follow their logs, stop the ones that diverged
+        if let Some(c) = &plan.command {
+            for (i, child, _) in &running {
+                let Some(f) = followers.get_mut(i) else {
+                    continue;
+                };
+                if let Some(t0) = f.stopped {
+                    if !f.killed && t0.elapsed().as_secs_f64() > c.grace_s {
+                        signal(child, libc::SIGKILL);
+                        f.killed = true;
+                    }
+                    continue;
+                }
+                if interrupted || f.last_read.elapsed() < Duration::from_secs(1) {
+                    continue;
+                }
+                f.last_read = Instant::now();
+                let t = &plan.trials[*i];
+                let tdir = trial_dir(out, &t.id);
+                if let Some((step, detector, reason)) = f.check(&plan, &tdir) {
+                    let line = crate::train::event_line(
+                        step,
+                        "diverged",
+                        serde_json::json!({
+                            "reason": format!("{detector}: {reason}"),
+                            "detector": detector,
+                            "stopped_by": "keel sweep",
+                        }),
+                    );
+                    let mut w = crate::train::JsonlWriter::open(&tdir.join("events.jsonl"))?;
+                    w.write(&line)?;
+                    terminate(child);
+                    f.stopped = Some(Instant::now());
+                    bar.suspend(|| {
+                        eprintln!(
+                            "{}: diverged at step {step} ({detector}): stopped, its slot goes to the next trial",
+                            t.id
+                        )
+                    });
+                }
+            }
+        }
         let mut k = 0;
         while k < running.len() {
             let exited = running[k].1.try_wait().context("waiting for a trial")?;
@@ -315,9 +485,13 @@ pub fn run(opts: &SweepOptions) -> Result<i32> {
             let t = &plan.trials[i];
             // killed by a signal, or stopped (exit 3) when the sweep was not: a failure to
             // report, not a trial to forget; the next run resumes it
+            let stopped = followers.remove(&i).is_some_and(|f| f.stopped.is_some());
             let code = match status.code() {
+                // stopped by the sweep (diverged) or by Ctrl-C: not a failure
+                None if stopped || interrupted => None,
                 None => Some(-1),
                 Some(3) if !interrupted => Some(-3),
+                _ if interrupted && plan.command.is_some() => None,
                 c => c,
             };
             let r = collect::collect_trial(&trial_dir(out, &t.id), t, &plan, code);
@@ -330,13 +504,23 @@ pub fn run(opts: &SweepOptions) -> Result<i32> {
                 ),
                 "diverged" => format!("{}: diverged at step {}", t.id, r.diverged_at.unwrap_or(0)),
                 "failed" => format!(
-                    "{}: FAILED ({}); see {}",
+                    "{}: FAILED ({}); see {}{}",
                     t.id,
                     match status.code() {
                         Some(c) => format!("exit {c}"),
                         None => "killed by a signal".into(),
                     },
-                    trial_dir(out, &t.id).join("train.log").display()
+                    trial_dir(out, &t.id)
+                        .join(if plan.command.is_some() {
+                            "stderr.log"
+                        } else {
+                            "train.log"
+                        })
+                        .display(),
+                    r.error.as_deref().map_or(String::new(), |e| format!(
+                        "\n    {}",
+                        e.replace('\n', "\n    ")
+                    ))
                 ),
                 other => format!("{}: {other} (step {})", t.id, r.steps_done),
             };

@@ -302,7 +302,7 @@ pub fn record_of_text(line: &str) -> Record {
 
 /// What each metric is called in a log: the user's `--field` names, else the first of the
 /// common names that appears.
-const STEP: &[&str] = &[
+pub const STEP: &[&str] = &[
     "step",
     "iter",
     "iteration",
