@@ -817,6 +817,7 @@ pub fn describe_group(g: &Map<String, Value>, with_scheme: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn plan(lrs: &[f64]) -> Plan {
         Plan {
