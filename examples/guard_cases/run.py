@@ -188,13 +188,13 @@ def main():
                 print(f"| {name}{sfx} | {fmt(u['val'])} | {fmt(gv) if gv is not None else 'gave up at ' + str(g['steps'])} | {fmt(s['val'])} "
                       f"| {pct(u['val'], s['val'])} | {pct(gv, s['val'])} | {g['what']} |", flush=True)
                 if gv is not None and u["val"] is not None:
-                    per_seed.append((100 * (u["val"] - s["val"]) / s["val"], 100 * (gv - s["val"]) / s["val"]))
+                    per_seed.append((u["val"], gv, s["val"]))
             if len(per_seed) > 1:
-                mu = sum(x[0] for x in per_seed) / len(per_seed)
-                mg = sum(x[1] for x in per_seed) / len(per_seed)
-                worse = sum(1 for x in per_seed if x[1] > x[0])
-                print(f"| **{name}, mean of {len(per_seed)} seeds** | | | | {mu:+.1f}% | {mg:+.1f}% "
-                      f"| guard worse than none in {worse} of {len(per_seed)} |", flush=True)
+                n = len(per_seed)
+                mu, mg, ms = (sum(x[k] for x in per_seed) / n for k in range(3))
+                better = sum(1 for x in per_seed if x[1] < x[0])
+                print(f"| **{name}, mean of {n} seeds** | {fmt(mu)} | {fmt(mg)} | {fmt(ms)} | {pct(mu, ms)} | {pct(mg, ms)} "
+                      f"| guarded below unguarded in {better} of {n} seeds |", flush=True)
         if a.no_clean or a.only:
             continue
         kind, extra = CLEAN[which]
