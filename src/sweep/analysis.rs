@@ -263,6 +263,31 @@ pub struct Recommendation {
     pub text: Vec<String>,
 }
 
+/// " for xavier-normal", or nothing in a command sweep (no keel init scheme).
+fn for_scheme(s: &str) -> String {
+    if s.is_empty() {
+        String::new()
+    } else {
+        format!(" for {s}")
+    }
+}
+
+fn of_scheme(s: &str) -> String {
+    if s.is_empty() {
+        String::new()
+    } else {
+        format!(" of {s}")
+    }
+}
+
+fn paren(s: &str) -> String {
+    if s.is_empty() {
+        String::new()
+    } else {
+        format!(" ({s})")
+    }
+}
+
 fn scheme_of(g: &Map<String, Value>, base: &str) -> String {
     g.get("init.scheme")
         .and_then(Value::as_str)
@@ -412,14 +437,26 @@ pub fn recommend(
                 _ => format!("{} (no stable LR in some group)", s.scheme),
             })
             .collect();
-        text.push(format!(
-            "Recommended scheme: {} — decided by {decided_by}: mean best loss {:.3} nats over {} group(s), LR sensitivity {:.3} (Wortsman et al. 2023){}",
-            r.scheme,
-            r.mean_best_loss.unwrap_or(f64::NAN),
-            groups.iter().filter(|g| scheme_of(&g.group, base_scheme) == r.scheme).count(),
-            r.mean_lr_sensitivity.unwrap_or(f64::NAN),
-            if others.is_empty() { String::new() } else { format!("; others: {}", others.join(", ")) }
-        ));
+        let n_groups = groups
+            .iter()
+            .filter(|g| scheme_of(&g.group, base_scheme) == r.scheme)
+            .count();
+        text.push(if r.scheme.is_empty() {
+            // a command sweep: no init scheme to recommend, the script's own init
+            format!(
+                "Mean best loss {:.3} nats over {n_groups} group(s), LR sensitivity {:.3} (Wortsman et al. 2023)",
+                r.mean_best_loss.unwrap_or(f64::NAN),
+                r.mean_lr_sensitivity.unwrap_or(f64::NAN),
+            )
+        } else {
+            format!(
+                "Recommended scheme: {} — decided by {decided_by}: mean best loss {:.3} nats over {n_groups} group(s), LR sensitivity {:.3} (Wortsman et al. 2023){}",
+                r.scheme,
+                r.mean_best_loss.unwrap_or(f64::NAN),
+                r.mean_lr_sensitivity.unwrap_or(f64::NAN),
+                if others.is_empty() { String::new() } else { format!("; others: {}", others.join(", ")) }
+            )
+        });
         text.push(match noise {
             Some((sd, n)) => format!(
                 "Seed noise: σ {sd:.3} nats of final loss between seeds ({n} LR × group cells with repeated seeds); leads under {:.3} (2σ) are not significant",
@@ -445,15 +482,15 @@ pub fn recommend(
             lr_window = Some((lo, hi));
             text.push(if lo == hi {
                 format!(
-                    "Only LR {} is within {:.0}% of the best loss in every group of {}: the grid shows no window; sweep finer around it",
+                    "Only LR {} is within {:.0}% of the best loss in every group{}: the grid shows no window; sweep finer around it",
                     show_num(lo),
                     plan.settings.window * 100.0,
-                    r.scheme
+                    of_scheme(&r.scheme)
                 )
             } else {
                 format!(
-                    "LR window for {}: {} … {} — stable and within {:.0}% of the best loss in every group",
-                    r.scheme,
+                    "LR window{}: {} … {} — stable and within {:.0}% of the best loss in every group",
+                    for_scheme(&r.scheme),
                     show_num(lo),
                     show_num(hi),
                     plan.settings.window * 100.0
@@ -474,9 +511,9 @@ pub fn recommend(
                 })
                 .collect();
             text.push(format!(
-                "No single LR is within {:.0}% of the best in every group of {}; per group: {}",
+                "No single LR is within {:.0}% of the best in every group{}; per group: {}",
                 plan.settings.window * 100.0,
-                r.scheme,
+                of_scheme(&r.scheme),
                 per.join("; ")
             ));
         }
@@ -557,9 +594,9 @@ pub fn recommend(
             })
             .collect();
         let mut line = format!(
-            "Max stable LR vs {} ({}): {}",
+            "Max stable LR vs {}{}: {}",
             name(&t.axis),
-            t.scheme,
+            paren(&t.scheme),
             pts.join(", ")
         );
         match (t.exponent, t.exponent_range) {
@@ -636,9 +673,9 @@ pub fn recommend(
             }
             let fit = power_fit(&pts.iter().map(|p| (p.0, p.1)).collect::<Vec<_>>());
             let mut line = format!(
-                "Max attention logit at LR {} ({}): {}",
+                "Max attention logit at LR {}{}: {}",
                 show_num(ref_lr),
-                r.scheme,
+                paren(&r.scheme),
                 pts.iter()
                     .map(|p| format!("d={}: {:.1}", p.0, p.1))
                     .collect::<Vec<_>>()
