@@ -362,6 +362,13 @@ fn toml_examples_load() {
                     }
                 }
                 checked += 1;
+            } else if t.contains_key("axes") {
+                // a command sweep ([trial], no [base]): the sweep reader's own checks
+                // (placeholders, steps, unknown keys)
+                if let Err(e) = keel::sweep::SweepSpec::parse(&text, Path::new(&here)) {
+                    problems.push(format!("{here}: {e}"));
+                }
+                checked += 1;
             }
         }
     }

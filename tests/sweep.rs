@@ -418,6 +418,41 @@ fn command_trials_are_swept_and_diverging_ones_stopped_early() {
         sh.contains("export KEEL_AXIS_OPTIM_LR=") && sh.contains("--width 64"),
         "{sh}"
     );
+    // run two emitted trials as a job runner would (nobody follows them), then collect: the
+    // one that blew up is judged from its log, as a followed one would have been stopped
+    for l in cmds
+        .lines()
+        .filter(|l| l.contains("-d64-lr1e-3/") || l.contains("-d64-lr1/"))
+    {
+        let st = Command::new("sh")
+            .arg(l.trim_start_matches("sh "))
+            .status()
+            .unwrap();
+        assert!(st.success(), "{l}");
+    }
+    let o = keel()
+        .args(["sweep", "collect"])
+        .arg(&emit)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let rs = results(&emit);
+    let get = |lr: f64| {
+        by_lr(&rs, lr)
+            .into_iter()
+            .find(|r| r["axes"]["model.hidden_size"] == 64)
+            .unwrap()
+            .clone()
+    };
+    let (stable, blew) = (get(0.001), get(1.0));
+    assert_eq!(stable["status"], "finished", "{stable}");
+    assert_eq!(blew["status"], "diverged", "{blew}");
+    assert_eq!(blew["stopped_early"], false);
+    assert_eq!(blew["steps_done"], 150, "it ran to the end: {blew}");
+    assert!(
+        (21..=40).contains(&blew["diverged_at"].as_u64().unwrap()),
+        "{blew}"
+    );
 }
 
 #[test]

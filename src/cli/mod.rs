@@ -142,9 +142,14 @@ pub enum Command {
         /// are drawn on one page
         #[arg(required = true, num_args = 1..)]
         dirs: Vec<PathBuf>,
-        /// Where to write the comparison page of several runs (report.html and plots/)
+        /// Where to write the comparison page of several runs (report.html and plots/), or
+        /// an Optuna study's sweep directory
         #[arg(long)]
         out: Option<PathBuf>,
+        /// The study's name, when an Optuna storage (sqlite:///study.db, a .db file or any
+        /// RDB URL) holds several
+        #[arg(long)]
+        study: Option<String>,
     },
     /// Mean next-token cross-entropy of a model on a token file (JSON on stdout)
     Eval {
@@ -343,7 +348,12 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             sets,
         } => cmd_init(preset, hf, &scheme, seed, out, explain, &sets),
         Command::Sweep(a) => cmd_sweep(a, cli.threads),
-        Command::Report { dirs, out } => {
+        Command::Report { dirs, out, study } => {
+            if dirs.len() == 1 && crate::report::optuna::is_storage(&dirs[0]) {
+                let p = crate::report::optuna::report(&dirs[0], study.as_deref(), out.as_deref())?;
+                println!("report: {}", p.display());
+                return Ok(0);
+            }
             let p = match (dirs.len(), out) {
                 (1, None) => crate::report::write(&dirs[0])?,
                 (_, Some(out)) => crate::report::compare::write(&dirs, &out)?,

@@ -4,6 +4,7 @@
 
 pub mod compare;
 pub mod html;
+pub mod optuna;
 pub mod plot;
 pub mod runs;
 
@@ -645,6 +646,17 @@ pub(crate) fn event_sentence(kind: &str, d: &Value) -> String {
     let n = |k: &str| d.get(k).and_then(Value::as_f64);
     let st = |k: &str| st_of(d, k);
     match kind {
+        // from a TensorBoard log: the sentence, no numbers
+        "spike" | "divergence" | "warning" if d.get("value").is_none() => {
+            match (
+                d.get("detector").and_then(Value::as_str),
+                d.get("reason").and_then(Value::as_str),
+            ) {
+                (Some(det), Some(r)) => format!("{det}: {r}"),
+                (None, Some(r)) => r.to_string(),
+                _ => kind.to_string(),
+            }
+        }
         "spike" | "divergence" | "warning" => format!(
             "{}: {} (value {}, threshold {})",
             st("detector"),

@@ -227,6 +227,35 @@ impl RunData {
         Ok(out)
     }
 
+    /// The field (or tag) names a log holds, as written: for an error that must say what
+    /// to map (`--field loss=NAME`).
+    pub fn field_names(path: &Path) -> Vec<String> {
+        let Ok(text) = std::fs::read_to_string(path) else {
+            return Vec::new();
+        };
+        let head = text.as_bytes();
+        let Ok(fmt) = Format::sniff(path, &head[..head.len().min(65536)]) else {
+            return Vec::new();
+        };
+        let mut p = LineParser::new(fmt, false);
+        let mut names: Vec<String> = Vec::new();
+        for l in text.lines().take(50) {
+            if let Ok(Some(r)) = p.parse(l, path) {
+                for (k, _) in r.values {
+                    if !names.contains(&k) {
+                        names.push(k);
+                    }
+                }
+            }
+        }
+        if names.is_empty() {
+            if let Some(h) = p.header() {
+                names = h.to_vec();
+            }
+        }
+        names
+    }
+
     fn from_tensorboard(dir: &Path) -> Result<RunData> {
         let (files, others) = event_files(dir)?;
         let mut notes = Vec::new();
@@ -302,16 +331,42 @@ impl RunData {
                 if KEEL_SIGNALS.contains(&kind) || kind.contains('/') {
                     continue;
                 }
-                let words = texts
+                // the event's own line of the step's text: "step N: kind: words" (the Python
+                // package) or "step N: kind (detector): words" (keel's mirror, whose words
+                // are the detail itself as JSON when it has no sentence)
+                let prefix = format!("step {step}: {kind}");
+                let line = texts
                     .iter()
-                    .find(|(s, t)| *s == step && t.contains(kind))
-                    .map(|(_, t)| t.clone());
+                    .filter(|(s, _)| *s == step)
+                    .flat_map(|(_, t)| t.lines())
+                    .find_map(|l| {
+                        let rest = l.strip_prefix(&prefix)?;
+                        (rest.starts_with(':') || rest.starts_with(" (")).then_some(rest)
+                    });
                 let mut detail = json!({});
-                if kind == "lr_backoff" {
-                    detail["factor"] = json!(v);
+                if let Some(rest) = line {
+                    let (det, words) =
+                        match rest.strip_prefix(" (").and_then(|r| r.split_once("): ")) {
+                            Some((d, w)) => (Some(d), w),
+                            None => (None, rest.trim_start_matches(':').trim_start()),
+                        };
+                    match serde_json::from_str::<Value>(words) {
+                        Ok(v @ Value::Object(_)) => detail = v,
+                        _ => detail["reason"] = json!(words),
+                    }
+                    if let Some(d) = det {
+                        detail["detector"] = json!(d);
+                    }
                 }
-                if let Some(w) = words {
-                    detail["reason"] = json!(w);
+                if kind == "lr_backoff" && detail.get("factor").is_none() {
+                    // keel's mirror writes the factor as the event's value; the Python
+                    // package as keel/lr_factor beside a 1
+                    let f = ["keel/lr_factor", "train/keel/lr_factor"]
+                        .iter()
+                        .find_map(|t| row.get(*t))
+                        .copied()
+                        .unwrap_or(*v);
+                    detail["factor"] = json!(f);
                 }
                 events.push(json!({"step": step, "kind": kind, "detail": detail}));
             }

@@ -13,7 +13,8 @@ pub struct TrialResult {
     pub id: String,
     /// Axis key → value.
     pub axes: Map<String, Value>,
-    /// finished | diverged | incomplete | failed | not_started
+    /// finished | diverged | pruned (an Optuna trial stopped for being behind) | incomplete
+    /// | failed | not_started
     pub status: String,
     pub steps_planned: u64,
     pub steps_done: u64,
@@ -73,6 +74,64 @@ pub fn trial_metrics(dir: &Path, plan: &Plan) -> Vec<Value> {
     }
 }
 
+/// The guard's detectors over a command trial's log, fed line by line (a running trial's
+/// log as it grows, or a finished one whole).
+pub struct LogJudge {
+    mon: crate::monitor::Monitor,
+    fed: Option<u64>,
+}
+
+impl Default for LogJudge {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl LogJudge {
+    pub fn new() -> Self {
+        LogJudge {
+            mon: crate::monitor::Monitor::new(crate::monitor::GuardConfig::default()),
+            fed: None,
+        }
+    }
+
+    /// Feed the lines past the last one fed; the first divergence (or, with `attn`, an
+    /// attention-logit warning after the early window) as (step, detector, reason).
+    pub fn feed(&mut self, metrics: &[Value], attn: bool) -> Option<(u64, String, String)> {
+        let early = self.mon.cfg.early_window;
+        for m in metrics {
+            let Some(step) = m.get("step").and_then(Value::as_u64) else {
+                continue;
+            };
+            if self.fed.is_some_and(|f| step <= f) {
+                continue;
+            }
+            // validation lines (no loss) are not steps
+            let Some(loss) = m.get("loss") else { continue };
+            self.fed = Some(step);
+            if m.get("skipped").and_then(Value::as_bool) == Some(true) {
+                continue;
+            }
+            let num = |k: &str| m.get(k).and_then(Value::as_f64);
+            let sm = crate::monitor::StepMetrics {
+                step,
+                loss: loss.as_f64().unwrap_or(f64::NAN),
+                grad_norm: num("grad_norm"),
+                max_attn_logit: num("max_attn_logit"),
+                logit_z: num("logit_z"),
+            };
+            for d in self.mon.observe(&sm) {
+                if d.kind == crate::monitor::Severity::Divergence
+                    || (attn && d.detector == "attn_logit" && step > early)
+                {
+                    return Some((step, d.detector.clone(), d.reason.clone()));
+                }
+            }
+        }
+        None
+    }
+}
+
 /// The last `n` non-empty lines of a file.
 pub fn tail_lines(path: &Path, n: usize) -> Option<String> {
     let text = std::fs::read_to_string(path).ok()?;
@@ -116,12 +175,30 @@ pub fn collect_trial(dir: &Path, t: &Trial, plan: &Plan, exit: Option<i32>) -> T
         .last()
         .and_then(|m| m.get("step").and_then(Value::as_u64))
         .unwrap_or(0);
-    let div = events.iter().find(|e| {
-        matches!(
-            e.get("kind").and_then(Value::as_str),
-            Some("diverged") | Some("give_up")
-        )
-    });
+    let mut div = events
+        .iter()
+        .find(|e| {
+            matches!(
+                e.get("kind").and_then(Value::as_str),
+                Some("diverged") | Some("give_up")
+            )
+        })
+        .cloned();
+    // a command trial nobody followed (run from --emit, or with stop_diverged off): its log
+    // judged now, by the rule a followed trial is stopped by
+    if div.is_none() && plan.command.is_some() {
+        if let Some((step, det, reason)) = LogJudge::new().feed(&metrics, false) {
+            div = Some(json!({"step": step, "kind": "diverged",
+                "detail": {"reason": format!("{det}: {reason}"), "detector": det}}));
+        }
+    }
+    let div = div.as_ref();
+    // an Optuna trial pruned for being behind (keel.optuna's export): done, not diverged
+    let pruned = div.is_none()
+        && std::fs::read_to_string(dir.join("optuna_trial.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+            .is_some_and(|v| v.get("state").and_then(Value::as_str) == Some("PRUNED"));
     // distinct steps: a resumed trial logs the replayed steps' events again
     let count = |k: &str| {
         let mut steps: Vec<u64> = events
@@ -142,6 +219,8 @@ pub fn collect_trial(dir: &Path, t: &Trial, plan: &Plan, exit: Option<i32>) -> T
         "failed"
     } else if div.is_some() {
         "diverged"
+    } else if pruned {
+        "pruned"
     } else if steps_done >= steps_planned && steps_done > 0 {
         "finished"
     } else if exit.is_some_and(|c| c != 0 && c != 3) {
@@ -221,13 +300,9 @@ pub fn collect_trial(dir: &Path, t: &Trial, plan: &Plan, exit: Option<i32>) -> T
         exit_code: (status == "failed").then_some(exit).flatten(),
         error: match no_loss {
             Some(c) => Some(format!(
-                "{}: no loss field in the trial's log (fields: {}); fix: set trial.fields = [\"loss=NAME\"] in the sweep file",
+                "{}: no loss field in the trial's log (its fields: {}); fix: set trial.fields = [\"loss=NAME\"] in the sweep file",
                 dir.join(&c.metrics).display(),
-                metrics
-                    .first()
-                    .and_then(Value::as_object)
-                    .map(|o| o.keys().cloned().collect::<Vec<_>>().join(", "))
-                    .unwrap_or_default()
+                crate::report::runs::RunData::field_names(&dir.join(&c.metrics)).join(", ")
             )),
             None => (status == "failed")
                 .then(|| {
@@ -241,8 +316,8 @@ pub fn collect_trial(dir: &Path, t: &Trial, plan: &Plan, exit: Option<i32>) -> T
 }
 
 impl TrialResult {
-    /// Finished or diverged: nothing left to run.
+    /// Finished, diverged, or pruned by Optuna for being behind: nothing left to run.
     pub fn done(&self) -> bool {
-        self.status == "finished" || self.status == "diverged"
+        matches!(self.status.as_str(), "finished" | "diverged" | "pruned")
     }
 }

@@ -130,8 +130,7 @@ fn spawn_command(plan: &Plan, out: &Path, i: usize) -> Result<Child> {
 
 /// A running command trial's log, judged by the guard's detectors as it grows.
 struct Follower {
-    mon: crate::monitor::Monitor,
-    fed: Option<u64>,
+    judge: collect::LogJudge,
     /// Stopped by the sweep: when SIGTERM was sent.
     stopped: Option<Instant>,
     killed: bool,
@@ -141,49 +140,20 @@ struct Follower {
 impl Follower {
     fn new() -> Self {
         Follower {
-            mon: crate::monitor::Monitor::new(crate::monitor::GuardConfig::default()),
-            fed: None,
+            judge: collect::LogJudge::new(),
             stopped: None,
             killed: false,
             last_read: Instant::now() - Duration::from_secs(10),
         }
     }
 
-    /// Read the new lines; Some((step, reason)) when the trial should be stopped.
+    /// Read the new lines; Some((step, detector, reason)) when the trial should be stopped.
     fn check(&mut self, plan: &Plan, dir: &Path) -> Option<(u64, String, String)> {
         let c = plan.command.as_ref()?;
         let metrics = collect::trial_metrics(dir, plan);
-        let early = self.mon.cfg.early_window;
-        for m in &metrics {
-            let Some(step) = m.get("step").and_then(serde_json::Value::as_u64) else {
-                continue;
-            };
-            if self.fed.is_some_and(|f| step <= f) {
-                continue;
-            }
-            // validation lines (no loss) are not steps
-            let Some(loss) = m.get("loss") else { continue };
-            self.fed = Some(step);
-            if m.get("skipped").and_then(serde_json::Value::as_bool) == Some(true) {
-                continue;
-            }
-            let num = |k: &str| m.get(k).and_then(serde_json::Value::as_f64);
-            let sm = crate::monitor::StepMetrics {
-                step,
-                loss: loss.as_f64().unwrap_or(f64::NAN),
-                grad_norm: num("grad_norm"),
-                max_attn_logit: num("max_attn_logit"),
-                logit_z: num("logit_z"),
-            };
-            for d in self.mon.observe(&sm) {
-                let stop = (c.stop_diverged && d.kind == crate::monitor::Severity::Divergence)
-                    || (c.stop_on_attn_warning && d.detector == "attn_logit" && step > early);
-                if stop {
-                    return Some((step, d.detector.clone(), d.reason.clone()));
-                }
-            }
-        }
-        None
+        self.judge
+            .feed(&metrics, c.stop_on_attn_warning)
+            .filter(|(_, det, _)| c.stop_diverged || det == "attn_logit")
     }
 }
 
@@ -341,6 +311,10 @@ pub fn run(opts: &SweepOptions) -> Result<i32> {
         );
         match how {
             Emit::Slurm => println!("  submit:  sbatch {}", p.display()),
+            Emit::List if plan.command.is_some() => println!(
+                "  run:     parallel -j {jobs} < {}   (keel judges each trial's log when collecting)",
+                p.display()
+            ),
             Emit::List => println!(
                 "  run:     parallel -j {jobs} < {}   (exit 2 = diverged, a result)",
                 p.display()
@@ -499,7 +473,12 @@ pub fn run(opts: &SweepOptions) -> Result<i32> {
                 "finished" => format!(
                     "{}: finished, {} {}",
                     t.id,
-                    plan.settings.metric,
+                    // the metric compared; a trial with no validation loss compares its train loss
+                    if plan.settings.metric == "val_loss" && r.val_loss.is_none() {
+                        "train loss (last 10 steps)"
+                    } else {
+                        plan.settings.metric.as_str()
+                    },
                     r.final_loss.map_or("—".into(), |l| format!("{l:.4}"))
                 ),
                 "diverged" => format!("{}: diverged at step {}", t.id, r.diverged_at.unwrap_or(0)),
@@ -507,6 +486,13 @@ pub fn run(opts: &SweepOptions) -> Result<i32> {
                     "{}: FAILED ({}); see {}{}",
                     t.id,
                     match status.code() {
+                        _ if r
+                            .error
+                            .as_deref()
+                            .is_some_and(|e| e.contains("no loss field")) =>
+                        {
+                            "its log has no loss field".into()
+                        }
                         Some(c) => format!("exit {c}"),
                         None => "killed by a signal".into(),
                     },
@@ -556,7 +542,10 @@ pub fn run(opts: &SweepOptions) -> Result<i32> {
         return Ok(3);
     }
     if failed > 0 {
-        bail!("{failed} trial(s) failed (not diverged: an error or a kill); their train.log says why; rerun the same command to resume them");
+        bail!(
+            "{failed} trial(s) failed (not diverged: an error or a kill); their {} says why; rerun the same command to resume them",
+            if plan.command.is_some() { "stderr.log (or the error in results.jsonl)" } else { "train.log" }
+        );
     }
     Ok(0)
 }

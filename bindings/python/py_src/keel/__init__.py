@@ -12,7 +12,9 @@ Everything that decides is keel's Rust library (the same code the `keel` binary 
     keel.check(model.config, "mitchell")                     # == `keel check --hf config.json --json`
 
 `keel.torch`, `keel.hf` and `keel.lightning` import torch / transformers / lightning on
-first use; `import keel` alone needs none of them.
+first use; `import keel` alone needs none of them. `import keel.optuna` (needs optuna): a
+pruner on keel's divergence rule, objectives run under the guard, and a study exported as a
+keel sweep (`python3 -m keel.optuna export --storage URL --out DIR`) for `keel report`.
 """
 
 from __future__ import annotations
@@ -265,7 +267,7 @@ def audit(model, scheme: str = "normal", *, config: Any = None, names: Any = Non
 
 def __getattr__(name: str):
     # keel.torch / keel.hf / keel.lightning without importing torch at `import keel`
-    if name in ("torch", "hf", "lightning", "probe", "snapshots"):
+    if name in ("torch", "hf", "lightning", "probe", "snapshots", "optuna"):
         import importlib
 
         return importlib.import_module(f".{name}", __name__)
