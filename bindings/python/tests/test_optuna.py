@@ -344,7 +344,7 @@ def test_export_cli_and_keel_report(tmp_path, keel_bin):
     assert res[1.0]["status"] == "diverged" and res[1.0]["diverged_at"] == 3
     assert res[0.3]["status"] == "diverged" and res[0.3]["diverged_at"] == 11
     assert "above the first step" in res[0.3]["diverged_reason"]
-    assert res[1e-3]["status"] == "incomplete" and not res[1e-3]["diverged"]  # pruned as behind
+    assert res[1e-3]["status"] == "pruned" and not res[1e-3]["diverged"]  # pruned as behind: done
     for lr in (3e-3, 1e-2, 3e-2, 0.1):
         assert res[lr]["status"] == "finished" and res[lr]["final_loss"] == pytest.approx(curve(lr, STEPS)), lr
     s = json.loads((out / "summary.json").read_text())
@@ -370,6 +370,21 @@ def test_export_cli_and_keel_report(tmp_path, keel_bin):
     ko.export(url, out)  # one study in the storage: no name needed
     r = subprocess.run([keel_bin, "report", str(out)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+    # `keel report` on the storage itself: the same sweep, through keel.optuna export
+    via = tmp_path / "via_report"
+    env = {**os.environ, "KEEL_PYTHON": sys.executable}
+    r = subprocess.run([keel_bin, "report", str(tmp_path / "study.db"), "--study", "grid", "--out", str(via)],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert (via / "report.html").exists()
+    s2 = json.loads((via / "summary.json").read_text())
+    assert s2["groups"][0]["max_stable_lr"] == EDGE
+    # a storage URL needs --out; a study that is not there is refused with Optuna's words
+    r = subprocess.run([keel_bin, "report", url], capture_output=True, text=True, env=env)
+    assert r.returncode == 1 and "--out" in r.stderr
+    r = subprocess.run([keel_bin, "report", str(tmp_path / "study.db"), "--study", "nope", "--out", str(via)],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 1 and "nope" in r.stderr, r.stderr
 
 
 def test_export_judges_trials_keel_did_not_watch(tmp_path, keel_bin):
