@@ -7,7 +7,8 @@ sharing one SQLite study (as machines would share one database). Then keel reads
     python3 examples/sweep/optuna_demo.py --db runs/optuna_demo.db
     keel report runs/optuna_demo.db              # -> runs/optuna_demo.keel/report.html
 
-Losses are reported to Optuna every 5 steps (each report is a database write).
+Losses are reported to Optuna at every one of the first 20 steps (keel's rule compares with
+the first loss), then every 5th (each report is a database write).
 """
 
 import argparse
@@ -32,7 +33,8 @@ def objective(trial):
     seed = trial.suggest_categorical("train.seed", GRID["train.seed"])
 
     def on_step(step, loss):
-        if step % 5 == 0 or loss != loss:
+        # every step at first (keel's rule needs the starting loss), then every 5th
+        if step <= 20 or step % 5 == 0 or loss != loss:
             trial.report(loss, step)
             if trial.should_prune():
                 raise optuna.TrialPruned()

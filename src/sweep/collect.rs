@@ -79,6 +79,10 @@ pub fn trial_metrics(dir: &Path, plan: &Plan) -> Vec<Value> {
 pub struct LogJudge {
     mon: crate::monitor::Monitor,
     fed: Option<u64>,
+    /// The first step's loss, and the steps in a row above it since (keel train's
+    /// `stop_if_diverged` rule, which marks keel trials diverged).
+    initial: Option<f64>,
+    above: u64,
 }
 
 impl Default for LogJudge {
@@ -92,6 +96,8 @@ impl LogJudge {
         LogJudge {
             mon: crate::monitor::Monitor::new(crate::monitor::GuardConfig::default()),
             fed: None,
+            initial: None,
+            above: 0,
         }
     }
 
@@ -126,6 +132,23 @@ impl LogJudge {
                 {
                     return Some((step, d.detector.clone(), d.reason.clone()));
                 }
+            }
+            match self.initial {
+                None if sm.loss.is_finite() => self.initial = Some(sm.loss),
+                Some(first) => {
+                    self.above = if sm.loss <= first { 0 } else { self.above + 1 };
+                    if self.above >= crate::train::DIVERGED_AFTER {
+                        return Some((
+                            step,
+                            "above_initial".into(),
+                            format!(
+                                "the loss stayed above the first step's {first:.4} for {} steps",
+                                self.above
+                            ),
+                        ));
+                    }
+                }
+                None => {}
             }
         }
         None
@@ -240,6 +263,8 @@ pub fn collect_trial(dir: &Path, t: &Trial, plan: &Plan, exit: Option<i32>) -> T
         .filter_map(mean)
         .fold(None, |a: Option<f64>, b| Some(a.map_or(b, |a| a.min(b))));
     let final_loss = match (status, plan.settings.metric.as_str()) {
+        // stopped for being behind: its last loss is not a final one (stable, but no score)
+        ("pruned", _) => None,
         ("finished", "val_loss") => val_loss.or(final_train_loss),
         _ => final_train_loss,
     };

@@ -538,7 +538,7 @@ _MARK = "optuna.json"  # what export writes beside sweep.json: an exported direc
 
 def export(storage: Any, out_dir: os.PathLike, *, study_name: Optional[str] = None, lr_param: str = "lr",
            steps: Optional[int] = None, params: Optional[list] = None, keys: Optional[dict] = None,
-           metric: str = "val_loss", window: float = 0.03, init_scheme: str = "the study's",
+           metric: str = "val_loss", window: float = 0.03, init_scheme: str = "",
            guard_config: Optional[dict] = None, patience: int = _PATIENCE, warmup_steps: int = 0,
            detectors: bool = True) -> Path:
     """Write an Optuna study's trials as a keel sweep directory; returns its path. Then
@@ -559,7 +559,8 @@ def export(storage: Any, out_dir: os.PathLike, *, study_name: Optional[str] = No
         shortest last reported step of the completed trials.
     metric: "val_loss" (compare trials by their objective value, written as the validation
         loss at their last step) or "train_loss" (the mean of the last 10 reported values).
-    init_scheme: how the recommendation names the init when "init.scheme" is not an axis.
+    init_scheme: how the recommendation names the init when "init.scheme" is not an axis
+        (default: unnamed, the study's own).
     guard_config, patience, warmup_steps, detectors: keel's divergence rule, as for
         DivergencePruner, for trials keel did not judge while they ran.
 
