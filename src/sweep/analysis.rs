@@ -241,6 +241,24 @@ pub struct Trend {
     pub target: Option<f64>,
     pub predicted_lr: Option<f64>,
     pub predicted_range: Option<(f64, Option<f64>)>,
+    /// The fit's own check (≥ 3 points): the largest proxy predicted from the others.
+    #[serde(default)]
+    pub holdout: Option<Holdout>,
+}
+
+/// The largest proxy of a trend predicted from the smaller ones, against its measurement.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Holdout {
+    /// The held-out width or depth.
+    pub at: f64,
+    /// Predicted max stable LR there (None: a smaller proxy had no diverged LR).
+    pub predicted: Option<f64>,
+    pub predicted_range: Option<(f64, Option<f64>)>,
+    /// Its measured bracket: the largest stable LR and the grid's next LR, which diverged.
+    pub measured: (f64, Option<f64>),
+    /// predicted / measured (the bracket's geometric midpoint; its stable end when no LR
+    /// diverged there).
+    pub ratio: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -610,6 +628,34 @@ pub fn recommend(
             )),
         }
         text.push(line);
+        if let Some(h) = &t.holdout {
+            let measured = match h.measured {
+                (lo, Some(hi)) => format!("{} … {}", show_num(lo), show_num(hi)),
+                (lo, None) => format!("≥ {} (none diverged)", show_num(lo)),
+            };
+            text.push(match (h.predicted, h.ratio) {
+                (Some(p), Some(r)) => format!(
+                    "Holdout: {}={} predicted from the smaller ones: max stable LR {}{}; measured {measured}: {}",
+                    short_key(&t.axis),
+                    h.at,
+                    show_num(super::round_sig(p)),
+                    match h.predicted_range {
+                        Some((lo, Some(hi))) => format!(" (range {} … {})", show_num(super::round_sig(lo)), show_num(super::round_sig(hi))),
+                        _ => String::new(),
+                    },
+                    if (0.5..=2.0).contains(&r) {
+                        format!("within 2× (×{r:.2})")
+                    } else {
+                        format!("off by ×{r:.2}: do not trust this trend's extrapolation")
+                    }
+                ),
+                _ => format!(
+                    "Holdout: {}={} cannot be predicted from the smaller ones (at one of them no LR diverged); measured {measured}",
+                    short_key(&t.axis),
+                    h.at
+                ),
+            });
+        }
         if t.target.is_some() && t.predicted_lr.is_none() && t.points.len() >= 2 {
             text.push(format!(
                 "No extrapolation to the target {}: at some {} no LR diverged, so the limit there is unknown — extend the LR axis up",
@@ -705,6 +751,7 @@ pub fn recommend(
                 target: target.width.map(|w| w as f64),
                 predicted_lr: predicted,
                 predicted_range: None,
+                holdout: None,
             });
         }
     }
@@ -752,6 +799,31 @@ pub fn recommend(
 }
 
 fn trend(
+    scheme: &str,
+    axis: &str,
+    points: Vec<(f64, f64, Option<f64>)>,
+    target: Option<f64>,
+) -> Trend {
+    let mut t = fit_trend(scheme, axis, points, target);
+    if t.points.len() >= 3 {
+        // hold out the largest proxy: what the fit would have said about it
+        let mut pts = t.points.clone();
+        pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let last = pts.pop().expect("≥ 3 points");
+        let sub = fit_trend(scheme, axis, pts, Some(last.0));
+        let mid = last.2.map_or(last.1, |u| (last.1 * u).sqrt());
+        t.holdout = Some(Holdout {
+            at: last.0,
+            predicted: sub.predicted_lr,
+            predicted_range: sub.predicted_range,
+            measured: (last.1, last.2),
+            ratio: sub.predicted_lr.map(|p| p / mid),
+        });
+    }
+    t
+}
+
+fn fit_trend(
     scheme: &str,
     axis: &str,
     points: Vec<(f64, f64, Option<f64>)>,
@@ -830,6 +902,7 @@ fn trend(
             .filter(|_| all_up)
             .and_then(|t| central.map(|f| f.at(t))),
         predicted_range,
+        holdout: None,
     }
 }
 
@@ -956,6 +1029,31 @@ mod tests {
             Some(4096.0),
         );
         assert!(t.exponent_range.is_none() && t.predicted_lr.is_none());
+    }
+
+    #[test]
+    fn the_largest_proxy_is_predicted_from_the_others() {
+        // a clean power law: the holdout lands on the measured bracket (ratio 1)
+        let law = vec![
+            (128.0, 0.04, Some(0.08)),
+            (256.0, 0.02, Some(0.04)),
+            (512.0, 0.01, Some(0.02)),
+        ];
+        let h = trend("s", "model.hidden_size", law, None).holdout.unwrap();
+        assert_eq!(h.at, 512.0);
+        assert_eq!(h.measured, (0.01, Some(0.02)));
+        assert!((h.ratio.unwrap() - 1.0).abs() < 1e-9, "{h:?}");
+        // the largest proxy breaks the law (its edge 4x lower than the trend says): seen
+        let bent = vec![
+            (128.0, 0.04, Some(0.08)),
+            (256.0, 0.02, Some(0.04)),
+            (512.0, 0.0025, Some(0.005)),
+        ];
+        let h = trend("s", "model.hidden_size", bent, None).holdout.unwrap();
+        assert!((h.ratio.unwrap() - 4.0).abs() < 1e-9, "{h:?}");
+        // two points: nothing to hold out
+        let two = vec![(128.0, 0.04, Some(0.08)), (256.0, 0.02, Some(0.04))];
+        assert!(trend("s", "model.hidden_size", two, None).holdout.is_none());
     }
 
     fn with(mut t: TrialResult, scheme: &str, seed: i64) -> TrialResult {
