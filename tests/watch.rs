@@ -260,6 +260,20 @@ fn lines(from: u64, to: u64, loss: impl Fn(u64) -> String) -> String {
 }
 
 #[test]
+fn follow_waits_for_a_log_that_does_not_exist_yet() {
+    let d = tmpdir("w-later");
+    let path = d.join("later.jsonl");
+    let mut child = spawn_follow(&path);
+    std::thread::sleep(Duration::from_millis(800));
+    let new = lines(1, 20, |i| healthy(i).to_string()) + &lines(21, 40, |_| "NaN".into());
+    std::fs::write(&path, new).unwrap();
+    let (c, out, e) = wait_exit(&mut child, 20);
+    assert_eq!(c, 2, "{out}\n{e}");
+    assert!(e.contains("waiting for"), "{e}");
+    assert!(out.contains("\"nonfinite\""), "{out}");
+}
+
+#[test]
 fn follow_by_name_sees_a_replaced_log() {
     let d = tmpdir("w-rename");
     let path = d.join("live.jsonl");

@@ -480,6 +480,20 @@ pub fn cmd_watch(a: WatchArgs) -> Result<i32> {
         .map_err(|e| anyhow::anyhow!("{e}"))?
         .guard;
     let file = a.file;
+    if a.follow && !file.exists() {
+        // a sidecar started beside its trainer: wait for the log, as `tail -F` does
+        crate::train::install_interrupt_handler();
+        eprintln!(
+            "keel watch: waiting for {} to appear (Ctrl-C to stop)",
+            file.display()
+        );
+        while !file.exists() {
+            if crate::train::interrupted() {
+                return Ok(0);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        }
+    }
     // a run directory: keel's (or the Python run logger's) metrics.jsonl, else TensorBoard
     let keel_metrics = file.join("metrics.jsonl");
     let file: &Path = if file.is_dir() && keel_metrics.is_file() {
