@@ -15,6 +15,8 @@ Everything that decides is keel's Rust library (the same code the `keel` binary 
 first use; `import keel` alone needs none of them. `import keel.optuna` (needs optuna): a
 pruner on keel's divergence rule, objectives run under the guard, and a study exported as a
 keel sweep (`python3 -m keel.optuna export --storage URL --out DIR`) for `keel report`.
+`keel.sharpness(model, loss_fn, batch, opt)` (imports torch on first use): λ_max of the Hessian
+and of Adam's preconditioned Hessian on a live model, and the max stable LR they predict.
 """
 
 from __future__ import annotations
@@ -266,8 +268,10 @@ def audit(model, scheme: str = "normal", *, config: Any = None, names: Any = Non
 
 
 def __getattr__(name: str):
-    # keel.torch / keel.hf / keel.lightning without importing torch at `import keel`
-    if name in ("torch", "hf", "lightning", "probe", "snapshots", "optuna"):
+    # keel.torch / keel.hf / keel.lightning without importing torch at `import keel`;
+    # keel.sharpness is a callable module: keel.sharpness(model, loss_fn, batch, opt) measures,
+    # keel.sharpness.track(...) tracks (a function here would be shadowed by the submodule)
+    if name in ("torch", "hf", "lightning", "probe", "snapshots", "optuna", "sharpness"):
         import importlib
 
         return importlib.import_module(f".{name}", __name__)
