@@ -119,6 +119,31 @@ const KEEL_SIGNALS: &[&str] = &[
     "rollbacks",
 ];
 
+/// A log file's records as `keel watch` parses them (JSON lines, CSV, a text log, HF
+/// trainer_state.json), and a CSV's header. A torn last line of a job being written (or
+/// killed) is left out, not an error.
+fn read_records(path: &Path) -> Result<(Vec<Record>, Option<Vec<String>>)> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read the metrics log", path.display()))?;
+    let head = text.as_bytes();
+    let fmt = Format::sniff(path, &head[..head.len().min(65536)])?;
+    if fmt == Format::HfState {
+        return Ok((
+            crate::watch::parse::hf_state_records(&text).unwrap_or_default(),
+            None,
+        ));
+    }
+    let tsv = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("tsv"));
+    let mut p = LineParser::new(fmt, tsv);
+    let rows = text
+        .lines()
+        .filter_map(|l| p.parse(l, path).ok().flatten())
+        .collect();
+    Ok((rows, p.header().map(<[String]>::to_vec)))
+}
+
 impl RunData {
     /// Whether `dir` can be loaded: a keel run or a TensorBoard log directory.
     pub fn is_run(dir: &Path) -> bool {
@@ -157,26 +182,7 @@ impl RunData {
             let mut d = Self::from_tensorboard(path.parent().unwrap_or(Path::new(".")))?;
             return Ok(std::mem::take(&mut d.metrics));
         }
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("{}: cannot read the metrics log", path.display()))?;
-        let head = text.as_bytes();
-        let fmt = Format::sniff(path, &head[..head.len().min(65536)])?;
-        let rows: Vec<Record> = if fmt == Format::HfState {
-            crate::watch::parse::hf_state_records(&text).unwrap_or_default()
-        } else {
-            let tsv = path
-                .extension()
-                .is_some_and(|e| e.eq_ignore_ascii_case("tsv"));
-            let mut p = LineParser::new(fmt, tsv);
-            let mut rows = Vec::new();
-            for l in text.lines() {
-                // a torn last line of a job being written (or killed) is not an error
-                if let Ok(Some(r)) = p.parse(l, path) {
-                    rows.push(r);
-                }
-            }
-            rows
-        };
+        let (rows, _) = read_records(path)?;
         let mut chosen: Vec<(String, String)> = Vec::new();
         for o in overrides {
             let Some((k, v)) = o.split_once('=') else {
@@ -230,28 +236,19 @@ impl RunData {
     /// The field (or tag) names a log holds, as written: for an error that must say what
     /// to map (`--field loss=NAME`).
     pub fn field_names(path: &Path) -> Vec<String> {
-        let Ok(text) = std::fs::read_to_string(path) else {
+        let Ok((rows, header)) = read_records(path) else {
             return Vec::new();
         };
-        let head = text.as_bytes();
-        let Ok(fmt) = Format::sniff(path, &head[..head.len().min(65536)]) else {
-            return Vec::new();
-        };
-        let mut p = LineParser::new(fmt, false);
         let mut names: Vec<String> = Vec::new();
-        for l in text.lines().take(50) {
-            if let Ok(Some(r)) = p.parse(l, path) {
-                for (k, _) in r.values {
-                    if !names.contains(&k) {
-                        names.push(k);
-                    }
+        for r in rows.iter().take(50) {
+            for (k, _) in &r.values {
+                if !names.contains(k) {
+                    names.push(k.clone());
                 }
             }
         }
         if names.is_empty() {
-            if let Some(h) = p.header() {
-                names = h.to_vec();
-            }
+            names = header.unwrap_or_default();
         }
         names
     }

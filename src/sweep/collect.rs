@@ -133,26 +133,22 @@ impl LogJudge {
                     return Some((step, d.detector.clone(), d.reason.clone()));
                 }
             }
-            match self.initial {
-                None if sm.loss.is_finite() => self.initial = Some(sm.loss),
-                Some(first) => {
-                    self.above = if sm.loss <= first { 0 } else { self.above + 1 };
-                    if self.above >= crate::train::DIVERGED_AFTER {
-                        return Some((
-                            step,
-                            "above_initial".into(),
-                            format!(
-                                "the loss stayed above the first step's {first:.4} for {} steps",
-                                self.above
-                            ),
-                        ));
-                    }
+            // (no warm-up is known for a command trial: every step counts)
+            if sm.loss.is_finite() {
+                let why =
+                    crate::train::above_initial(&mut self.initial, &mut self.above, sm.loss, true);
+                if let Some(why) = why {
+                    return Some((step, "above_initial".into(), why));
                 }
-                None => {}
             }
         }
         None
     }
+}
+
+/// The detail of the `diverged` event the judge's verdict stands for.
+pub fn diverged_detail(detector: &str, reason: &str) -> Value {
+    json!({"reason": format!("{detector}: {reason}"), "detector": detector})
 }
 
 /// The last `n` non-empty lines of a file.
@@ -212,7 +208,7 @@ pub fn collect_trial(dir: &Path, t: &Trial, plan: &Plan, exit: Option<i32>) -> T
     if div.is_none() && plan.command.is_some() {
         if let Some((step, det, reason)) = LogJudge::new().feed(&metrics, false) {
             div = Some(json!({"step": step, "kind": "diverged",
-                "detail": {"reason": format!("{det}: {reason}"), "detector": det}}));
+                "detail": diverged_detail(&det, &reason)}));
         }
     }
     let div = div.as_ref();

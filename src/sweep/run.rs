@@ -61,11 +61,17 @@ fn spawn(exe: &Path, out: &Path, id: &str, threads: usize) -> Result<Child> {
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
+    die_with_the_sweep(&mut cmd);
+    cmd.spawn()
+        .with_context(|| format!("cannot start {} for trial {id}", exe.display()))
+}
+
+/// If the sweep dies (even SIGKILL), its trials get SIGTERM: keel trials checkpoint and exit
+/// 3, so a resumed sweep continues them instead of racing orphans for the run lock.
+fn die_with_the_sweep(cmd: &mut Command) {
     #[cfg(target_os = "linux")]
     {
         use std::os::unix::process::CommandExt;
-        // If the sweep dies (even SIGKILL), its trials get SIGTERM: they checkpoint and exit
-        // 3, so a resumed sweep continues them instead of racing orphans for the run lock.
         // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
         unsafe {
             cmd.pre_exec(|| {
@@ -74,8 +80,8 @@ fn spawn(exe: &Path, out: &Path, id: &str, threads: usize) -> Result<Child> {
             });
         }
     }
-    cmd.spawn()
-        .with_context(|| format!("cannot start {} for trial {id}", exe.display()))
+    #[cfg(not(target_os = "linux"))]
+    let _ = cmd;
 }
 
 fn terminate(child: &Child) {
@@ -109,17 +115,7 @@ fn spawn_command(plan: &Plan, out: &Path, i: usize) -> Result<Child> {
         .stdin(Stdio::null())
         .stdout(open("train.log")?)
         .stderr(open("stderr.log")?);
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::unix::process::CommandExt;
-        // SAFETY: as in `spawn`: prctl only.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                Ok(())
-            });
-        }
-    }
+    die_with_the_sweep(&mut cmd);
     cmd.spawn().with_context(|| {
         format!(
             "trial {}: cannot start {:?}; fix: check trial.command (the program, its path)",
@@ -426,15 +422,9 @@ pub fn run(opts: &SweepOptions) -> Result<i32> {
                 let t = &plan.trials[*i];
                 let tdir = trial_dir(out, &t.id);
                 if let Some((step, detector, reason)) = f.check(&plan, &tdir) {
-                    let line = crate::train::event_line(
-                        step,
-                        "diverged",
-                        serde_json::json!({
-                            "reason": format!("{detector}: {reason}"),
-                            "detector": detector,
-                            "stopped_by": "keel sweep",
-                        }),
-                    );
+                    let mut detail = collect::diverged_detail(&detector, &reason);
+                    detail["stopped_by"] = "keel sweep".into();
+                    let line = crate::train::event_line(step, "diverged", detail);
                     let mut w = crate::train::JsonlWriter::open(&tdir.join("events.jsonl"))?;
                     w.write(&line)?;
                     terminate(child);

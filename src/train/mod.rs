@@ -338,6 +338,28 @@ pub struct StepReport {
 /// Consecutive steps above the first step's loss (after warm-up) that count as diverged.
 pub const DIVERGED_AFTER: u64 = 10;
 
+/// The sweep's divergence rule, one step of it (keel train's `stop_if_diverged`, and the
+/// sweep's judgement of command trials): the first finite loss is remembered, and a loss
+/// above it on `DIVERGED_AFTER` counted steps in a row is a divergence (the reason). Steps
+/// before the end of warm-up are not counted. `loss` must be finite (a non-finite loss is
+/// its own divergence, the caller's).
+pub fn above_initial(
+    initial: &mut Option<f64>,
+    above: &mut u64,
+    loss: f64,
+    counted: bool,
+) -> Option<String> {
+    let init = *initial.get_or_insert(loss);
+    if counted {
+        *above = if loss > init { *above + 1 } else { 0 };
+    }
+    (*above >= DIVERGED_AFTER).then(|| {
+        format!(
+            "the loss stayed above the first step's {init:.4} for {DIVERGED_AFTER} steps after warm-up (now {loss:.4})"
+        )
+    })
+}
+
 /// The training state machine: model, optimizer, data cursor and guard, one step at a time.
 /// `record` off (replay) writes nothing to the run directory.
 pub(crate) struct Trainer {
@@ -734,19 +756,12 @@ impl Trainer {
             if !loss.is_finite() {
                 diverged = Some(format!("the loss is {loss} at step {s}"));
             } else {
-                let init = *self.state.initial_loss.get_or_insert(loss);
-                if warm {
-                    self.state.above_initial = if loss > init {
-                        self.state.above_initial + 1
-                    } else {
-                        0
-                    };
-                }
-                if self.state.above_initial >= DIVERGED_AFTER {
-                    diverged = Some(format!(
-                        "the loss stayed above the first step's {init:.4} for {DIVERGED_AFTER} steps after warm-up (now {loss:.4})"
-                    ));
-                }
+                diverged = above_initial(
+                    &mut self.state.initial_loss,
+                    &mut self.state.above_initial,
+                    loss,
+                    warm,
+                );
             }
         }
         if !self.cfg.train.stop_if_diverged {
