@@ -380,9 +380,25 @@ def test_hf_give_up_is_reported_before_it_raises(tmp_path):
     assert read_jsonl(tmp_path / "run" / "metrics.jsonl")[-1]["step"] == 7  # the give-up step's line is written
 
 
-def wandb_history(wandb_dir):
+def wandb_history(wandb_dir, wait_s=120.0):
     """The history rows of the offline W&B run under wandb_dir, read from its .wandb file
-    (LevelDB-log records of wandb's protobuf `Record`)."""
+    (LevelDB-log records of wandb's protobuf `Record`). wandb-core, a separate process, writes
+    the file; a finished run's file ends with an `exit` record, so this waits for it (a CI run
+    once read the file before the rows were in it)."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        rows, kinds = _wandb_records(wandb_dir)
+        if "exit" in kinds:
+            return rows
+        if time.monotonic() > deadline:
+            raise AssertionError(f"W&B's offline run file has no exit record after {wait_s:.0f} s "
+                                 f"(records: {sorted(set(kinds))}): wandb.finish() did not finish writing it")
+        time.sleep(0.5)
+
+
+def _wandb_records(wandb_dir):
     import struct
 
     from wandb.proto import wandb_internal_pb2 as pb
@@ -391,7 +407,7 @@ def wandb_history(wandb_dir):
     assert len(files) == 1, files
     data = open(files[0], "rb").read()
     assert data[:4] == b":W&B"
-    pos, buf, rows, block = 7, b"", [], 32768
+    pos, buf, rows, kinds, block = 7, b"", [], [], 32768
     while pos + 7 <= len(data):
         left = block - pos % block
         if left < 7:  # a block's tail too short for a header is padding
@@ -406,9 +422,10 @@ def wandb_history(wandb_dir):
         if kind in (1, 4):  # a whole record
             r = pb.Record()
             r.ParseFromString(buf)
-            if r.WhichOneof("record_type") == "history":
+            kinds.append(r.WhichOneof("record_type"))
+            if kinds[-1] == "history":
                 rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item})
-    return rows
+    return rows, kinds
 
 
 def test_hf_events_reach_wandb_offline(tmp_path, monkeypatch):
@@ -419,13 +436,25 @@ def test_hf_events_reach_wandb_offline(tmp_path, monkeypatch):
     for k, v in dict(WANDB_MODE="offline", WANDB_DIR=str(tmp_path), WANDB_SILENT="true", WANDB_PROJECT="keel-test",
                      WANDB_DISABLE_GIT="true", WANDB_DISABLE_CODE="true").items():
         monkeypatch.setenv(k, v)
+    # what reached W&B's API, to tell "keel did not send it" from "W&B did not write it"
+    from wandb.sdk.wandb_run import Run
+
+    sent, log = [], Run.log
+
+    def spy(self, data, *a, **kw):
+        sent.append(dict(data))
+        return log(self, data, *a, **kw)
+
+    monkeypatch.setattr(Run, "log", spy)
     try:
         hf_run(tmp_path, ["wandb"], [7], max_steps=8)
     finally:
         wandb.finish()
+    ev_sent = [d for d in sent if "train/keel/event/skip" in d]
+    assert [(d["train/global_step"], d["train/keel/event/skip"]) for d in ev_sent] == [(7, 1)], sent
     rows = wandb_history(tmp_path)
     ev = [r for r in rows if "train/keel/event/skip" in r]
-    assert [(r["train/global_step"], r["train/keel/event/skip"], r["train/keel/lr_factor"]) for r in ev] == [(7, 1, 1)]
+    assert [(r["train/global_step"], r["train/keel/event/skip"], r["train/keel/lr_factor"]) for r in ev] == [(7, 1, 1)], rows
     text = [r for r in rows if "train/keel/events" in r]
     assert [r["train/global_step"] for r in text] == [7] and "skip" in text[0]["train/keel/events"]
     assert any(r.get("train/keel/skipped_steps") == 1 and r["train/global_step"] == 8 for r in rows)
