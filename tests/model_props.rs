@@ -184,3 +184,104 @@ fn scaled_variants_match_finite_differences() {
         );
     }
 }
+
+/// The sharpness probe's Hessian-vector product (a central difference of exact gradients)
+/// against a second difference of the loss alone: vᵀHv ≈ (L(θ+hv) − 2L(θ) + L(θ−hv)) / h²,
+/// for random directions on a micro model (two independent routes to the same curvature);
+/// and under AdamW the preconditioned sharpness bounds every Rayleigh quotient of D^½HD^½
+/// from above (it is the top eigenvalue).
+#[test]
+fn sharpness_hvp_matches_a_second_difference_of_the_loss() {
+    use keel::probe::sharpness::{hessian_vector, measure, Scratch, SharpnessOptions};
+    let cfg = ModelConfig::preset("micro").unwrap();
+    let (b, t) = (2, 16);
+    let mut m = Model::new(&cfg, b, t);
+    init_hf_normal(&mut m, 3, 0.02);
+    let x = random_tokens(b * t, cfg.vocab_size, 5);
+    let y = random_tokens(b * t, cfg.vocab_size, 6);
+    let n = m.params.len();
+    let p0 = m.params.clone();
+    let loss_at = |m: &mut Model, d: &[f32], h: f64| -> f64 {
+        for ((p, &a), &v) in m.params.iter_mut().zip(&p0).zip(d) {
+            *p = (a as f64 + h * v as f64) as f32;
+        }
+        let l = m.forward(&x, &y).unwrap() as f64;
+        m.params.copy_from_slice(&p0);
+        l
+    };
+    for seed in 0..3u64 {
+        let s = Stream::new(seed, 9);
+        let mut v: Vec<f32> = (0..n).map(|i| s.normal_at(i as u64) as f32).collect();
+        let nv = v.iter().map(|&a| (a as f64).powi(2)).sum::<f64>().sqrt() as f32;
+        v.iter_mut().for_each(|a| *a /= nv);
+        let mut hv = vec![0f32; n];
+        hessian_vector(
+            &mut m,
+            &x,
+            &y,
+            &v,
+            SharpnessOptions::default().fd_rel,
+            &mut hv,
+        )
+        .unwrap();
+        let vhv: f64 = v.iter().zip(&hv).map(|(&a, &b)| a as f64 * b as f64).sum();
+        // a step large enough for f32 losses (h²·vᵀHv ≫ ulp(L)), small enough for O(h²)
+        let h = 0.5;
+        let (lp, l0, lm) = (
+            loss_at(&mut m, &v, h),
+            loss_at(&mut m, &v, 0.0),
+            loss_at(&mut m, &v, -h),
+        );
+        let fd = (lp - 2.0 * l0 + lm) / (h * h);
+        eprintln!("seed {seed}: vᵀHv {vhv:.5} vs second difference {fd:.5}");
+        assert!(
+            (vhv - fd).abs() < 0.05 * vhv.abs(),
+            "seed {seed}: {vhv} vs {fd}"
+        );
+    }
+    assert_eq!(m.params, p0);
+
+    // a few AdamW steps, then λ_P against Rayleigh quotients of D^½HD^½
+    let mut opt = AdamW::new(OptimConfig::default(), &m.layout);
+    for _ in 0..3 {
+        m.zero_grad();
+        m.forward(&x, &y).unwrap();
+        m.backward(1.0).unwrap();
+        opt.update(&mut m.params, &m.grads, 1e-3);
+    }
+    let o = SharpnessOptions {
+        iters: 40,
+        tol: 1e-4,
+        ..Default::default()
+    };
+    let sh = measure(&mut m, &x, &y, Some(&opt), 1e-3, &o, &mut Scratch::new(0)).unwrap();
+    let lam = sh.lambda_precond.unwrap();
+    assert_eq!(sh.preconditioner, "adam state");
+    let mut d = vec![0f32; n];
+    opt.precond_scale(&m.grads, &mut d);
+    let mut best = f64::NEG_INFINITY;
+    for seed in 0..4u64 {
+        let s = Stream::new(seed, 11);
+        let q: Vec<f32> = (0..n).map(|i| s.normal_at(i as u64) as f32).collect();
+        let u: Vec<f32> = q.iter().zip(&d).map(|(&a, &b)| a * b.sqrt()).collect();
+        let mut hu = vec![0f32; n];
+        hessian_vector(
+            &mut m,
+            &x,
+            &y,
+            &u,
+            SharpnessOptions::default().fd_rel,
+            &mut hu,
+        )
+        .unwrap();
+        let num: f64 = u.iter().zip(&hu).map(|(&a, &b)| a as f64 * b as f64).sum();
+        let den: f64 = q.iter().map(|&a| (a as f64).powi(2)).sum();
+        best = best.max(num / den);
+    }
+    eprintln!("λ_P {lam:.4} ≥ best random Rayleigh quotient {best:.4}");
+    assert!(
+        lam.is_finite() && lam > 0.0 && lam >= best,
+        "{lam} vs {best}"
+    );
+    assert!((sh.lr_edge - 38.0 / lam).abs() < 1e-9 / lam);
+}

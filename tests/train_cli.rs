@@ -825,3 +825,72 @@ fn ctrl_c_during_tokenizer_training_stops_at_once() {
         "the run's config stays for a restart"
     );
 }
+
+/// `telemetry.sharpness_every` measures between steps and changes nothing: every step's
+/// loss, grad norm, LR, validation loss and the per-layer telemetry are bit-identical with and
+/// without it, and the final weights are the same; the measured steps carry the prediction.
+#[test]
+fn the_sharpness_probe_never_changes_the_run() {
+    let (a, b) = (tmpdir("sharp_off"), tmpdir("sharp_on"));
+    let mut args_a = micro_args(&a, 20);
+    args_a.extend(["--set".into(), "telemetry.every=5".into()]);
+    let mut args_b = micro_args(&b, 20);
+    args_b.extend(
+        [
+            "--set",
+            "telemetry.every=5",
+            "--set",
+            "telemetry.sharpness_every=5",
+            "--set",
+            "telemetry.sharpness_hessian=true",
+            "--set",
+            "telemetry.sharpness_iters=8",
+        ]
+        .map(String::from),
+    );
+    for (args, d) in [(&args_a, &a), (&args_b, &b)] {
+        let o = run(args);
+        assert!(o.status.success(), "{}: {}", d.display(), stderr(&o));
+    }
+    let (ma, mb) = (metrics(&a), metrics(&b));
+    assert_eq!(fields(&ma), fields(&mb));
+    let val =
+        |m: &[Value]| -> Vec<String> { m.iter().map(|v| v["val_loss"].to_string()).collect() };
+    assert_eq!(val(&ma), val(&mb));
+    let tel = |d: &Path| -> Vec<Value> {
+        keel::train::read_jsonl(&d.join("telemetry.jsonl"))
+            .unwrap()
+            .into_iter()
+            .map(|mut v| {
+                v.as_object_mut().unwrap().remove("elapsed_s");
+                v
+            })
+            .collect()
+    };
+    assert_eq!(tel(&a), tel(&b));
+    assert_same_weights(&a, &b, 20, "with and without the sharpness probe");
+    let measured: Vec<&Value> = mb.iter().filter(|v| v.get("lr_edge").is_some()).collect();
+    assert_eq!(
+        measured
+            .iter()
+            .map(|v| v["step"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        vec![5, 10, 15, 20]
+    );
+    for v in measured {
+        let (lp, lh) = (
+            v["sharpness_precond"].as_f64().unwrap(),
+            v["sharpness"].as_f64().unwrap(),
+        );
+        let edge = v["lr_edge"].as_f64().unwrap();
+        assert!(lp > 0.0 && lh > 0.0, "{v}");
+        // AdamW's default β₁ = 0.9: the edge is 38 / λ_P
+        assert!((edge * lp - 38.0).abs() < 1e-9 * 38.0, "{v}");
+        let ratio = v["edge_ratio"].as_f64().unwrap();
+        assert!(
+            (ratio - v["lr"].as_f64().unwrap() / edge).abs() < 1e-12,
+            "{v}"
+        );
+    }
+    assert!(ma.iter().all(|v| v.get("lr_edge").is_none()));
+}

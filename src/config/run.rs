@@ -143,6 +143,15 @@ pub struct TelemetrySection {
     /// Also write TensorBoard event files under `<out>/tensorboard/` (metrics, per-layer
     /// telemetry, guard events as scalars and text): `tensorboard --logdir <out>`.
     pub tensorboard: bool,
+    /// Measure the sharpness every N steps (0 = off): λ_max of Adam's preconditioned Hessian
+    /// on the step's batch after its update, and the max stable LR it predicts
+    /// ((2 + 2β₁)/((1 − β₁)·λ)), logged as `sharpness_precond`, `lr_edge` and `edge_ratio`.
+    /// Costs about 2·`sharpness_iters` steps of compute per measurement; never changes the run.
+    pub sharpness_every: u64,
+    /// Most Hessian-vector products per eigenvalue (Lanczos).
+    pub sharpness_iters: usize,
+    /// Also measure λ_max of the plain Hessian (`sharpness`), doubling the cost.
+    pub sharpness_hessian: bool,
 }
 
 impl Default for TelemetrySection {
@@ -150,6 +159,9 @@ impl Default for TelemetrySection {
         TelemetrySection {
             every: 10,
             tensorboard: false,
+            sharpness_every: 0,
+            sharpness_iters: 20,
+            sharpness_hessian: false,
         }
     }
 }

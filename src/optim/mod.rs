@@ -112,6 +112,41 @@ impl AdamW {
         self
     }
 
+    /// The per-element step scale of the next update relative to the base LR: D = lr
+    /// multiplier / (√v̂ + ε), v̂ = v / (1 − β₂^t) with t = `step`: the denominator of the
+    /// last update, the state the next one starts from (as keel.sharpness reads torch's).
+    /// Before any step there is no v̂: then the first update's own denominator, |g| + ε, from
+    /// `grads`. Returns whether Adam state was used.
+    /// (The sharpness probe iterates D^½ H D^½: Adam at base LR η is stable on a quadratic
+    /// while η·λ_max of it stays below (2 + 2β₁)/(1 − β₁).)
+    pub fn precond_scale(&self, grads: &[f32], out: &mut [f32]) -> bool {
+        let c = &self.cfg;
+        let eps = c.eps as f32;
+        let have = self.step > 0;
+        let bc2_sqrt = if have {
+            (1.0 - c.beta2.powi(self.step as i32)).sqrt() as f32
+        } else {
+            1.0
+        };
+        for &(off, len, _, mult) in &self.groups {
+            let mult = mult as f32;
+            let (o, v, g) = (
+                &mut out[off..off + len],
+                &self.v[off..off + len],
+                &grads[off..off + len],
+            );
+            for i in 0..len {
+                let denom = if have {
+                    v[i].sqrt() / bc2_sqrt + eps
+                } else {
+                    g[i].abs() + eps
+                };
+                o[i] = mult / denom;
+            }
+        }
+        have
+    }
+
     /// One update with learning rate `lr` (the schedule's value for this step).
     /// Mirrors torch.optim.AdamW (single-tensor path) operation by operation in f32.
     pub fn update(&mut self, params: &mut [f32], grads: &[f32], lr: f64) {

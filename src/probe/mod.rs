@@ -11,6 +11,7 @@
 pub mod cli;
 pub mod coord;
 pub mod plot;
+pub mod sharpness;
 pub mod theory;
 
 use crate::config::ModelConfig;

@@ -380,6 +380,9 @@ pub(crate) struct Trainer {
     telemetry: Option<JsonlWriter>,
     tb: Option<log::TbMirror>,
     sumsq: Vec<f64>,
+    /// `telemetry.sharpness_every`: the probe's buffers and a copy of the measured batch
+    /// (allocated at the first measurement).
+    sharp: Option<(crate::probe::sharpness::Scratch, Vec<u32>, Vec<u32>)>,
     ckpt_pending: bool,
     t_start: Instant,
     elapsed0: f64,
@@ -475,6 +478,7 @@ impl Trainer {
             },
             record,
             sumsq: vec![0.0; nspecs],
+            sharp: None,
             // a resumed run still owes the regular checkpoint its source was waiting to take
             ckpt_pending: state.checkpoint_pending,
             t_start: Instant::now(),
@@ -715,6 +719,20 @@ impl Trainer {
         if let Some(r) = update_ratio {
             line["update_ratio"] = num(r);
         }
+        let every = self.cfg.telemetry.sharpness_every;
+        let sharp_now = every > 0 && s.is_multiple_of(every) && !decision.skip && self.record;
+        if sharp_now {
+            // the batch this step trained on (the eval below reuses x and y)
+            let (_, bx, by) = self.sharp.get_or_insert_with(|| {
+                (
+                    crate::probe::sharpness::Scratch::new(0),
+                    Vec::new(),
+                    Vec::new(),
+                )
+            });
+            bx.clone_from(&self.x);
+            by.clone_from(&self.y);
+        }
         if self.model.z_loss > 0.0 {
             // the z-loss term of the objective, last micro-batch (the loss is the cross-entropy)
             line["z_term"] = num((self.model.z_loss * self.model.stats.lse_sq_mean) as f64);
@@ -738,14 +756,18 @@ impl Trainer {
                     Some(self.state.best_val_loss.map_or(v, |b: f64| b.min(v)));
             }
         }
+        if tel_now {
+            self.write_telemetry(s, update_ratio.is_some(), lse_max)?;
+        }
+        if sharp_now {
+            // last: the probe's passes overwrite activations the telemetry above reads
+            self.sharpness_into(&mut line, lr)?;
+        }
         if let Some(w) = &mut self.metrics {
             w.write(&line)?;
         }
         if let Some(tb) = &mut self.tb {
             tb.metrics(&line)?;
-        }
-        if tel_now {
-            self.write_telemetry(s, update_ratio.is_some(), lse_max)?;
         }
         for d in &detections {
             self.event(d.kind.event_kind(), serde_json::to_value(d)?)?;
@@ -810,6 +832,41 @@ impl Trainer {
             lr,
             val_loss: line.get("val_loss").and_then(serde_json::Value::as_f64),
         })
+    }
+
+    /// The sharpness probe on the batch saved this step (weights after its update, Adam's
+    /// state as the next step finds it), into the metrics line. `lr` is the step's LR (the
+    /// schedule's, times any guard factor): `edge_ratio` = lr / lr_edge.
+    fn sharpness_into(&mut self, line: &mut serde_json::Value, lr: f64) -> Result<()> {
+        let t = &self.cfg.telemetry;
+        let o = crate::probe::sharpness::SharpnessOptions {
+            iters: t.sharpness_iters.max(1),
+            plain: t.sharpness_hessian,
+            seed: self.cfg.train.seed,
+            ..Default::default()
+        };
+        let Some((scratch, bx, by)) = &mut self.sharp else {
+            return Ok(());
+        };
+        let r = crate::probe::sharpness::measure(
+            &mut self.model,
+            bx,
+            by,
+            Some(&self.opt),
+            lr,
+            &o,
+            scratch,
+        )?;
+        if let Some(l) = r.lambda_max {
+            line["sharpness"] = num(l);
+        }
+        if let Some(l) = r.lambda_precond {
+            line["sharpness_precond"] = num(l);
+        }
+        line["lr_edge"] = num(r.lr_edge);
+        line["edge_ratio"] = num(r.edge_ratio);
+        line["sharpness_cost_steps"] = json!(r.cost_steps);
+        Ok(())
     }
 
     /// Per-layer statistics: grad norms, update/weight ratio per tensor group, attention
