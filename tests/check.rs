@@ -286,3 +286,75 @@ fn calibration_known_good_recipes_pass_and_known_bad_ones_fail() {
     }
     assert!(wrong.is_empty(), "{wrong:?}");
 }
+
+/// `keel check --sharpness`: the first steps of the configured run with the probe; the
+/// prediction is 38/λ_max(P⁻¹H) of the last measurement, the cost adds up, and the run
+/// directory (a temporary one) is gone afterwards. `--lr-edge` puts the same beside the verdict.
+#[test]
+fn sharpness_and_lr_edge_predict_from_a_short_run() {
+    let keel = env!("CARGO_BIN_EXE_keel");
+    let base = [
+        "check",
+        "--preset",
+        "micro",
+        "--set",
+        "data.builtin_bytes=300000",
+        "--set",
+        "train.batch_size=4",
+        "--set",
+        "train.threads=2",
+        "--sharpness-steps",
+        "6",
+        "--sharpness-every",
+        "3",
+        "--sharpness-iters",
+        "6",
+        "--json",
+    ];
+    let o = Command::new(keel)
+        .args(base)
+        .args(["--sharpness", "--lr", "2e-3"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let pts = v["points"].as_array().unwrap();
+    assert_eq!(
+        pts.iter()
+            .map(|p| p["step"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        vec![3, 6]
+    );
+    assert_eq!(v["peak_lr"].as_f64(), Some(2e-3));
+    let coef = v["coefficient"].as_f64().unwrap();
+    assert!((coef - 38.0).abs() < 1e-9);
+    let last = &pts[1];
+    let lam = last["sharpness_precond"].as_f64().unwrap();
+    assert!(lam > 0.0);
+    assert!((v["predicted_max_lr"].as_f64().unwrap() - coef / lam).abs() < 1e-9 * coef / lam);
+    assert_eq!(v["run_steps"].as_u64(), Some(6));
+    let probe = v["probe_cost_steps"].as_f64().unwrap();
+    assert!(probe > 0.0 && probe <= 2.0 * 6.0 * 2.0, "{probe}");
+    assert_eq!(v["cost_steps"].as_f64(), Some(6.0 + probe));
+    let ratio = last["edge_ratio"].as_f64().unwrap();
+    assert!((ratio - last["lr"].as_f64().unwrap() * lam / coef).abs() < 1e-9);
+
+    let child = Command::new(keel)
+        .args(base)
+        .arg("--lr-edge")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(
+        v["verdict"].is_string(),
+        "the check's own report is still there"
+    );
+    assert!(v["lr_edge"]["predicted_max_lr"].as_f64().unwrap() > 0.0);
+    let dir = std::env::temp_dir().join(format!("keel-lr-edge-{pid}"));
+    assert!(!dir.exists(), "{} was left behind", dir.display());
+}

@@ -240,30 +240,44 @@ pub struct SweepArgs {
 
 #[derive(clap::Args, Debug)]
 pub struct TargetArgs {
-    /// Width to extrapolate the max-stable-LR and attention-logit trends to
-    #[arg(long = "target", value_name = "WIDTH")]
-    pub width: Option<usize>,
-    /// Take the target width and depth from an HF config.json
-    #[arg(long, value_name = "CONFIG_JSON", conflicts_with = "width")]
+    /// Where to extrapolate the optimal-LR, max-stable-LR and attention-logit trends: a width,
+    /// or an HF config.json (its width and depth; any size, nothing is allocated)
+    #[arg(long = "target", value_name = "WIDTH|CONFIG_JSON")]
+    pub target: Option<String>,
+    /// The same as --target CONFIG_JSON
+    #[arg(long, value_name = "CONFIG_JSON", conflicts_with = "target")]
     pub hf: Option<PathBuf>,
 }
 
 impl TargetArgs {
     fn target(&self) -> anyhow::Result<crate::sweep::analysis::Target> {
         use crate::sweep::analysis::Target;
-        if let Some(h) = &self.hf {
-            let mc =
-                crate::config::ModelConfig::from_hf_json(h).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let path = match (&self.hf, &self.target) {
+            (Some(h), _) => Some(h.clone()),
+            (None, Some(t)) if t.parse::<usize>().is_err() => Some(PathBuf::from(t)),
+            _ => None,
+        };
+        if let Some(h) = path {
+            let mc = crate::config::ModelConfig::from_hf_json(&h).map_err(|e| {
+                anyhow::anyhow!(
+                    "--target {}: {e} (give a width, e.g. --target 4096, or an HF config.json)",
+                    h.display()
+                )
+            })?;
             return Ok(Target {
                 width: Some(mc.hidden_size),
                 depth: Some(mc.num_layers),
                 source: h.display().to_string(),
             });
         }
+        let width = self.target.as_deref().and_then(|t| t.parse::<usize>().ok());
+        if width == Some(0) {
+            anyhow::bail!("--target 0: the target width must be positive");
+        }
         Ok(Target {
-            width: self.width,
+            width,
             depth: None,
-            source: if self.width.is_some() {
+            source: if width.is_some() {
                 "--target".into()
             } else {
                 String::new()
@@ -512,6 +526,7 @@ fn cmd_train(
         overrides: all,
         progress,
         inject,
+        stop_after: None,
     })?;
     let status = match s.outcome {
         Outcome::Finished => "finished".to_string(),

@@ -57,6 +57,27 @@ pub struct ProbeArgs {
     /// One JSON object instead of the table
     #[arg(long)]
     pub json: bool,
+    /// Track the sharpness over the first steps of the run as configured (its data, schedule
+    /// and optimizer; --lr to change the peak LR): λ_max of Adam's preconditioned Hessian every
+    /// --sharpness-every steps and the max stable LR it predicts, 38/λ at β₁ = 0.9
+    #[arg(long)]
+    pub sharpness: bool,
+    /// Beside the verdict, the predicted max stable LR for this config and optimizer (the
+    /// sharpness route, with its cost and measured accuracy)
+    #[arg(long)]
+    pub lr_edge: bool,
+    /// Steps of the short run for --sharpness / --lr-edge
+    #[arg(long, default_value_t = 30)]
+    pub sharpness_steps: u64,
+    /// Measure every N steps of the short run
+    #[arg(long, default_value_t = 5)]
+    pub sharpness_every: u64,
+    /// Most Hessian-vector products per eigenvalue (Lanczos)
+    #[arg(long, default_value_t = 20)]
+    pub sharpness_iters: usize,
+    /// Also λ_max of the plain Hessian (doubles the probe's cost)
+    #[arg(long)]
+    pub sharpness_hessian: bool,
 }
 
 /// Resolve the run configuration for one scheme.
@@ -283,10 +304,53 @@ fn cmd_coord(a: &ProbeArgs) -> Result<i32> {
     Ok(0)
 }
 
+/// The short run of --sharpness / --lr-edge, for the config being checked.
+fn edge_report(a: &ProbeArgs) -> Result<super::edge::EdgeReport> {
+    let scheme = if a.scheme == "all" {
+        "(config)"
+    } else {
+        &a.scheme
+    };
+    let mut rc = resolve(a, scheme)?;
+    if let Some(lr) = a.lr {
+        rc.optim.lr = lr;
+    }
+    let o = super::edge::EdgeOptions {
+        steps: a.sharpness_steps.max(1),
+        every: a.sharpness_every.max(1),
+        iters: a.sharpness_iters.max(1),
+        hessian: a.sharpness_hessian,
+        out: a.out.as_ref().map(|d| d.join("sharpness-run")),
+    };
+    eprintln!(
+        "keel check: the first {} steps at peak LR {:.2e} with the sharpness probe every {} (≈ {} step-equivalents per measurement)…",
+        o.steps,
+        rc.optim.lr,
+        o.every,
+        2 * o.iters * if o.hessian { 2 } else { 1 }
+    );
+    super::edge::run(&rc, &o)
+}
+
+fn cmd_sharpness(a: &ProbeArgs) -> Result<i32> {
+    let r = edge_report(a)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        super::edge::print_table(&r);
+        println!();
+        super::edge::print_prediction(&r);
+    }
+    Ok(0)
+}
+
 pub fn cmd_probe(a: &ProbeArgs) -> Result<i32> {
     let t0 = Instant::now();
     if a.coord_check {
         return cmd_coord(a);
+    }
+    if a.sharpness {
+        return cmd_sharpness(a);
     }
     if a.scheme == "all" {
         let mut reports = Vec::new();
@@ -305,10 +369,22 @@ pub fn cmd_probe(a: &ProbeArgs) -> Result<i32> {
         return Ok(0);
     }
     let r = run_one(a, &a.scheme)?;
+    let edge = if a.lr_edge {
+        Some(edge_report(a)?)
+    } else {
+        None
+    };
     if a.json {
-        println!("{}", serde_json::to_string(&r)?);
+        let mut v = serde_json::to_value(&r)?;
+        if let Some(e) = &edge {
+            v["lr_edge"] = serde_json::to_value(e)?;
+        }
+        println!("{v}");
     } else {
         print_report(&r, t0.elapsed().as_secs_f64());
+        if let Some(e) = &edge {
+            super::edge::print_prediction(e);
+        }
     }
     if let Some(out) = &a.out {
         super::plot::write_all(out, std::slice::from_ref(&r))?;

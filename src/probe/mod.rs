@@ -10,6 +10,7 @@
 
 pub mod cli;
 pub mod coord;
+pub mod edge;
 pub mod plot;
 pub mod sharpness;
 pub mod theory;

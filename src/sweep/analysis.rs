@@ -276,6 +276,9 @@ pub struct Recommendation {
     pub lr_window: Option<(f64, f64)>,
     pub schemes: Vec<SchemeScore>,
     pub lr_trends: Vec<Trend>,
+    /// The optimal LR along width/depth per series (`sweep::optimum`).
+    #[serde(default)]
+    pub lr_opt_trends: Vec<super::optimum::OptTrend>,
     pub attn_trend: Option<Trend>,
     /// The recommendation in words, one finding per line.
     pub text: Vec<String>,
@@ -688,6 +691,10 @@ pub fn recommend(
             ));
         }
     }
+    let lr_opt_trends = super::optimum::optimal_trends(plan, base_scheme, results, target);
+    for t in &lr_opt_trends {
+        text.extend(super::optimum::describe(t));
+    }
     // attention-logit growth with width, for the robust scheme at the largest LR every width trained stably at
     let mut attn_trend = None;
     if let (Some(r), Some(ax)) = (
@@ -793,6 +800,7 @@ pub fn recommend(
         lr_window,
         schemes: scores,
         lr_trends,
+        lr_opt_trends,
         attn_trend,
         text,
     }

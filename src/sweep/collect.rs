@@ -48,6 +48,12 @@ pub struct TrialResult {
     pub peak_logit_z: Option<f64>,
     pub wall_s: Option<f64>,
     pub tokens_per_s: Option<f64>,
+    /// The sharpness probe's last prediction of the max stable LR (`lr_edge`, when the trial
+    /// ran with `telemetry.sharpness_every`) and the first one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lr_edge: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_lr_edge: Option<f64>,
     /// A failed command trial: its exit code (-1: killed by a signal) and the last lines of
     /// its stderr.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -318,6 +324,8 @@ pub fn collect_trial(dir: &Path, t: &Trial, plan: &Plan, exit: Option<i32>) -> T
             tps.sort_by(f64::total_cmp);
             tps.get(tps.len() / 2).copied()
         },
+        lr_edge: metrics.iter().rev().find_map(|m| num_field(m, "lr_edge")),
+        first_lr_edge: metrics.iter().find_map(|m| num_field(m, "lr_edge")),
         exit_code: (status == "failed").then_some(exit).flatten(),
         error: match no_loss {
             Some(c) => Some(format!(

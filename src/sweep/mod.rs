@@ -9,6 +9,7 @@
 
 pub mod analysis;
 pub mod collect;
+pub mod optimum;
 pub mod output;
 pub mod plot;
 pub mod run;

@@ -40,6 +40,8 @@ pub fn to_csv(plan: &Plan, results: &[TrialResult]) -> String {
         "peak_logit_z",
         "wall_s",
         "tokens_per_s",
+        "lr_edge",
+        "first_lr_edge",
     ];
     let mut out = String::from("id");
     for a in &plan.axes {

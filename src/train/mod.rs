@@ -58,6 +58,9 @@ pub struct TrainOptions {
     pub progress: bool,
     /// Faults to inject (`--inject`).
     pub inject: Vec<Injection>,
+    /// Stop after this step, the schedule still spanning `train.steps` (`keel check
+    /// --sharpness`: the first steps of the run as configured).
+    pub stop_after: Option<u64>,
 }
 
 /// How a run ended; the figures the summary prints are read back from its logs
@@ -1094,7 +1097,8 @@ pub fn run(opts: &TrainOptions) -> Result<Summary> {
         diagnosis,
         report: cfg.train.report,
     };
-    while tr.state.step < total {
+    let end = opts.stop_after.map_or(total, |s| s.min(total));
+    while tr.state.step < end {
         let r = tr.step()?;
         let step = r.step;
         for d in &r.detections {
@@ -1133,7 +1137,7 @@ pub fn run(opts: &TrainOptions) -> Result<Summary> {
             );
         }
         let interrupted = INTERRUPTED.load(Ordering::SeqCst);
-        tr.maybe_checkpoint(interrupted || step == total)?;
+        tr.maybe_checkpoint(interrupted || step == end)?;
         if interrupted {
             tr.event("interrupted", json!({}))?;
             bar.abandon();
