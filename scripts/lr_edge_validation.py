@@ -11,6 +11,8 @@ width 128, 2/4/8 layers), it puts side by side:
   (``--safe-lr``, default 3e-3, the grid's best region), seed 0: 38/λ_max(P⁻¹H) at the last
   of its measurements; raw, and calibrated by one constant fitted on the *other* cells
   (leave-one-out: what the route is worth if a user calibrates it on their own proxies);
+* a **constant**: the geometric mean of the other cells' measured edges, the baseline any
+  calibrated route must beat;
 * the **scaling route**: a power law of the measured edge in width (or depth) through the
   smaller proxies, evaluated at the largest one (the holdout ``keel sweep`` prints);
 * the cost of each route in training steps of that cell (the sweep: all of its trials'
@@ -131,12 +133,12 @@ def main():
         for g in gs:
             hit = cache.get((axis, json.dumps(g["group"], sort_keys=True)))
             if hit:
-                r = dict(predicted_max_lr=hit["sharp"], first_lr_edge=hit["sharp_first"], cost_steps=hit["sharp_cost"],
+                r = dict(edge_lr=hit["sharp"], first_lr_edge=hit["sharp_first"], cost_steps=hit["sharp_cost"],
                          points=hit["points"])
             else:
                 print(f"sharpness: {g['group']} …", file=sys.stderr)
                 r = sharpness(a.keel, sets, g["group"], a.safe_lr, a.steps, a.every, a.iters)
-            cells.append(dict(axis=axis, **g, sharp=r["predicted_max_lr"], sharp_first=r["first_lr_edge"],
+            cells.append(dict(axis=axis, **g, sharp=r.get("edge_lr", r.get("predicted_max_lr")), sharp_first=r["first_lr_edge"],
                               sharp_cost=r["cost_steps"], points=r["points"]))
 
     # leave-one-out calibration of the sharpness route: one constant, fitted on the other cells
@@ -145,6 +147,9 @@ def main():
         others = [x for j, x in enumerate(logs) if j != i]
         c["calibration"] = math.exp(sum(others) / len(others)) if others else None
         c["sharp_cal"] = c["sharp"] * c["calibration"] if c["calibration"] else None
+        # the baseline a calibrated route must beat: the other cells' measured edge, one constant
+        mids = [math.log(mid(x["stable"], x["unstable"])) for j, x in enumerate(cells) if j != i]
+        c["constant"] = math.exp(sum(mids) / len(mids)) if mids else None
 
     # the scaling route: each series (same other axes) holds out its largest proxy
     for c in cells:
@@ -168,16 +173,19 @@ def main():
     def f(x):
         return "—" if x is None else f"{x:.3g}"
 
-    hdr = ("cell", "measured", "sharp raw", "×", "2×?", "sharp cal", "2×?", "scaling", "2×?", "cost sweep", "cost sharp")
+    hdr = ("cell", "measured", "sharp raw", "×", "2×?", "sharp cal", "2×?", "constant", "2×?", "scaling", "2×?",
+           "cost sweep", "cost sharp")
     print("| " + " | ".join(hdr) + " |")
     print("|" + "---|" * len(hdr))
-    tally = {"raw": [], "cal": [], "scaling": []}
+    tally = {"raw": [], "cal": [], "constant": [], "scaling": []}
     for c in cells:
         name = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in c["group"].items())
         meas = f"{f(c['stable'])} – {f(c['unstable'])}" if c["unstable"] else f"≥ {f(c['stable'])}"
         w_raw = within2(c["sharp"], c["stable"], c["unstable"])
         w_cal = within2(c["sharp_cal"], c["stable"], c["unstable"])
         w_sc = within2(c["scaling"], c["stable"], c["unstable"])
+        w_k = within2(c["constant"], c["stable"], c["unstable"])
+        tally["constant"].append(w_k)
         tally["raw"].append(w_raw)
         tally["cal"].append(w_cal)
         if w_sc is not None:
@@ -185,7 +193,7 @@ def main():
         ratio = mid(c["stable"], c["unstable"]) / c["sharp"]
         yn = lambda w: "—" if w is None else ("yes" if w else "no")  # noqa: E731
         print(f"| {name} | {meas} | {f(c['sharp'])} | {ratio:.0f} | {yn(w_raw)} | {f(c['sharp_cal'])} | {yn(w_cal)} "
-              f"| {f(c['scaling'])} | {yn(w_sc)} | {c['sweep_steps']} | {c['sharp_cost']:.0f} |")
+              f"| {f(c['constant'])} | {yn(w_k)} | {f(c['scaling'])} | {yn(w_sc)} | {c['sweep_steps']} | {c['sharp_cost']:.0f} |")
     for k, v in tally.items():
         if v:
             print(f"{k}: {sum(bool(x) for x in v)} of {len(v)} within 2×")

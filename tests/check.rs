@@ -288,8 +288,9 @@ fn calibration_known_good_recipes_pass_and_known_bad_ones_fail() {
 }
 
 /// `keel check --sharpness`: the first steps of the configured run with the probe; the
-/// prediction is 38/λ_max(P⁻¹H) of the last measurement, the cost adds up, and the run
-/// directory (a temporary one) is gone afterwards. `--lr-edge` puts the same beside the verdict.
+/// edge-of-stability LR is 38/λ_max(P⁻¹H) of the last measurement, it is labelled as not a
+/// max-stable-LR prediction, the cost adds up, and the run directory (a temporary one) is gone
+/// afterwards. `--lr-edge` puts the same beside the verdict.
 #[test]
 fn sharpness_and_lr_edge_predict_from_a_short_run() {
     let keel = env!("CARGO_BIN_EXE_keel");
@@ -331,7 +332,11 @@ fn sharpness_and_lr_edge_predict_from_a_short_run() {
     let last = &pts[1];
     let lam = last["sharpness_precond"].as_f64().unwrap();
     assert!(lam > 0.0);
-    assert!((v["predicted_max_lr"].as_f64().unwrap() - coef / lam).abs() < 1e-9 * coef / lam);
+    assert!((v["edge_lr"].as_f64().unwrap() - coef / lam).abs() < 1e-9 * coef / lam);
+    assert!(v["accuracy"]
+        .as_str()
+        .unwrap()
+        .starts_with("not a max-stable-LR prediction"));
     assert_eq!(v["run_steps"].as_u64(), Some(6));
     let probe = v["probe_cost_steps"].as_f64().unwrap();
     assert!(probe > 0.0 && probe <= 2.0 * 6.0 * 2.0, "{probe}");
@@ -354,7 +359,7 @@ fn sharpness_and_lr_edge_predict_from_a_short_run() {
         v["verdict"].is_string(),
         "the check's own report is still there"
     );
-    assert!(v["lr_edge"]["predicted_max_lr"].as_f64().unwrap() > 0.0);
+    assert!(v["lr_edge"]["edge_lr"].as_f64().unwrap() > 0.0);
     let dir = std::env::temp_dir().join(format!("keel-lr-edge-{pid}"));
     assert!(!dir.exists(), "{} was left behind", dir.display());
 }

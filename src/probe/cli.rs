@@ -59,11 +59,13 @@ pub struct ProbeArgs {
     pub json: bool,
     /// Track the sharpness over the first steps of the run as configured (its data, schedule
     /// and optimizer; --lr to change the peak LR): λ_max of Adam's preconditioned Hessian every
-    /// --sharpness-every steps and the max stable LR it predicts, 38/λ at β₁ = 0.9
+    /// --sharpness-every steps and the LR at Adam's edge of stability, 38/λ at β₁ = 0.9
+    /// (measured: not where training diverges; see docs/check.md#sharpness)
     #[arg(long)]
     pub sharpness: bool,
-    /// Beside the verdict, the predicted max stable LR for this config and optimizer (the
-    /// sharpness route, with its cost and measured accuracy)
+    /// Beside the verdict, the edge-of-stability LR for this config and optimizer from a short
+    /// run's sharpness, with its cost and its measured accuracy (it does not predict the max
+    /// stable LR; keel sweep's scaling fit does)
     #[arg(long)]
     pub lr_edge: bool,
     /// Steps of the short run for --sharpness / --lr-edge

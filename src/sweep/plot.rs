@@ -265,5 +265,74 @@ pub fn write_all(
             &out.join(format!("max_stable_lr_vs_{name}")),
         )?;
     }
+    // the optimal LR per series, its power law (dashed, out to the target) and the holdout's
+    // prediction (✗) beside the measured point
+    for (axis, name) in [
+        ("model.hidden_size", "width"),
+        ("model.num_layers", "depth"),
+    ] {
+        let trends: Vec<_> = rec
+            .lr_opt_trends
+            .iter()
+            .filter(|t| t.axis == axis)
+            .collect();
+        if trends.is_empty() {
+            continue;
+        }
+        let mut series = Vec::new();
+        for (i, t) in trends.iter().enumerate() {
+            series.push(Series {
+                name: format!(
+                    "{}{}",
+                    t.series,
+                    t.exponent
+                        .map_or(String::new(), |b| format!(" (∝ {name}^{b:+.2})"))
+                ),
+                points: t.points.iter().map(|p| (p.at, p.lr)).collect(),
+                marker: Marker::Dot,
+                no_line: true,
+                color: i,
+                ..Default::default()
+            });
+            let pts: Vec<(f64, f64)> = t.points.iter().map(|p| (p.at, p.lr)).collect();
+            if let Some(f) = super::analysis::power_fit(&pts) {
+                let lo = pts.iter().map(|p| p.0).fold(f64::MAX, f64::min);
+                let hi = pts
+                    .iter()
+                    .map(|p| p.0)
+                    .chain(t.target)
+                    .fold(f64::MIN, f64::max);
+                series.push(Series {
+                    name: String::new(),
+                    points: vec![(lo, f.at(lo)), (hi, f.at(hi))],
+                    dashed: true,
+                    color: i,
+                    ..Default::default()
+                });
+            }
+            if let Some(h) = &t.holdout {
+                series.push(Series {
+                    name: String::new(),
+                    points: vec![(h.at, h.predicted)],
+                    marker: Marker::Cross,
+                    no_line: true,
+                    color: i,
+                    ..Default::default()
+                });
+            }
+        }
+        save(
+            &Plot {
+                title: format!("Optimal LR vs {name} (dashed: power law; ✗: holdout)"),
+                x_label: name.into(),
+                y_label: "learning rate".into(),
+                series,
+                log_x: true,
+                log_y: true,
+                ..Default::default()
+            },
+            &out.join(format!("optimal_lr_vs_{name}")),
+        )?;
+    }
     Ok(())
 }
