@@ -376,6 +376,21 @@ fn command_trials_are_swept_and_diverging_ones_stopped_early() {
         .collect();
     stable.sort_by_key(|x| x.0);
     assert_eq!(stable, vec![(64, 0.1), (128, 0.01)]);
+    // the optimal LR along width: one series, both widths, each seed's optimum on the grid
+    let opt = &summary["recommendation"]["lr_opt_trends"];
+    assert_eq!(opt.as_array().map(Vec::len), Some(1), "{opt}");
+    let pts = opt[0]["points"].as_array().unwrap();
+    assert_eq!(
+        pts.iter()
+            .map(|p| p["at"].as_f64().unwrap())
+            .collect::<Vec<_>>(),
+        vec![64.0, 128.0]
+    );
+    for p in pts {
+        let lr = p["lr"].as_f64().unwrap();
+        assert!((0.001..=0.1 * (1.0 + 1e-9)).contains(&lr), "{p}");
+    }
+    assert!(out.join("plots/optimal_lr_vs_width.svg").exists());
     assert_eq!(summary["compute"]["stopped"], 3);
     assert!(stdout.contains("compute saved"), "{stdout}");
     assert!(err.contains("diverged at step"), "{err}");
