@@ -32,15 +32,7 @@ impl Fixture {
     }
 
     fn f32s(&self, name: &str) -> Vec<f32> {
-        let st = self.st();
-        let t = st
-            .tensor(name)
-            .unwrap_or_else(|_| panic!("fixture lacks {name}"));
-        assert_eq!(t.dtype(), Dtype::F32);
-        t.data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect()
+        f32_tensor(&self.st(), name)
     }
 
     fn u32s(&self, name: &str) -> Vec<u32> {
@@ -197,19 +189,23 @@ fn qwen3_qk_norm_adamw_10_steps_match_pytorch() {
     check_adamw("qwen3_qknorm");
 }
 
-/// f32 tensors of another fixture file (no config metadata), by name.
-fn fixture_f32(file: &str, name: &str) -> Vec<f32> {
-    let path = format!("{}/tests/fixtures/{file}", env!("CARGO_MANIFEST_DIR"));
-    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    let st = SafeTensors::deserialize(&bytes).unwrap();
+/// One f32 tensor of a fixture, by name.
+fn f32_tensor(st: &SafeTensors<'_>, name: &str) -> Vec<f32> {
     let t = st
         .tensor(name)
-        .unwrap_or_else(|_| panic!("{file} lacks {name}"));
+        .unwrap_or_else(|_| panic!("fixture lacks {name}"));
     assert_eq!(t.dtype(), Dtype::F32);
     t.data()
         .chunks_exact(4)
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect()
+}
+
+/// f32 tensors of another fixture file (no config metadata), by name.
+fn fixture_f32(file: &str, name: &str) -> Vec<f32> {
+    let path = format!("{}/tests/fixtures/{file}", env!("CARGO_MANIFEST_DIR"));
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    f32_tensor(&SafeTensors::deserialize(&bytes).unwrap(), name)
 }
 
 fn l2(a: &[f32]) -> f64 {

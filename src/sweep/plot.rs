@@ -252,16 +252,10 @@ pub fn write_all(
                 }
             }
         }
-        save(
-            &Plot {
-                title: format!("Largest stable LR vs {name} (dots; ✗: first LR that diverged)"),
-                x_label: name.into(),
-                y_label: "learning rate".into(),
-                series,
-                log_x: true,
-                log_y: true,
-                ..Default::default()
-            },
+        save_lr_vs(
+            format!("Largest stable LR vs {name} (dots; ✗: first LR that diverged)"),
+            name,
+            series,
             &out.join(format!("max_stable_lr_vs_{name}")),
         )?;
     }
@@ -321,18 +315,28 @@ pub fn write_all(
                 });
             }
         }
-        save(
-            &Plot {
-                title: format!("Optimal LR vs {name} (dashed: power law; ✗: holdout)"),
-                x_label: name.into(),
-                y_label: "learning rate".into(),
-                series,
-                log_x: true,
-                log_y: true,
-                ..Default::default()
-            },
+        save_lr_vs(
+            format!("Optimal LR vs {name} (dashed: power law; ✗: holdout)"),
+            name,
+            series,
             &out.join(format!("optimal_lr_vs_{name}")),
         )?;
     }
     Ok(())
+}
+
+/// An LR against width or depth, both axes logarithmic.
+fn save_lr_vs(title: String, name: &str, series: Vec<Series>, path: &Path) -> Result<()> {
+    save(
+        &Plot {
+            title,
+            x_label: name.into(),
+            y_label: "learning rate".into(),
+            series,
+            log_x: true,
+            log_y: true,
+            ..Default::default()
+        },
+        path,
+    )
 }
