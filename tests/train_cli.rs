@@ -893,4 +893,13 @@ fn the_sharpness_probe_never_changes_the_run() {
         );
     }
     assert!(ma.iter().all(|v| v.get("lr_edge").is_none()));
+    // the run's report draws the probe's edge beside the LR, labelled as what it is
+    let o = keel().arg("report").arg(&b).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let html = std::fs::read_to_string(b.join("report.html")).unwrap();
+    assert!(
+        html.contains("edge of stability, 38/λ_max(P⁻¹H)"),
+        "the legend names the series"
+    );
+    assert!(html.contains("not a divergence limit"));
 }

@@ -310,6 +310,26 @@ fn run_page(dir: &Path) -> Result<Page> {
             ur.push(line(g, pts, i));
         }
     }
+    // with the sharpness probe on (telemetry.sharpness_every), its edge-of-stability LR beside
+    // the LR in force, on a log axis
+    let edge = series_of(&metrics, "lr_edge");
+    let with_edge = !edge.is_empty();
+    let mut lr_series = one("lr", 0);
+    if with_edge {
+        lr_series[0].name = "LR".into();
+        lr_series.push(Series {
+            name: "Adam's edge of stability, 38/λ_max(P⁻¹H)".into(),
+            points: edge,
+            marker: Marker::Dot,
+            color: 2,
+            ..Default::default()
+        });
+    }
+    let lr_caption = if with_edge {
+        "Learning rate (after guard back-offs) and the sharpness probe's edge-of-stability LR (Adam trains at and above it: it is not a divergence limit, docs/check.md#sharpness)"
+    } else {
+        "Learning rate (after guard back-offs)"
+    };
     // (file name, caption, title, y label, series, log y, guard events drawn)
     let figs = [
         (
@@ -323,11 +343,11 @@ fn run_page(dir: &Path) -> Result<Page> {
         ),
         (
             "lr",
-            "Learning rate (after guard back-offs)",
+            lr_caption,
             "Learning rate",
             "LR",
-            one("lr", 0),
-            false,
+            lr_series,
+            with_edge,
             true,
         ),
         (
