@@ -202,10 +202,7 @@ pub fn write_all(
             &out.join(format!("loss_vs_lr{}", p.slug)),
         )?;
     }
-    for (axis, name) in [
-        ("model.hidden_size", "width"),
-        ("model.num_layers", "depth"),
-    ] {
+    for (axis, name) in SIZE_AXES {
         let trends: Vec<_> = rec.lr_trends.iter().filter(|t| t.axis == axis).collect();
         if trends.is_empty() {
             continue;
@@ -213,12 +210,7 @@ pub fn write_all(
         let mut series = Vec::new();
         for (i, t) in trends.iter().enumerate() {
             series.push(Series {
-                name: format!(
-                    "{}{}",
-                    t.scheme,
-                    t.exponent
-                        .map_or(String::new(), |b| format!(" (∝ {name}^{b:+.2})"))
-                ),
+                name: trend_label(&t.scheme, t.exponent, name),
                 points: t.points.iter().map(|p| (p.0, p.1)).collect(),
                 marker: Marker::Dot,
                 color: i,
@@ -261,10 +253,7 @@ pub fn write_all(
     }
     // the optimal LR per series, its power law (dashed, out to the target) and the holdout's
     // prediction (✗) beside the measured point
-    for (axis, name) in [
-        ("model.hidden_size", "width"),
-        ("model.num_layers", "depth"),
-    ] {
+    for (axis, name) in SIZE_AXES {
         let trends: Vec<_> = rec
             .lr_opt_trends
             .iter()
@@ -276,12 +265,7 @@ pub fn write_all(
         let mut series = Vec::new();
         for (i, t) in trends.iter().enumerate() {
             series.push(Series {
-                name: format!(
-                    "{}{}",
-                    t.series,
-                    t.exponent
-                        .map_or(String::new(), |b| format!(" (∝ {name}^{b:+.2})"))
-                ),
+                name: trend_label(&t.series, t.exponent, name),
                 points: t.points.iter().map(|p| (p.at, p.lr)).collect(),
                 marker: Marker::Dot,
                 no_line: true,
@@ -323,6 +307,20 @@ pub fn write_all(
         )?;
     }
     Ok(())
+}
+
+/// The axes a trend runs along, with their names in words.
+const SIZE_AXES: [(&str, &str); 2] = [
+    ("model.hidden_size", "width"),
+    ("model.num_layers", "depth"),
+];
+
+/// A trend's legend entry: "normal (∝ width^-1.03)".
+fn trend_label(label: &str, exponent: Option<f64>, name: &str) -> String {
+    match exponent {
+        Some(b) => format!("{label} (∝ {name}^{b:+.2})"),
+        None => label.to_string(),
+    }
 }
 
 /// An LR against width or depth, both axes logarithmic.
