@@ -100,23 +100,31 @@ impl Scratch {
     }
 }
 
+/// Lanczos's inner products in f64 (`kernels::dot` sums in f32: too coarse over millions of
+/// entries for the residual bound).
 fn dot(a: &[f32], b: &[f32]) -> f64 {
     a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
 }
 
-fn norm(a: &[f32]) -> f64 {
-    dot(a, a).sqrt()
+use crate::optim::grad_norm as norm;
+
+/// Put back what the probe's passes overwrote.
+fn restore(model: &mut Model, p0: &[f32], g0: &[f32], stats: crate::model::ForwardStats) {
+    model.params.copy_from_slice(p0);
+    model.grads.copy_from_slice(g0);
+    model.stats = stats;
 }
 
 /// H·u on batch (x, y) by a central difference of exact gradients: `out` = (∇L(θ+hu) −
-/// ∇L(θ−hu)) / (θ+ − θ−) along u, with h from `fd_rel`. Leaves the weights at `p0` (bit for
-/// bit) and the gradients clobbered. Returns the loss at θ+ and θ− averaged (≈ L(θ)).
+/// ∇L(θ−hu)) / (θ+ − θ−) along u, with ‖hu‖ = `step` (fd_rel·‖θ‖, computed once by the
+/// caller). Leaves the weights at `p0` (bit for bit) and the gradients clobbered. Returns the
+/// loss at θ+ and θ− averaged (≈ L(θ)).
 fn hvp_into(
     model: &mut Model,
     (x, y): (&[u32], &[u32]),
     p0: &[f32],
     u: &[f32],
-    fd_rel: f64,
+    step: f64,
     gp: &mut [f32],
     out: &mut [f32],
 ) -> anyhow::Result<f64> {
@@ -125,7 +133,7 @@ fn hvp_into(
         out.fill(0.0);
         return Ok(f64::NAN);
     }
-    let h = fd_rel * norm(p0).max(1e-3) / nu;
+    let h = step / nu;
     let (hf, two_h) = (h as f32, 2.0 * h);
     let mut loss = 0.0;
     for (sign, dst) in [(1f32, &mut *gp), (-1f32, &mut *out)] {
@@ -143,6 +151,11 @@ fn hvp_into(
         *o = (g - *o) * inv;
     }
     Ok(loss)
+}
+
+/// The finite-difference step's length for weights `p0`.
+fn fd_step(p0: &[f32], fd_rel: f64) -> f64 {
+    fd_rel * norm(p0).max(1e-3)
 }
 
 /// Largest eigenvalue of a symmetric k×k matrix (row-major) and the last component of its
@@ -271,6 +284,7 @@ pub fn measure(
     p0.copy_from_slice(&model.params);
     g0.copy_from_slice(&model.grads);
     let stats = model.stats.clone();
+    let step = fd_step(p0, o.fd_rel);
     let out = (|| -> anyhow::Result<Sharpness> {
         let mut hvps = 0;
         let mut converged = true;
@@ -278,7 +292,7 @@ pub fn measure(
         let mut lam_h = None;
         if o.plain || opt.is_none() {
             let (l, used, c) = lanczos(n, o, 1, |q, w| {
-                loss = hvp_into(model, (x, y), p0, q, o.fd_rel, gp, w)?;
+                loss = hvp_into(model, (x, y), p0, q, step, gp, w)?;
                 Ok(())
             })?;
             hvps += used;
@@ -306,7 +320,7 @@ pub fn measure(
                 for i in 0..n {
                     u[i] = d[i] * q[i];
                 }
-                loss = hvp_into(model, (x, y), p0, u, o.fd_rel, gp, w)?;
+                loss = hvp_into(model, (x, y), p0, u, step, gp, w)?;
                 for i in 0..n {
                     w[i] *= d[i];
                 }
@@ -340,9 +354,7 @@ pub fn measure(
         })
     })();
     // put everything back, whatever happened
-    model.params.copy_from_slice(p0);
-    model.grads.copy_from_slice(g0);
-    model.stats = stats;
+    restore(model, p0, g0, stats);
     let mut s = out?;
     s.seconds = t0.elapsed().as_secs_f64();
     Ok(s)
@@ -362,10 +374,8 @@ pub fn hessian_vector(
     let g0 = model.grads.clone();
     let stats = model.stats.clone();
     let mut gp = vec![0f32; p0.len()];
-    let r = hvp_into(model, (x, y), &p0, v, fd_rel, &mut gp, out);
-    model.params.copy_from_slice(&p0);
-    model.grads.copy_from_slice(&g0);
-    model.stats = stats;
+    let r = hvp_into(model, (x, y), &p0, v, fd_step(&p0, fd_rel), &mut gp, out);
+    restore(model, &p0, &g0, stats);
     r.map(|_| ())
 }
 

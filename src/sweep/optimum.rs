@@ -85,8 +85,9 @@ pub fn seed_optimum(pts: &[(f64, Option<f64>)]) -> Option<(f64, bool)> {
     Some((v.clamp(x0, x2).exp(), false))
 }
 
+/// Mean of a list the callers know is not empty (0 if it were).
 fn mean(v: &[f64]) -> f64 {
-    v.iter().sum::<f64>() / v.len().max(1) as f64
+    super::collect::mean(v).unwrap_or(0.0)
 }
 
 /// The optimal-LR trends of every series along width and depth.
