@@ -102,6 +102,7 @@ pub fn run(
                 grad_norm: Some(g),
                 max_attn_logit: Some(model.stats.max_attn_logit[0] as f64),
                 logit_z: Some(model.stats.lse_mean as f64),
+                ..Default::default()
             });
             std::hint::black_box((d, opt.update_ratio()));
         }

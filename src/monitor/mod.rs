@@ -80,10 +80,12 @@ pub struct GuardConfig {
     /// The lowest LR multiplier rollbacks walk down to. A divergence at the floor gives up.
     pub lr_floor: f64,
     /// Rollbacks in a row whose restored weights ran no longer before the next divergence
-    /// than the previous ones did: lowering the LR stopped helping, so give up. (The early
-    /// attention rule stops acting at the first such rollback: measured on the HF example at
-    /// 30x, a second try cut the LR to x1/81 and ended 27% above the stable run.)
+    /// than the previous ones did: lowering the LR stopped helping, so give up.
     pub walk_patience: u32,
+    /// The same for the early attention rule: cuts in a row that did not delay the next early
+    /// warning before the rule stops acting (it never gives up a run). 1: measured on the HF
+    /// example at 30x, a second such cut took the LR to x1/81 and ended 27% above the stable run.
+    pub early_patience: u32,
     /// Total skipped steps before giving up.
     pub max_skips: u64,
     /// An attention-logit warning within this many steps of the start (or of the last
@@ -103,6 +105,10 @@ pub struct GuardConfig {
     /// (σ far too large); every weight matrix is then rescaled to HF's σ 0.02, keeping its
     /// direction, before any update. 0 = off.
     pub init_rescue: f64,
+    /// Steps in a row a GradScaler skipped for inf/NaN fp16 gradients that make an incident
+    /// (a `scaler_overflow` divergence: fp16 runs diverge this way, with no loss to see); a
+    /// warning at half as many. A few at the start are the scaler finding its scale. 0 = off.
+    pub scaler_skips: u64,
 }
 
 impl Default for GuardConfig {
@@ -130,11 +136,13 @@ impl Default for GuardConfig {
             max_rollbacks: 10,
             lr_floor: 0.01,
             walk_patience: 2,
+            early_patience: 1,
             max_skips: 200,
             early_window: 30,
             early_lr_factor: 0.25,
             clean_after_rollback: 10,
             init_rescue: 2.0,
+            scaler_skips: 10,
         }
     }
 }
@@ -186,6 +194,9 @@ impl GuardConfig {
         if self.walk_patience < 1 {
             return bad("walk_patience", "must be at least 1");
         }
+        if self.early_patience < 1 {
+            return bad("early_patience", "must be at least 1");
+        }
         if !(self.rollback_lr_factor > 0.0 && self.rollback_lr_factor <= 1.0) {
             return bad("rollback_lr_factor", "must be in (0, 1]");
         }
@@ -203,7 +214,7 @@ impl GuardConfig {
 }
 
 /// One step's scalars, as logged (absent fields are simply not checked).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct StepMetrics {
     pub step: u64,
     /// NaN for a non-finite or missing loss (a logged `null`).
@@ -212,6 +223,14 @@ pub struct StepMetrics {
     pub max_attn_logit: Option<f64>,
     /// Mean log-partition of the output logits.
     pub logit_z: Option<f64>,
+    /// The learning rate this step's update uses (the schedule's times the guard's factor, as
+    /// logged): the early rule stays on while it rises (warm-up, a restored back-off) and for
+    /// `early_window` steps after it last rose.
+    pub lr: Option<f64>,
+    /// Set on a step a GradScaler skipped (inf/NaN fp16 gradients, no update): how many
+    /// steps in a row it has skipped, this one included. Only the `scaler_overflow` rule
+    /// reads such a step; its loss never enters the windows.
+    pub scaler_skips: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -251,6 +270,9 @@ pub struct MonitorState {
     pub diverging: bool,
     pub attn_warned: bool,
     pub logit_warned: bool,
+    /// The scaler-overflow warning of the current run of skipped steps was given.
+    #[serde(default)]
+    pub scaler_warned: bool,
 }
 
 /// Everything the guard remembers, saved with each checkpoint.
@@ -336,6 +358,40 @@ impl Monitor {
                 window,
                 reason,
             };
+        if let Some(k) = m.scaler_skips.filter(|&k| k > 0) {
+            // a step the GradScaler skipped: no update was made, so its loss and norm say
+            // nothing about the weights; only a long run of skips does
+            let s = &mut self.state;
+            if c.scaler_skips > 0 && k.is_multiple_of(c.scaler_skips) {
+                s.scaler_warned = false;
+                out.push(det(
+                    Severity::Divergence,
+                    "scaler_overflow",
+                    k as f64,
+                    c.scaler_skips as f64,
+                    k as usize,
+                    format!(
+                        "the GradScaler skipped {k} steps in a row (inf/NaN fp16 gradients at every scale it tried): the weights or the LR, not one batch"
+                    ),
+                ));
+            } else if c.scaler_skips > 0
+                && 2 * k >= c.scaler_skips
+                && k < c.scaler_skips
+                && !s.scaler_warned
+            {
+                s.scaler_warned = true;
+                out.push(det(
+                    Severity::Warning,
+                    "scaler_overflow",
+                    k as f64,
+                    c.scaler_skips.div_ceil(2) as f64,
+                    k as usize,
+                    format!("the GradScaler skipped {k} steps in a row (inf/NaN fp16 gradients)"),
+                ));
+            }
+            return out;
+        }
+        self.state.scaler_warned = false;
         let g = m.grad_norm.unwrap_or(0.0);
         if !m.loss.is_finite() || !g.is_finite() {
             let (what, v) = if !m.loss.is_finite() {
@@ -560,6 +616,7 @@ impl Guard {
     /// One step's metrics → what fired and what to do about it.
     pub fn observe(&mut self, m: &StepMetrics) -> (Vec<Detection>, Decision) {
         let detections = self.monitor.observe(m);
+        self.policy.note_lr(m.step, m.lr);
         let decision = if self.enabled() {
             self.policy.decide(m.step, &detections)
         } else {
@@ -602,6 +659,9 @@ impl Action {
             ),
             Action::GiveUp { diagnosis } => ("give_up", json!({"diagnosis": diagnosis})),
             Action::EarlyRuleOff { reason } => ("early_rule_off", json!({"reason": reason})),
+            Action::BadBatch { steps, reason } => {
+                ("bad_batch", json!({"steps": steps, "reason": reason}))
+            }
         }
     }
 }
@@ -617,7 +677,40 @@ mod tests {
             grad_norm: Some(g),
             max_attn_logit: None,
             logit_z: None,
+            ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_long_run_of_scaler_skips_is_an_incident() {
+        let mut m = Monitor::new(GuardConfig::default());
+        for i in 1..40 {
+            m.observe(&step(i, 3.0, 1.0));
+        }
+        let skipped = |s, k| StepMetrics {
+            scaler_skips: Some(k),
+            ..step(s, f64::NAN, f64::INFINITY)
+        };
+        // the scaler finding its scale: a few skips say nothing, not even the NaN
+        for k in 1..5 {
+            assert!(m.observe(&skipped(40 + k, k)).is_empty());
+        }
+        let d = m.observe(&skipped(45, 5));
+        assert_eq!(
+            (d[0].detector.as_str(), d[0].kind),
+            ("scaler_overflow", Severity::Warning)
+        );
+        for k in 6..10 {
+            assert!(m.observe(&skipped(40 + k, k)).is_empty());
+        }
+        let d = m.observe(&skipped(50, 10));
+        assert_eq!(
+            (d[0].detector.as_str(), d[0].kind),
+            ("scaler_overflow", Severity::Divergence)
+        );
+        // skipped steps never entered the windows: the next real step is judged as before
+        assert!(m.observe(&step(51, 3.0, 1.0)).is_empty());
+        assert_eq!(m.state.losses.len(), 40, "39 before the skips, and step 51");
     }
 
     /// A decreasing noisy loss, as a healthy run gives.

@@ -8,11 +8,17 @@
 //! - that many skips again while backed off, or a Divergence: roll back, and lower the LR by
 //!   `rollback_lr_factor` (`early_lr_factor` for an early attention warning) for the rest of
 //!   the run: the LR walks down at each rollback, to `lr_floor` at the lowest;
+//! - a non-finite loss is skipped and held: when the same weights (the update was skipped)
+//!   give a finite loss on the next batch, the batch was bad (`BadBatch`): it counts toward
+//!   no back-off and opens no incident; two in a row count as any skips do (three in a row
+//!   are a `persistent` divergence, as before);
 //! - give up when the walk-down stops helping: a divergence at the floor, or `walk_patience`
 //!   rollbacks in a row after which the restored weights ran no longer before the next
 //!   incident than before the previous cut; also after `max_rollbacks` (a safety bound) or
-//!   `max_skips` skips. An early attention warning never ends a run: at the first cut that
-//!   did not delay it (or at the floor), the early rule stops acting (the warning is still
+//!   `max_skips` skips. The early attention rule acts within `early_window` steps of the
+//!   start, of a rollback, or of the last step the scheduled LR rose (so through a warm-up
+//!   of any length). An early attention warning never ends a run: where the walk-down stops
+//!   helping (`early_patience` cuts in a row that did not delay it, or the floor), the early rule stops acting (the warning is still
 //!   logged; ignoring it costs nothing the loss detectors would not catch), because an
 //!   unguarded run would have trained on (measured: tinyshakespeare with its own BPE at peak
 //!   LR 0.2 gave up after three rollbacks at LR 0.011, a rate that trains to within 8% of the
@@ -42,6 +48,12 @@ pub enum Action {
     },
     /// Early attention warnings stop rolling back: lowering the LR did not help.
     EarlyRuleOff {
+        reason: String,
+    },
+    /// Non-finite losses that the same weights followed with a clean step: the batches were
+    /// bad, not the LR. Their skips count toward nothing else.
+    BadBatch {
+        steps: Vec<u64>,
         reason: String,
     },
 }
@@ -82,6 +94,19 @@ pub struct PolicyState {
     /// The early attention rule stopped acting (lowering the LR did not help).
     #[serde(default)]
     pub early_off: bool,
+    /// The last step at which the scheduled LR rose (warm-up, a restart): the early rule
+    /// stays on `early_window` steps past it.
+    #[serde(default)]
+    pub lr_rise: Option<u64>,
+    #[serde(default)]
+    pub last_lr: Option<f64>,
+    /// Skipped non-finite losses not yet judged: a clean step next makes them bad batches.
+    #[serde(default)]
+    pub pending_nonfinite: Vec<u64>,
+    /// (last_flag, first_flag, incident_start) before the held non-finite losses: a bad
+    /// batch opens no incident.
+    #[serde(default)]
+    pub pre_nonfinite: Option<(Option<u64>, Option<u64>, Option<u64>)>,
 }
 
 /// Why a rollback was asked for: the early rule may be switched off, a divergence gives up.
@@ -120,6 +145,28 @@ impl Policy {
         self.state.lr_factor
     }
 
+    /// The LR `step`'s update uses (None: unknown). A rise (warm-up, a restart, a restored
+    /// back-off, a resumed run given a higher LR) keeps the early rule on for `early_window`
+    /// steps past it.
+    pub fn note_lr(&mut self, step: u64, lr: Option<f64>) {
+        let Some(lr) = lr.filter(|v| v.is_finite()) else {
+            return;
+        };
+        let s = &mut self.state;
+        if s.last_lr.is_some_and(|prev| lr > prev * (1.0 + 1e-6)) {
+            s.lr_rise = Some(step);
+        }
+        s.last_lr = Some(lr);
+    }
+
+    /// Whether the early attention rule acts at `step`: within `early_window` steps of the
+    /// start, of the last rollback, or of the last step the scheduled LR rose.
+    pub fn early(&self, step: u64) -> bool {
+        let s = &self.state;
+        let from = s.restart.unwrap_or(0).max(s.lr_rise.unwrap_or(0));
+        self.cfg.early_window > 0 && !s.early_off && step <= from + self.cfg.early_window
+    }
+
     /// Start of a step: restores the LR when a back-off has run its course.
     pub fn begin_step(&mut self, step: u64) -> Option<Action> {
         let s = &mut self.state;
@@ -142,6 +189,15 @@ impl Policy {
             self.state.base_factor
         } else {
             1.0
+        }
+    }
+
+    fn too_many_skips(&self) -> Action {
+        Action::GiveUp {
+            diagnosis: format!(
+                "{} steps skipped (guard.max_skips = {}): the data or the setup is broken. Check the data and lower optim.lr",
+                self.state.total_skips, self.cfg.max_skips
+            ),
         }
     }
 
@@ -172,7 +228,8 @@ impl Policy {
                 "the LR is at its floor (× {}, guard.lr_floor)",
                 short_factor(floor)
             ))
-        } else if stalls >= c.walk_patience || (cause == Cause::Early && stalls > 0) {
+        } else if stalls >= c.walk_patience || (cause == Cause::Early && stalls >= c.early_patience)
+        {
             Some(format!(
                 "lowering the LR stopped helping ({} rollback{} in a row ran no longer before the next incident)",
                 stalls,
@@ -233,17 +290,45 @@ impl Policy {
         let mut d = Decision::default();
         let spike = detections.iter().any(|x| x.kind == Severity::Spike);
         let diverged = detections.iter().find(|x| x.kind == Severity::Divergence);
-        // attention logits past the limit early in a run (or right after a rollback): the LR
-        // is too high for these weights, though the loss does not show it yet
-        let early = self.cfg.early_window > 0
-            && !self.state.early_off
-            && step <= self.state.restart.unwrap_or(0) + self.cfg.early_window;
+        // a non-finite loss and nothing else: a bad batch or bad weights, which the next
+        // step (same weights: this update is skipped) tells apart
+        let nonfinite_only = spike
+            && detections
+                .iter()
+                .filter(|x| x.kind == Severity::Spike)
+                .all(|x| x.detector == "nonfinite");
+        // attention logits past the limit early in a run (or right after a rollback, or
+        // while the LR ramps up): the LR is too high for these weights, though the loss does
+        // not show it yet
+        let early = self.early(step);
         // (a spike or a divergence on the same step takes its own, ordinary path)
         let attn = detections
             .iter()
             .find(|x| early && !spike && diverged.is_none() && x.detector == "attn_logit");
         if !spike && diverged.is_none() && attn.is_none() {
             let s = &mut self.state;
+            if !s.pending_nonfinite.is_empty() {
+                // the weights that gave the non-finite losses gave a finite one on the next
+                // batch: the batches were bad, not the weights or the LR
+                let steps = std::mem::take(&mut s.pending_nonfinite);
+                if let Some((last, first, start)) = s.pre_nonfinite.take() {
+                    (s.last_flag, s.first_flag, s.incident_start) = (last, first, start);
+                }
+                d.actions.push(Action::BadBatch {
+                    reason: format!(
+                        "the same weights gave a finite loss at step {step}: the batch{} at step{} {} bad, not the LR (skipped; the LR is kept)",
+                        if steps.len() == 1 { "" } else { "es" },
+                        if steps.len() == 1 { "" } else { "s" },
+                        steps
+                            .iter()
+                            .map(|x| x.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                            + if steps.len() == 1 { " was" } else { " were" }
+                    ),
+                    steps,
+                });
+            }
             let window_over = s
                 .last_flag
                 .is_some_and(|l| step >= l + self.cfg.incident_window);
@@ -272,9 +357,34 @@ impl Policy {
                 s.incident_start = Some(step);
             }
         }
+        if nonfinite_only
+            && diverged.is_none()
+            && attn.is_none()
+            && self.state.pending_nonfinite.is_empty()
+        {
+            // held until the next step says whether the batch or the weights were bad (a
+            // second one in a row says nothing for the batch: both count as usual)
+            d.skip = true;
+            d.actions.push(Action::Skip);
+            let s = &mut self.state;
+            s.pre_nonfinite = Some(before);
+            s.pending_nonfinite.push(step);
+            s.total_skips += 1;
+            if s.total_skips > self.cfg.max_skips {
+                d.actions.push(self.too_many_skips());
+            }
+            return d;
+        }
+        {
+            // anything else flagged: the non-finite losses held so far are evidence too
+            let s = &mut self.state;
+            s.pre_nonfinite = None;
+            let held = std::mem::take(&mut s.pending_nonfinite);
+            s.recent_skips.extend(held);
+        }
         if let Some(x) = attn {
             let why = format!(
-                "attention logit {:.0} > {} within {} steps of the start or the last rollback",
+                "attention logit {:.0} > {} within {} steps of the start, the last rollback or the LR's last rise",
                 x.value, x.threshold, self.cfg.early_window
             );
             d.skip = true;
@@ -302,12 +412,7 @@ impl Policy {
             }
         }
         if self.state.total_skips > self.cfg.max_skips {
-            d.actions.push(Action::GiveUp {
-                diagnosis: format!(
-                    "{} steps skipped (guard.max_skips = {}): the data or the setup is broken. Check the data and lower optim.lr",
-                    self.state.total_skips, self.cfg.max_skips
-                ),
-            });
+            d.actions.push(self.too_many_skips());
             return d;
         }
         if let Some(x) = diverged {
@@ -488,8 +593,20 @@ mod tests {
         let reason = off.expect("the early rule was switched off");
         assert!(reason.contains("stopped helping"), "{reason}");
         assert!(p.state.early_off);
-        // one cut that did not delay the warning is enough: ignoring a warning is cheap
-        assert_eq!(p.state.rollbacks, 1);
+        // `early_patience` (1) cut that did not delay the warning is enough: ignoring a
+        // warning is cheap (the first cut has nothing to compare with)
+        assert_eq!(p.state.rollbacks, cfg.early_patience);
+        // a longer patience walks further, as docs/configuration.md says
+        let mut q = Policy::new(GuardConfig {
+            early_patience: 2,
+            ..cfg.clone()
+        });
+        let mut t = 3;
+        while !q.state.early_off {
+            q.decide(t, &[attn(t)]);
+            t += 3;
+        }
+        assert_eq!(q.state.rollbacks, 2);
         assert_eq!(
             p.state.last_flag,
             Some(s - 3),
@@ -559,6 +676,115 @@ mod tests {
             ..cfg
         });
         assert!(off.decide(3, &[attn(3)]).actions.is_empty());
+    }
+
+    fn nan(step: u64) -> Detection {
+        Detection {
+            detector: "nonfinite".into(),
+            ..det(step, Severity::Spike)
+        }
+    }
+
+    #[test]
+    fn a_nan_that_the_next_batch_clears_is_a_bad_batch_not_an_lr_fault() {
+        let cfg = GuardConfig::default();
+        let mut p = Policy::new(cfg.clone());
+        // three isolated non-finite losses within the incident window: each skipped, each
+        // followed by a clean step with the same weights: three bad batches, no back-off
+        for s in [40, 50, 60] {
+            let d = p.decide(s, &[nan(s)]);
+            assert!(d.skip && d.actions == vec![Action::Skip], "{d:?}");
+            let d = p.decide(s + 1, &[]);
+            assert!(
+                matches!(&d.actions[..], [Action::BadBatch { steps, .. }] if steps == &vec![s]),
+                "{d:?}"
+            );
+            assert_eq!(
+                p.state.incident_start, None,
+                "a bad batch opens no incident"
+            );
+        }
+        assert_eq!(p.lr_factor(), 1.0);
+        assert_eq!(
+            p.state.total_skips, 3,
+            "the skips still count toward max_skips"
+        );
+        // finite loss spikes are the LR's business as before: the third backs off
+        for s in [100, 110] {
+            p.decide(s, &[det(s, Severity::Spike)]);
+        }
+        let d = p.decide(120, &[det(120, Severity::Spike)]);
+        assert!(
+            d.actions
+                .iter()
+                .any(|a| matches!(a, Action::LrBackoff { .. })),
+            "{d:?}"
+        );
+        // a non-finite loss inside a run of spikes is evidence, not a bad batch
+        let mut q = Policy::new(cfg.clone());
+        q.decide(200, &[det(200, Severity::Spike)]);
+        q.decide(210, &[nan(210)]);
+        let d = q.decide(211, &[det(211, Severity::Spike)]);
+        assert!(
+            d.actions
+                .iter()
+                .any(|a| matches!(a, Action::LrBackoff { .. })),
+            "{d:?}"
+        );
+        assert!(q.state.pending_nonfinite.is_empty());
+    }
+
+    #[test]
+    fn non_finite_losses_in_a_row_are_the_weights_not_a_batch() {
+        let cfg = GuardConfig::default();
+        let mut p = Policy::new(cfg.clone());
+        p.decide(30, &[nan(30)]);
+        p.decide(31, &[nan(31)]);
+        assert_eq!(p.state.recent_skips.len(), 2, "the second one counts both");
+        let persistent = Detection {
+            detector: "persistent".into(),
+            ..det(32, Severity::Divergence)
+        };
+        let d = p.decide(32, &[nan(32), persistent]);
+        assert!(
+            d.actions.contains(&Action::Rollback { before_step: 30 }),
+            "{d:?}"
+        );
+        assert_eq!(p.lr_factor(), cfg.rollback_lr_factor);
+        assert!(!d
+            .actions
+            .iter()
+            .any(|a| matches!(a, Action::BadBatch { .. })));
+    }
+
+    #[test]
+    fn the_early_rule_covers_the_warm_up_however_long() {
+        let cfg = GuardConfig::default();
+        // a 200-step warm-up: a warning at step 150 is early (the LR still rises)
+        let mut p = Policy::new(cfg.clone());
+        for s in 1..=150 {
+            p.note_lr(s, Some(1e-3 * s as f64 / 200.0));
+        }
+        let d = p.decide(150, &[attn(150)]);
+        assert!(
+            d.actions
+                .iter()
+                .any(|a| matches!(a, Action::Rollback { .. })),
+            "{d:?}"
+        );
+        // past the peak, early_window more steps, then not
+        let mut q = Policy::new(cfg.clone());
+        for s in 1..=300 {
+            q.note_lr(s, Some(1e-3 * (s.min(200)) as f64 / 200.0));
+        }
+        assert!(q.early(200 + cfg.early_window));
+        assert!(!q.early(201 + cfg.early_window));
+        // a constant or decaying LR: the window counts from the start only
+        let mut r = Policy::new(cfg.clone());
+        for s in 1..=150 {
+            r.note_lr(s, Some(1e-3 / s as f64));
+        }
+        assert!(r.decide(150, &[attn(150)]).actions.is_empty());
     }
 
     #[test]

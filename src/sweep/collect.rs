@@ -131,6 +131,7 @@ impl LogJudge {
                 grad_norm: num("grad_norm"),
                 max_attn_logit: num("max_attn_logit"),
                 logit_z: num("logit_z"),
+                ..Default::default()
             };
             for d in self.mon.observe(&sm) {
                 if d.kind == crate::monitor::Severity::Divergence

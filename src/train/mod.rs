@@ -645,6 +645,8 @@ impl Trainer {
             grad_norm: Some(gnorm),
             max_attn_logit: Some(max_attn as f64),
             logit_z: Some(logit_z as f64),
+            lr: Some(lr),
+            scaler_skips: None,
         };
         // A first loss far above ln(vocab) is a broken init, not a bad step: rescale the
         // weights to a sane σ before any update (this step's gradients are discarded).
@@ -815,7 +817,10 @@ impl Trainer {
                     self.event(kind, detail)?;
                     gave_up = Some(diagnosis.clone());
                 }
-                Action::LrBackoff { .. } | Action::LrRestore | Action::EarlyRuleOff { .. } => {
+                Action::LrBackoff { .. }
+                | Action::LrRestore
+                | Action::EarlyRuleOff { .. }
+                | Action::BadBatch { .. } => {
                     let (kind, detail) = a.event();
                     self.event(kind, detail)?;
                 }
@@ -1169,6 +1174,7 @@ pub fn describe(a: &Action) -> String {
         }
         Action::GiveUp { diagnosis } => format!("gave up: {diagnosis}"),
         Action::EarlyRuleOff { reason } => format!("early attention rule off: {reason}"),
+        Action::BadBatch { reason, .. } => format!("bad batch: {reason}"),
     }
 }
 

@@ -441,6 +441,7 @@ impl Fields {
             grad_norm: self.value(2, r),
             max_attn_logit: self.value(3, r),
             logit_z: self.value(4, r),
+            ..Default::default()
         })
     }
 

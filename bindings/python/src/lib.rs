@@ -88,8 +88,10 @@ impl Guard {
 
     /// One step: (action code, skip, LR factor in force, rollback `before_step`, diagnosis,
     /// the events written as a JSON list or None). NaN/inf are data, never an error.
-    #[pyo3(signature = (step, loss, grad_norm=None, max_attn_logit=None, logit_z=None))]
-    #[allow(clippy::type_complexity)]
+    /// `lr`: the step's scheduled LR (the early rule follows its rises); `scaler_skips`: set
+    /// on a step a GradScaler skipped, how many in a row.
+    #[pyo3(signature = (step, loss, grad_norm=None, max_attn_logit=None, logit_z=None, lr=None, scaler_skips=None))]
+    #[allow(clippy::type_complexity, clippy::too_many_arguments)]
     fn observe(
         &mut self,
         step: u64,
@@ -97,6 +99,8 @@ impl Guard {
         grad_norm: Option<f64>,
         max_attn_logit: Option<f64>,
         logit_z: Option<f64>,
+        lr: Option<f64>,
+        scaler_skips: Option<u64>,
     ) -> PyResult<(u8, bool, f64, Option<u64>, Option<String>, Option<String>)> {
         let mut lines = Vec::new();
         if let Some(a) = self.core.begin_step(step) {
@@ -109,6 +113,8 @@ impl Guard {
             grad_norm,
             max_attn_logit,
             logit_z,
+            lr,
+            scaler_skips,
         };
         let (detections, decision) = self.core.observe(&m);
         for d in &detections {
@@ -120,7 +126,10 @@ impl Guard {
             let (kind, detail) = a.event();
             lines.push(event_line(step, kind, detail));
             let c = match a {
-                Action::Skip | Action::LrRestore | Action::EarlyRuleOff { .. } => code,
+                Action::Skip
+                | Action::LrRestore
+                | Action::EarlyRuleOff { .. }
+                | Action::BadBatch { .. } => code,
                 Action::LrBackoff { .. } => LR_BACKOFF,
                 Action::Rollback { before_step } => {
                     before = Some(*before_step);

@@ -57,9 +57,11 @@ def test_two_ranks_take_the_same_actions(tmp_path):
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
     ev = [json.loads(l) for l in (tmp_path / "events-0.jsonl").read_text().splitlines()]
     restored = [e for e in ev if e["kind"] == "restored"]
-    # the incident began with the NaN at 12 (the snapshot due at 20 waited for a quiet step
-    # that never came), so both ranks went back to step 10
-    assert [e["detail"]["to_step"] for e in restored] == [10]
+    # the NaN at 12 was a bad batch (step 13 ran the same weights clean): it opened no
+    # incident, so the snapshot at 20 was taken and both ranks went back to it (when a lone NaN
+    # counted as an incident, the snapshot waited and they went back to step 10)
+    assert [e["detail"]["to_step"] for e in restored] == [20]
+    assert [e["step"] for e in ev if e["kind"] == "bad_batch"] == [13]
 
 
 def wrap_first_worker(rank, world, init_file, out_dir):

@@ -86,7 +86,7 @@ def test_same_events_as_keel_train(keel_bin, tmp_path):
         "--inject", "nan@30", "--inject", "bad-batch@45", "--inject", "bad-batch@47", "--inject", "bad-batch@49",
     )
     live = [json.loads(l) for l in (run / "events.jsonl").read_text().splitlines()]
-    ours = {"spike", "warning", "divergence", "skip", "lr_backoff", "lr_restore", "rollback", "give_up"}
+    ours = {"spike", "warning", "divergence", "skip", "lr_backoff", "lr_restore", "rollback", "give_up", "bad_batch"}
     live = [(e["step"], e["kind"]) for e in live if e["kind"] in ours]
     assert (30, "skip") in live and any(k == "lr_backoff" for _, k in live), live
     g = keel.Guard()
@@ -95,7 +95,7 @@ def test_same_events_as_keel_train(keel_bin, tmp_path):
         m = json.loads(line)
         loss = math.nan if m["loss"] is None else m["loss"]
         gn = math.nan if m["grad_norm"] is None else m["grad_norm"]
-        a = g.observe(m["step"], loss, gn, max_attn_logit=m["max_attn_logit"], logit_z=m["logit_z"])
+        a = g.observe(m["step"], loss, gn, max_attn_logit=m["max_attn_logit"], logit_z=m["logit_z"], lr=m["lr"])
         mine += [(e["step"], e["kind"]) for e in a.events]
     assert mine == live
 

@@ -68,7 +68,7 @@ def test_guard_callback_skips_a_nan_step(tmp_path):
     assert [(a.step, a.kind) for a in cb.actions] == [(25, "skip")]
     assert torch.isfinite(torch.tensor(out.training_loss))
     ev = [json.loads(l) for l in (tmp_path / "keel-events.jsonl").read_text().splitlines()]
-    assert [(e["step"], e["kind"]) for e in ev] == [(25, "spike"), (25, "skip")]
+    assert [(e["step"], e["kind"]) for e in ev] == [(25, "spike"), (25, "skip"), (26, "bad_batch")]
     assert ev[0]["detail"]["detector"] == "nonfinite"
     # the optimizer is unwrapped at the end
     assert "GuardCallback" not in getattr(tr.optimizer.step, "__qualname__", "")

@@ -55,11 +55,14 @@ def test_lightning_skip_and_rollback(tmp_path):
     m = Tiny(poison=[15, 40, 41, 42])
     cb = keel.lightning.GuardCallback(snapshot_every=10)
     fit(tmp_path, m, cb, 60)
-    assert [(a.step, a.kind) for a in cb.actions] == [(15, "skip"), (40, "skip"), (41, "lr_backoff"), (42, "rollback")]
+    # 15 is a bad batch (16 ran the same weights clean): it counts toward no back-off; 40-42
+    # in a row are the weights: a persistent divergence
+    assert [(a.step, a.kind) for a in cb.actions] == [(15, "skip"), (40, "skip"), (41, "skip"), (42, "rollback")]
     assert m.unchanged[15] and m.unchanged[40]
     ev = [json.loads(l) for l in (tmp_path / "keel-events.jsonl").read_text().splitlines()]
-    # the incident began at 15 (the snapshots due at 20 and 30 waited), so back to 10
-    assert [e["detail"]["to_step"] for e in ev if e["kind"] == "restored"] == [10]
+    # the bad batch at 15 opened no incident, so the snapshots at 20 and 30 were taken: the
+    # incident that began at 40 goes back to 30
+    assert [e["detail"]["to_step"] for e in ev if e["kind"] == "restored"] == [30]
     assert all(torch.isfinite(p).all() for p in m.parameters())
 
 

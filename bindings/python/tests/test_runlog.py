@@ -145,7 +145,7 @@ def test_events_reach_an_event_hook_and_tensorboard_at_their_step(tmp_path):
     with pytest.warns(UserWarning, match="logger down"):
         loop(gopt, model, None, 16, poison=(8, 11, 12, 13))  # a broken hook warns; training goes on
     assert gopt.step_count == 16
-    assert [s for s, _, _ in seen] == [8, 11, 12, 13]
+    assert [s for s, _, _ in seen] == [8, 9, 11, 12, 13]  # 9: the NaN at 8 was a bad batch
     s8, s13 = seen[0][1], seen[-1][1]
     assert s8 == {"keel/event/spike": 1.0, "keel/event/skip": 1.0, "keel/lr_factor": 1.0, "keel/rollbacks": 0.0}
     assert s13["keel/event/rollback"] == 1.0 and s13["keel/rollbacks"] == 1.0 and s13["keel/lr_factor"] == 0.5
@@ -155,7 +155,7 @@ def test_events_reach_an_event_hook_and_tensorboard_at_their_step(tmp_path):
     assert [(e.step, e.value) for e in ea.Scalars("keel/event/skip")] == [(8, 1), (11, 1), (12, 1), (13, 1)]
     assert [(e.step, e.value) for e in ea.Scalars("keel/rollbacks")][-1] == (13, 1)
     text = {e.step: e.tensor_proto.string_val[0].decode() for e in ea.Tensors("keel/events/text_summary")}
-    assert sorted(text) == [8, 11, 12, 13] and "rollback" in text[13]
+    assert sorted(text) == [8, 9, 11, 12, 13] and "rollback" in text[13] and "bad_batch" in text[9]
 
 
 def test_tensorboard_hook_without_tensorboard_names_the_package(tmp_path, monkeypatch):
@@ -272,7 +272,7 @@ def test_under_torch_distributed_only_rank_zero_writes(tmp_path, monkeypatch):
     lines = read_jsonl(run / "metrics.jsonl")
     assert [m["step"] for m in lines if "loss" in m] == list(range(1, 9))
     assert [(m["step"], m["val_loss"]) for m in lines if "val_loss" in m] == [(8, 2.0)]
-    assert [(e["step"], e["kind"]) for e in read_jsonl(run / "events.jsonl")] == [(5, "spike"), (5, "skip")]
+    assert [(e["step"], e["kind"]) for e in read_jsonl(run / "events.jsonl")] == [(5, "spike"), (5, "skip"), (6, "bad_batch")]
 
 
 @pytest.mark.parametrize("name, group", [
@@ -456,7 +456,9 @@ def test_hf_events_reach_wandb_offline(tmp_path, monkeypatch):
     ev = [r for r in rows if "train/keel/event/skip" in r]
     assert [(r["train/global_step"], r["train/keel/event/skip"], r["train/keel/lr_factor"]) for r in ev] == [(7, 1, 1)], rows
     text = [r for r in rows if "train/keel/events" in r]
-    assert [r["train/global_step"] for r in text] == [7] and "skip" in text[0]["train/keel/events"]
+    # 8: the NaN at 7 was a bad batch (the same weights ran step 8 clean)
+    assert [r["train/global_step"] for r in text] == [7, 8] and "skip" in text[0]["train/keel/events"]
+    assert "bad_batch" in text[1]["train/keel/events"]
     assert any(r.get("train/keel/skipped_steps") == 1 and r["train/global_step"] == 8 for r in rows)
 
 
@@ -496,16 +498,17 @@ def test_lightning_events_reach_tensorboard_beside_the_batch_s_own_metrics(tmp_p
     run = tmp_path / "run"
     tr, cb = lightning_fit(tmp_path, TensorBoardLogger(tmp_path, name="tb"), [8, 20, 21, 22], log_dir=run,
                            tokens_per_step=32)
-    assert [(a.step, a.kind) for a in cb.actions] == [(8, "skip"), (20, "skip"), (21, "lr_backoff"), (22, "rollback")]
+    # 8 is a bad batch (9 ran the same weights clean); 20-22 in a row are the weights
+    assert [(a.step, a.kind) for a in cb.actions] == [(8, "skip"), (20, "skip"), (21, "skip"), (22, "rollback")]
     sc, tx = scalars(tmp_path / "tb")
     # Lightning logs step s's batch under its count of steps before it: keel's events sit there too
     at = {int(v): s for s, v in sc["keel_step"]}
     assert sc["keel/event/skip"] == [(at[8], 1), (at[20], 1), (at[21], 1), (at[22], 1)]
     assert at[8] == 7
     assert sc["keel/event/rollback"] == [(at[22], 1)] and sc["keel/rollbacks"][-1] == (at[22], 1)
-    assert sc["keel/event/lr_backoff"][0] == (at[21], 1)
+    assert sc["keel/event/lr_backoff"][0] == (at[22], 1) and sc["keel/event/bad_batch"] == [(at[9], 1)]
     text = tx["keel/events/text_summary"]
-    assert sorted(text) == [at[s] for s in (8, 20, 21, 22)] and "step 22: rollback" in text[at[22]]
+    assert sorted(text) == [at[s] for s in (8, 9, 20, 21, 22)] and "step 22: rollback" in text[at[22]]
     lines = read_jsonl(run / "metrics.jsonl")
     assert [m["step"] for m in lines if "val_loss" in m] == [10, 20, 30]
     assert [m["step"] for m in lines if m.get("skipped")] == [8, 20, 21, 22]

@@ -109,13 +109,15 @@ def test_logit_drift_from_the_live_head_warns(tmp_path):
 def test_defaults_are_quiet_where_the_model_has_no_such_part_and_explicit_asks_are_not():
     seq = torch.nn.Sequential(torch.nn.Embedding(50, 16), torch.nn.Flatten(), torch.nn.Linear(16 * 8, 50))
     g = kt.GuardedOptimizer(torch.optim.AdamW(seq.parameters()), model=seq)
-    assert g._probe is None and g._logits is None and g._updates is not None
+    assert isinstance(g._probe, kp.AttentionObserver) and g._logits is None and g._updates is not None
     x = torch.randint(0, 50, (4, 8))
     torch.nn.functional.cross_entropy(seq(x), x[:, 0]).backward()
-    g.step(torch.tensor(3.0))
+    g.step(torch.tensor(3.0))  # (the observer saw no attention: one warning, test_any_model)
     assert set(g.signals) == {"step", "update_ratio"} and list(g.signals["update_ratio"]) == ["0.weight", "2.weight", "2.bias"]
+    req = kt.GuardedOptimizer(torch.optim.AdamW(seq.parameters()), model=seq, probe_attention=True)
+    seq(x)
     with pytest.raises(ValueError, match=r"probe\.add"):
-        kt.GuardedOptimizer(torch.optim.AdamW(seq.parameters()), model=seq, probe_attention=True)
+        req.step(torch.tensor(3.0))
     with pytest.raises(ValueError, match=r"LogitProbe\(head="):
         kt.GuardedOptimizer(torch.optim.AdamW(seq.parameters()), model=seq, probe_logits=True)
     with pytest.raises(ValueError, match="give model="):

@@ -31,11 +31,13 @@ def batch(i):
     return x, x[:, 0]
 
 
-def train_step(model, gopt, i, poison=False):
+def train_step(model, gopt, i, poison=False, spike=False):
     x, y = batch(i)
     loss = torch.nn.functional.cross_entropy(model(x), y)
     if poison:
         loss = loss * float("nan")
+    if spike:  # a finite loss spike: the loss detectors' business, not a bad batch's
+        loss = loss * 1e4
     loss.backward()
     gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     a = gopt.step(loss, gn)
@@ -68,6 +70,20 @@ def test_skip_leaves_weights_and_optimizer_state_untouched():
     assert train_step(model, gopt, 32).kind == "proceed" and not same(w, weights(model))
 
 
+def test_nans_with_clean_steps_between_are_bad_batches_and_keep_the_lr():
+    model, opt, sched = make()
+    gopt = kt.GuardedOptimizer(opt, model=model, scheduler=sched)
+    for i in range(1, 31):
+        train_step(model, gopt, i)
+    events = []
+    for i in range(31, 37):  # three NaNs, each followed by a clean step with the same weights
+        a = train_step(model, gopt, i, poison=(i % 2 == 1))
+        assert a.kind == ("skip" if i % 2 else "proceed")
+        events += [(e["step"], e["kind"]) for e in a.events if e["kind"] == "bad_batch"]
+    assert events == [(32, "bad_batch"), (34, "bad_batch"), (36, "bad_batch")]
+    assert gopt.guard.lr_factor == 1.0 and not gopt.guard.in_incident
+
+
 def test_backoff_scales_every_group_and_restores():
     model, opt, sched = make()
     gopt = kt.GuardedOptimizer(opt, model=model, scheduler=sched, backoff_steps=5)
@@ -83,8 +99,8 @@ def test_backoff_scales_every_group_and_restores():
     for i in range(1, 31):
         train_step(model, gopt, i)
     kinds = []
-    for i in range(31, 37):  # three NaNs with good steps between: skip, skip, lr_backoff
-        kinds.append(train_step(model, gopt, i, poison=(i % 2 == 1)).kind)
+    for i in range(31, 37):  # three loss spikes with good steps between: skip, skip, lr_backoff
+        kinds.append(train_step(model, gopt, i, spike=(i % 2 == 1)).kind)
     assert kinds == ["skip", "proceed", "skip", "proceed", "lr_backoff", "proceed"], kinds
     assert gopt.guard.lr_factor == 0.5
     sched_lrs = sched.get_last_lr()
@@ -296,7 +312,7 @@ def test_resume_rolls_back_to_the_resumed_state_not_the_initial_one():
 
 @pytest.mark.parametrize("fmt", ["torch", "dcp"])
 def test_a_run_resumed_inside_an_incident_rolls_back_where_the_uninterrupted_one_does(tmp_path, fmt):
-    poison = {12, 27, 28, 29}
+    poison = {12, 13, 27, 28, 29}  # two in a row at 12: an incident (one alone is a bad batch)
     kw = {} if fmt == "torch" else {"snapshot_format": "dcp"}
 
     def run(model, opt, sched, gopt, steps):

@@ -44,9 +44,7 @@ __all__ = [
 ]
 
 _ACTIONS = tuple(_keel.ACTIONS)  # index = code returned by the core
-_EXTRA = ("max_attn_logit", "logit_z")
-
-
+_EXTRA = ("max_attn_logit", "logit_z", "lr", "scaler_skips")
 
 def _dumps(section: str, d: dict) -> str:
     """Keyword settings as JSON; a non-finite number is named (JSON has none, and the bare
@@ -123,7 +121,9 @@ class Guard:
 
     def observe(self, step: int, loss: Any, grad_norm: Any = None, **extra: Any) -> Action:
         """Feed one step's loss and gradient norm (and optionally `max_attn_logit`,
-        `logit_z`); returns the Action. NaN and inf are acted on (skipped), never raised."""
+        `logit_z`, `lr`: the step's scheduled LR, whose rises keep the early rule on, and
+        `scaler_skips`: on a step a GradScaler skipped, how many in a row); returns the Action.
+        NaN and inf are acted on (skipped), never raised."""
         for k in extra:
             if k not in _EXTRA:
                 raise ValueError(f"observe: unknown metric '{k}'; use one of: {', '.join(_EXTRA)}")
@@ -139,6 +139,8 @@ class Guard:
             _scalar("grad_norm", grad_norm),
             _scalar("max_attn_logit", extra.get("max_attn_logit")),
             _scalar("logit_z", extra.get("logit_z")),
+            _scalar("lr", extra.get("lr")),
+            None if extra.get("scaler_skips") is None else int(extra["scaler_skips"]),
         )
         return Action(
             kind=_ACTIONS[code],

@@ -10,7 +10,7 @@ keel's guard (the Rust detectors and policy of `keel train`) with the step's los
 `training_step`'s returns over the accumulation, as the Trainer logs it) and the pre-clip
 gradient norm (what `accelerator.clip_grad_norm_` returned to the Trainer; nothing is
 computed twice). Skips leave weights and optimizer state untouched, back-offs scale the LR
-of that update, rollbacks restore model, optimizer, scheduler and RNG state from the newest
+of that update, rollbacks restore model, optimizer and scheduler state (not the RNG) from the newest
 snapshot, and giving up raises keel.GaveUp out of `trainer.train()`. Events go to
 `<output_dir>/keel-events.jsonl` (main process only; `<log_dir>/events.jsonl` with `log_dir=`)
 unless `events=` says otherwise.

@@ -1,20 +1,29 @@
 """Early signals measured on a live PyTorch model, without changing its numerics:
 
 - the exact max attention logit per layer (q·kᵀ·scale after RoPE and any q/k norm, causal),
-  recomputed from each attention module's inputs through forward pre-hooks on a subsample of
-  rows, so sdpa, flash and eager attention all work (none of them exposes the logits);
+  by `AttentionObserver` with no model-specific code: it watches the forward's calls to
+  `torch.nn.functional.scaled_dot_product_attention` (nanoGPT, HF's sdpa path, torchtitan,
+  litgpt) and to softmax over 4-D scores (hand-written eager attention: nanoGPT's slow path,
+  minGPT, HF's eager path) and takes the max on a subsample of rows, one value per call;
+- the same from each attention module's inputs by `AttentionProbe`, for the HF Llama family
+  and torchtitan by name, or any attention registered with `probe.add`;
 - the output log-partition logZ (the mean over positions of logsumexp over the vocabulary of
   the LM head's logits, float32, on a subsample of rows), through a forward hook on the head;
 - the update/weight ratio ||Δw||/||w|| of every parameter tensor across one optimizer step.
 
-    probe = keel.probe.AttentionProbe(model)        # HF Llama/Mistral/Qwen2/Qwen3, torchtitan
+    probe = keel.probe.AttentionObserver(model)     # any model whose forward calls sdpa or softmax
     loss = model(**batch).loss                      # the hooks measure during this forward
     opt.step(loss, gn, max_attn_logit=probe.take()) # a 0-d tensor: no host sync here
 
 `keel.torch.GuardedOptimizer(model=...)` and the HF and Lightning callbacks do this for you,
-on the guard's telemetry steps. Any other attention: `probe.add(module, qk)` where
-`qk(module, args, kwargs)` returns (q, k) as [batch, heads, seq, head_dim] after positional
-encoding, and the scale; any other LM head: `LogitProbe(head=module)`.
+on the guard's telemetry steps. An attention neither observer sees (a fused kernel of its
+own): `AttentionProbe().add(module, qk)` where `qk(module, args, kwargs)` returns (q, k) as
+[batch, heads, seq, head_dim] after positional encoding, and the scale, passed as
+`probe_attention=`; any other LM head: `LogitProbe(head=module)`.
+
+Inside a `torch.compile`d forward neither attention probe measures (the compiled graph makes
+no Python calls to watch, and a probe that switched on and off would recompile it): keel says
+so once, and the loss-based rules still act.
 """
 
 from __future__ import annotations
@@ -115,7 +124,7 @@ class AttentionProbe:
         self._max.append(None)
 
         def hook(m, args, kwargs):
-            if not self.on:
+            if not self.on:  # under torch.compile Dynamo guards on it: one recompile when it switches
                 return
             with torch.no_grad():
                 q, k, scale = qk(m, args, kwargs)
@@ -151,6 +160,173 @@ class AttentionProbe:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+def _compiling() -> bool:
+    c = getattr(torch, "compiler", None)
+    return bool(c is not None and hasattr(c, "is_compiling") and c.is_compiling())
+
+
+_SOFTMAX = None
+
+
+def _softmaxes() -> tuple:
+    global _SOFTMAX
+    if _SOFTMAX is None:
+        F = torch.nn.functional
+        _SOFTMAX = (F.softmax, torch.softmax, torch.Tensor.softmax, torch.special.softmax)
+    return _SOFTMAX
+
+
+def _arg(args, kwargs, i: int, name: str, default=None):
+    if len(args) > i:
+        return args[i]
+    return kwargs.get(name, default)
+
+
+class AttentionObserver(torch.overrides.TorchFunctionMode):
+    """The exact max attention logit of every attention call in `model`'s forward, with no
+    names: while the observer is on (`on`), a forward pre-hook on `model` enters this
+    TorchFunctionMode (a forward hook leaves it, also when the forward raises), which sees
+
+    - each `torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p,
+      is_causal, scale, enable_gqa)` call: q·kᵀ·scale (default 1/√E) on the first `rows`
+      sequences, with the call's causal or boolean mask (an additive float mask is added), and
+    - each softmax over the last dimension of a 4-D float tensor ([batch, heads, T, S]: the
+      scores of an attention written by hand): the max over its first `rows` sequences (masked
+      entries are −inf or the dtype's minimum: never the max).
+
+    Call i of a forward is layer i: `take()` returns the max over all of them (a 0-d tensor,
+    no host sync), `taken` the per-layer values it read (the max over the forwards of a step:
+    gradient accumulation). The computation is a subsample's T×S scores per call, only while
+    on; the model's own call runs unchanged. `calls` counts the calls seen since the last
+    take; `seen` counts forwards observed. Under torch.compile nothing is observed (see the
+    module docstring)."""
+
+    def __init__(self, model: Optional[torch.nn.Module] = None, rows: int = 1):
+        super().__init__()
+        self.rows = max(1, int(rows))
+        self.on = True
+        self.layers = 0
+        self.taken: list = []
+        self._max: list = []
+        self._i = 0  # position of the next call in this forward
+        self.calls = 0
+        self.seen = 0
+        self._active = 0
+        self._handles = []
+        self.model = model
+        if model is not None:
+            # on the model and every module with children: a LightningModule's training_step
+            # calls its inner model, not its own forward; nested entries only count depth
+            for m in model.modules():
+                if m is model or next(m.children(), None) is not None:
+                    self._handles.append(m.register_forward_pre_hook(self._enter))
+                    try:
+                        self._handles.append(m.register_forward_hook(self._leave, always_call=True))
+                    except TypeError:  # torch < 2.1: no always_call
+                        self._handles.append(m.register_forward_hook(self._leave))
+
+    # -- entering and leaving around the model's forward --------------------------------
+    def _enter(self, module, args):
+        if _compiling():
+            return
+        if self._active:
+            self._active += 1  # a module inside the observed forward
+            return
+        if not self.on:
+            return
+        self._i = 0
+        self.seen += 1
+        self._active = 1
+        self.__enter__()
+
+    def _leave(self, module, args, out):
+        if _compiling() or self._active == 0:
+            return
+        self._active -= 1
+        if self._active == 0:
+            self.__exit__(None, None, None)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        try:
+            if func is torch.nn.functional.scaled_dot_product_attention:
+                self._sdpa(args, kwargs)
+            elif func in _softmaxes():
+                self._softmax(args, kwargs)
+        except Exception:  # the model's forward must never fail because of keel
+            pass
+        return func(*args, **kwargs)
+
+    def _put(self, v: torch.Tensor) -> None:
+        i = self._i
+        self._i += 1
+        self.calls += 1
+        if i >= len(self._max):
+            self._max.extend([None] * (i + 1 - len(self._max)))
+            self.layers = len(self._max)
+        prev = self._max[i]
+        self._max[i] = v if prev is None else torch.maximum(prev, v.to(prev.device))
+
+    def _sdpa(self, args, kwargs) -> None:
+        q, k = _arg(args, kwargs, 0, "query"), _arg(args, kwargs, 1, "key")
+        if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)) or q.dim() < 2:
+            return
+        mask = _arg(args, kwargs, 3, "attn_mask")
+        causal = bool(_arg(args, kwargs, 5, "is_causal", False))
+        scale = _arg(args, kwargs, 6, "scale")
+        with torch.no_grad():
+            batched = q.dim() >= 3
+            qq = q[: self.rows] if batched else q
+            kk = k[: self.rows] if batched else k
+            qq, kk = qq.float(), kk.float()
+            if qq.dim() >= 3 and kk.shape[-3] != qq.shape[-3] and qq.shape[-3] % kk.shape[-3] == 0:
+                kk = kk.repeat_interleave(qq.shape[-3] // kk.shape[-3], dim=-3)  # GQA
+            sc = (1.0 / math.sqrt(q.shape[-1])) if scale is None else float(scale)
+            s = torch.matmul(qq, kk.transpose(-1, -2)) * sc
+            L, S = s.shape[-2], s.shape[-1]
+            if causal:
+                keep = torch.ones(L, S, dtype=torch.bool, device=s.device).tril()
+                s = s.masked_fill(~keep, float("-inf"))
+            if isinstance(mask, torch.Tensor):
+                m = mask[: self.rows] if (batched and mask.dim() == q.dim() and mask.shape[0] == q.shape[0]) else mask
+                s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m.float()
+            self._put(s.amax().detach())
+
+    def _softmax(self, args, kwargs) -> None:
+        x = args[0] if args else kwargs.get("input")
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
+            return
+        dim = _arg(args, kwargs, 1, "dim")
+        if dim is None or dim not in (-1, 3):
+            return
+        with torch.no_grad():
+            self._put(x[: self.rows].detach().amax().float())
+
+    # -- the probe interface (GuardedOptimizer and the callbacks) ------------------------
+    def take(self) -> Optional[torch.Tensor]:
+        """The largest logit over the calls since the last take (a 0-d tensor, no host sync),
+        or None when nothing was measured."""
+        self.taken = self._max
+        vals = [v for v in self._max if v is not None]
+        self._max = [None] * self.layers
+        self.calls = 0
+        if not vals:
+            return None
+        return torch.stack([v.to(vals[0].device) for v in vals]).amax()
+
+    def per_layer(self) -> list:
+        """The last measured max per call position (floats; a host sync), None where unmeasured."""
+        return [None if v is None else float(v) for v in self._max]
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        if self._active:
+            self._active = 0
+            self.__exit__(None, None, None)
 
 
 def find_lm_head(model: torch.nn.Module) -> Optional[torch.nn.Module]:
@@ -211,7 +387,9 @@ class LogitProbe:
         self._handle = self.head.register_forward_hook(self._hook)
 
     def _hook(self, module, args, out):
-        if not self.on:
+        # compiled, it measures every forward: reading `on` there would make Dynamo guard on
+        # it and recompile at every switch (the cost is one row's logsumexp per step)
+        if not _compiling() and not self.on:
             return
         if isinstance(out, (tuple, list)):
             out = out[0] if out and isinstance(out[0], torch.Tensor) else None

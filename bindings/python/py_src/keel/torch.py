@@ -12,8 +12,9 @@
 - skip: weights and optimizer state are untouched (the optimizer's step is not called);
 - lr_backoff: every param group's LR is scaled by the factor for the update, then put back,
   so it works with any scheduler;
-- rollback: model, optimizer, scheduler and RNG state come back from the newest snapshot
-  older than the incident (kept every `snapshot_every` steps, `keep` of them, in memory or
+- rollback: model, optimizer and scheduler state come back from the newest snapshot
+  older than the incident (not the RNG: a sampler drawing from it would replay the
+  incident's batches) (kept every `snapshot_every` steps, `keep` of them, in memory or
   under `snapshot_dir`; each a host copy of weights and optimizer state, 12 bytes per fp32
   parameter with AdamW, `keep` + 1 held, copied in the background without stalling the
   loop), or with rollback_from="checkpoints" from the newest checkpoint you saved and
@@ -33,6 +34,15 @@ fp16 with a GradScaler, gradient accumulation and the loop's own step numbers:
     scaler.step(opt, grad_norm=gn)         # calls opt.step only when the gradients are finite
     scaler.update()
     opt.zero_grad()                        # ends the step (a scaler-skipped one included)
+
+Steps the scaler skips (no `step()` call between `record()` and `zero_grad()`, or a record
+with the next step number) after the first update are counted: `guard.scaler_skips` (10) in
+a row are an incident (the scale fell 1000x below one that worked: fp16 runs diverge that way,
+with no loss to see), with a warning at half as many. Skips before the first update are the
+scaler finding its scale, and a few in a row are ordinary: the guard never sees those.
+
+Every action (a skip, an LR cut, a rollback, a bad batch, giving up) is one line on the
+`keel` logger (Python `logging`, WARNING, rank 0): what was seen, what was done, the LR now.
 
 With `model=`, early signals (the max attention logit per layer, the output logZ, the
 update/weight ratios) are measured on telemetry steps and fed to the guard: see
@@ -72,6 +82,7 @@ back-offs and rollbacks on the job's W&B or TensorBoard charts at their step.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -81,6 +92,8 @@ from typing import Any, Callable, Optional
 import torch
 
 from . import Action, GaveUp, Guard
+
+log = logging.getLogger("keel")
 
 __all__ = ["GuardedOptimizer", "RunLogger", "Snapshots", "event_sentence", "grad_norm", "tensorboard_hook"]
 
@@ -456,9 +469,13 @@ class GuardedOptimizer:
     window, again after a rollback, then every `probe_every`-th step) without changing the
     model's numerics, fed to the guard and kept in `signals`:
     probe_attention: the exact max attention logit per layer (the guard's early
-    attention-logit rule and its attn_logit warning). None (default): on when `model` has
-    attention modules keel knows (HF Llama family, torchtitan), silently off otherwise;
-    True: required (raises when none is found); False: off.
+    attention-logit rule and its attn_logit warning), by keel.probe.AttentionObserver: every
+    `scaled_dot_product_attention` call and every softmax over 4-D scores in `model`'s
+    forward, whatever the model's names. None (default): on; when the first measured forward
+    shows no attention (or runs under torch.compile), one warning says the signal is missing.
+    True: required (that first forward raises instead). False: off. Or a probe of your own
+    (`keel.probe.AttentionProbe` with `add(module, qk)`, an AttentionObserver with other
+    `rows`): used as given.
     probe_logits: the output log-partition logZ from the LM head's logits (the guard's
     logit_drift warning). None: on when an LM head is found (HF `get_output_embeddings()`,
     `lm_head`, torchtitan's `output`); True: required; False: off; or the head module itself.
@@ -562,7 +579,7 @@ class GuardedOptimizer:
         self._stepped = False  # a step was taken: the next step number must exceed step_count
         # early signals, measured on telemetry steps: every step of the guard's early window
         # (again after a rollback), then every `probe_every`
-        from .probe import AttentionProbe, LogitProbe, UpdateRatio
+        from .probe import AttentionObserver, AttentionProbe, LogitProbe, UpdateRatio
 
         self.probe_every = max(1, int(probe_every))
         self._early = int(self.guard.config.get("early_window", 0))
@@ -572,10 +589,17 @@ class GuardedOptimizer:
         for name, want in (("probe_attention", probe_attention), ("probe_logits", probe_logits)):
             if want is True and model is None:
                 raise ValueError(f"{name}=True measures the model's forward: give model=")
-        if model is not None and probe_attention is not False:
-            self._probe = AttentionProbe(model, required=probe_attention is True)
-            if self._probe.layers == 0:
-                self._probe = None
+        self._attn_required = probe_attention is True
+        self._attn_checked = False  # the first measured forward says whether attention is seen
+        if isinstance(probe_attention, (AttentionProbe, AttentionObserver)):
+            self._probe = probe_attention
+        elif probe_attention not in (None, True, False):
+            raise ValueError(
+                f"probe_attention: None, True, False or a keel.probe.AttentionProbe/AttentionObserver, "
+                f"got {type(probe_attention).__name__}"
+            )
+        elif model is not None and probe_attention is not False:
+            self._probe = AttentionObserver(model)
         head = probe_logits if isinstance(probe_logits, torch.nn.Module) else None
         if head is not None or (model is not None and probe_logits is not False):
             self._logits = LogitProbe(model, head=head, required=probe_logits is not None)
@@ -597,6 +621,11 @@ class GuardedOptimizer:
         self._step_events: list = []
         self.rollbacks = 0  # rollbacks taken by this wrapper (keel/rollbacks)
         self._tokens: Optional[int] = None  # this step's tokens, given to step()
+        self._scaler_skips = 0  # steps in a row the GradScaler skipped (no step() call)
+        self._lr_rise = 0  # the last step whose LR rose (the probes follow the early rule)
+        self._last_lr = None
+        self._sched_epoch = None  # the scheduler's last_epoch after keel stepped it
+        self._rank0 = not self._dist() or torch.distributed.get_rank() == 0
 
     # -- the optimizer's face ------------------------------------------------------------
     # A GradScaler unscales and checks the gradients itself, and calls step() only when they
@@ -618,6 +647,8 @@ class GuardedOptimizer:
         GradScaler that found inf/NaN gradients does not call `step()`: its step's loss must
         not be judged with the next one's.)"""
         self.optimizer.zero_grad(set_to_none=set_to_none)
+        if self._loss is not None:
+            self._scaler_skipped()
         self._loss = None
         self._pending_step = None
 
@@ -695,6 +726,8 @@ class GuardedOptimizer:
         if step is not None:
             step = int(step)
             if self._pending_step is not None and step != self._pending_step:
+                if self._loss is not None:
+                    self._scaler_skipped()
                 self._loss = None
             self._pending_step = step
         if isinstance(loss, torch.Tensor):
@@ -742,8 +775,106 @@ class GuardedOptimizer:
         self._tokens = tokens
         return self._guarded_step(loss, grad_norm, extra, lambda: self.optimizer.step(closure), step=step)
 
+    def _scaler_skipped(self) -> None:
+        """A step whose loss was recorded but whose update never came: the GradScaler found
+        inf/NaN gradients and skipped it. A few are the scaler finding its scale; a long run
+        of them is how an fp16 run diverges (the guard's `scaler_skips` rule)."""
+        loss, pending = self._loss, self._pending_step
+        self._loss = None
+        self._pending_step = None
+        n = int(self.guard.config.get("scaler_skips", 0))
+        if not self._stepped or n <= 0:
+            return  # before the first update the scaler is still finding its scale
+        self._scaler_skips += 1
+        k = self._scaler_skips
+        if 2 * k < n:
+            return  # a few in a row are ordinary: the guard is not bothered with them
+        s = self._step_number(pending)
+        self._ensure_base(s)
+        act = self.guard.observe(s, _num(loss), None, scaler_skips=k)
+        self.step_count = s
+        self._stepped = True
+        self.last_action = act
+        self._step_events = list(act.events)
+        self._say(act)
+        if act.kind == "give_up":
+            raise GaveUp(act.diagnosis or "the guard gave up", s)
+        if act.kind == "rollback":
+            self.rollbacks += 1
+            self._scaler_skips = 0
+            self._rollback(act.rollback_before, s)
+            self._sched_epoch = None
+            self._probe_until = s + self._early
+        if self._event_hooks and self._step_events:
+            self._call_hooks(act)
+
+    def _ensure_base(self, s: int) -> None:
+        self._snapshot_ready()  # the snapshot copied since the last step is complete before anything writes
+        if not self.snapshots.steps:
+            # the state before this step (the ranks agree by now: DDP broadcast at its
+            # construction, or a resume loaded); numbered as the loop's previous step
+            self.step_count = max(self.step_count, s - 1)
+            self.snapshots.put(self.step_count, self._capture())
+
+    def _say(self, act: Action) -> None:
+        """One console line per action, rank 0: what was seen, what was done, the LR now."""
+        if act.kind == "proceed" and not any(e["kind"] in ("bad_batch", "early_rule_off") for e in act.events):
+            return
+        if not self._rank0:
+            return
+        seen = [event_sentence(e["kind"], e.get("detail")) for e in act.events
+                if e["kind"] in ("spike", "divergence", "warning")]
+        done = [event_sentence(e["kind"], e.get("detail")) for e in act.events
+                if e["kind"] not in ("spike", "divergence", "warning")]
+        if act.kind == "rollback":
+            done.append(f"rolled back to the newest state before step {act.rollback_before}")
+        lr = self._lr(act.lr_factor)
+        now = f"; LR now {lr:.3g} (× {act.lr_factor:.3g})" if lr is not None else f"; LR × {act.lr_factor:.3g}"
+        log.warning("keel: step %d: %s -> %s%s", act.step, "; ".join(seen) or act.kind,
+                    "; ".join(dict.fromkeys(done)) or act.kind, now)
+
+    def _check_attention(self, measured: bool) -> None:
+        """After the first telemetry forward: say once, at the start, when the attention signal
+        is missing (never silently off), or raise when it was required."""
+        if self._attn_checked or self._probe is None:
+            return
+        self._attn_checked = True
+        if measured:
+            return
+        from .probe import AttentionObserver
+
+        if isinstance(self._probe, AttentionObserver):
+            why = ("the forward ran under torch.compile, where keel cannot watch it" if self._probe.seen == 0 else
+                   "the forward made no scaled_dot_product_attention call and no softmax over 4-D scores")
+        else:
+            why = "the registered attention modules were not called"
+        msg = (f"keel: no attention logits measured ({why}): the early attention rule is off for this run; the "
+               f"loss-based rules still act. Pass probe_attention=keel.probe.AttentionProbe() with "
+               f"probe.add(module, qk) for an attention of your own, or probe_attention=False to silence this.")
+        if self._attn_required:
+            raise ValueError(msg.replace("keel: ", "GuardedOptimizer(probe_attention=True): ", 1))
+        if self._rank0:
+            log.warning(msg)
+
+    def _check_scheduler(self) -> None:
+        """keel steps the scheduler (step_scheduler=True): a loop that also steps it moves the
+        schedule twice per update without a word; name it at the next step."""
+        if self._sched_epoch is None or not self.step_scheduler or self.scheduler is None:
+            return
+        now = getattr(self.scheduler, "last_epoch", None)
+        if now is not None and now != self._sched_epoch:
+            raise ValueError(
+                f"GuardedOptimizer: the scheduler ({type(self.scheduler).__name__}) was stepped outside keel "
+                f"(last_epoch {self._sched_epoch} -> {now} between two steps) although keel steps it after each "
+                f"update (scheduler= with step_scheduler=True): the schedule would run twice as fast. Remove your "
+                f"own scheduler.step(), or pass step_scheduler=False to keep it."
+            )
+
     def _probing(self, step: int) -> bool:
-        return step <= max(self._early, self._probe_until) or step % self.probe_every == 0
+        # every step of the early rule's window: from the start, after a rollback, and while
+        # the LR rises (the guard's rule follows the same rises)
+        until = max(self._early, self._probe_until, self._lr_rise + self._early if self._lr_rise else 0)
+        return step <= until or step % self.probe_every == 0
 
     def _step_number(self, step: Optional[int]) -> int:
         if step is None:
@@ -766,19 +897,18 @@ class GuardedOptimizer:
         itself): keel passes it through unjudged and returns None. It is read with the loss
         and the norm, in the step's one host sync."""
         s = self._step_number(step)
+        self._check_scheduler()
+        self._scaler_skips = 0
         # this step's forward was measured (and this update is measured)
         probed = self._probe_on and any(x is not None for x in (self._probe, self._logits, self._updates))
         for key, probe in (("max_attn_logit", self._probe), ("logit_z", self._logits)):
             if probe is not None:
                 m = probe.take()
+                if key == "max_attn_logit" and self._probe_on:
+                    self._check_attention(m is not None or key in extra)
                 if m is not None and key not in extra:
                     extra = {**extra, key: m}
-        self._snapshot_ready()  # the snapshot copied since the last step is complete before anything writes
-        if not self.snapshots.steps:
-            # the state before this step (the ranks agree by now: DDP broadcast at its
-            # construction, or a resume loaded); numbered as the loop's previous step
-            self.step_count = max(self.step_count, s - 1)
-            self.snapshots.put(self.step_count, self._capture())
+        self._ensure_base(s)
         if overflow is not None:
             vals = self._read(loss, grad_norm, {**extra, "found_inf": overflow})
             if vals[-1] != 0:
@@ -787,12 +917,18 @@ class GuardedOptimizer:
             vals = vals[:-1]
         else:
             vals = self._read(loss, grad_norm, extra)
-        act = self.guard.observe(s, vals[0], vals[1], **dict(zip(extra, vals[2:])))
+        # the LR this update would use (the scheduler's times the guard's factor): its rises
+        # keep the early rule on (a warm-up of any length)
+        lr_now = self._lr(self.guard._core.lr_factor)
+        if lr_now is not None and self._last_lr is not None and lr_now > self._last_lr * (1 + 1e-6):
+            self._lr_rise = s
+        self._last_lr = lr_now
+        act = self.guard.observe(s, vals[0], vals[1], lr=lr_now, **dict(zip(extra, vals[2:])))
         self.step_count = s
         self._stepped = True
         if probed:
             sig = {"step": s, **{k: v for k, v in zip(extra, vals[2:])}}
-            if self._probe is not None:
+            if self._probe is not None and any(v is not None for v in self._probe.taken):
                 sig["attn_layers"] = self._probe.taken
             self._signals = sig
         # the early rule's window restarts at a rollback: so does measuring every step
@@ -805,6 +941,7 @@ class GuardedOptimizer:
         self._measure_update = probed and self._updates is not None
         self.last_action = act
         self._step_events = list(act.events)
+        self._say(act)
         # the LR this step's update uses (or would have): the scheduler's times the guard's factor
         lr = self._lr(act.lr_factor) if self.logger is not None and self.logger.enabled else None
         if act.kind == "give_up":
@@ -813,6 +950,7 @@ class GuardedOptimizer:
         if act.kind == "rollback":
             self.rollbacks += 1
             self._rollback(act.rollback_before, s)
+            self._sched_epoch = None  # the scheduler went back with the weights
             self._after_step(act, vals, extra, lr)
             return act
         if not act.skip:
@@ -820,6 +958,7 @@ class GuardedOptimizer:
         self._after_step(act, vals, extra, lr)
         if self.step_scheduler and self.scheduler is not None:
             self.scheduler.step()
+            self._sched_epoch = getattr(self.scheduler, "last_epoch", None)
         self._maybe_snapshot(s)
         return act
 
@@ -858,13 +997,17 @@ class GuardedOptimizer:
                     log.event(e.get("step", s), e["kind"], e.get("detail"), e.get("time"))
         self._tokens = None
         if self._event_hooks and (self._step_events or act.kind != "proceed"):
-            scalars, text = self.event_report(act, self._step_events)
-            for hook in list(self._event_hooks):
-                try:
-                    hook(s, scalars, text)
-                except Exception as e:  # a broken logger must not stop training: say so, go on
-                    warnings.warn(f"keel: an event hook ({getattr(hook, '__qualname__', hook)}) failed at step {s}: "
-                                  f"{type(e).__name__}: {e}", stacklevel=3)
+            self._call_hooks(act)
+
+    def _call_hooks(self, act: Action) -> None:
+        s = act.step
+        scalars, text = self.event_report(act, self._step_events)
+        for hook in list(self._event_hooks):
+            try:
+                hook(s, scalars, text)
+            except Exception as e:  # a broken logger must not stop training: say so, go on
+                warnings.warn(f"keel: an event hook ({getattr(hook, '__qualname__', hook)}) failed at step {s}: "
+                              f"{type(e).__name__}: {e}", stacklevel=4)
 
     def _group_ratios(self, ratio: dict) -> tuple:
         """‖Δw‖/‖w‖ per keel tensor group and over every parameter (keel's telemetry), from the
@@ -1240,6 +1383,8 @@ class GuardedOptimizer:
             self.step_count = int(k["step"])
             self._pending_snapshot = bool(k.get("pending_snapshot", False))
             self.rollbacks = int(k.get("rollbacks", 0))
+            pol = json.loads(self.guard._core.state_json())["policy"]  # where the LR last rose
+            self._lr_rise, self._last_lr = pol.get("lr_rise") or 0, pol.get("last_lr")
         self._loss = None
         base = k.get("rollback_base")
         adopt = base is not None and "dcp_path" in base and self._dcp
