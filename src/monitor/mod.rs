@@ -223,9 +223,9 @@ pub struct StepMetrics {
     pub max_attn_logit: Option<f64>,
     /// Mean log-partition of the output logits.
     pub logit_z: Option<f64>,
-    /// The learning rate this step's update uses (the schedule's times the guard's factor, as
-    /// logged): the early rule stays on while it rises (warm-up, a restored back-off) and for
-    /// `early_window` steps after it last rose.
+    /// The scheduled learning rate of this step (the schedule's, before the guard's factor):
+    /// the early rule stays on while it rises (warm-up) and for `early_window` steps after it
+    /// last rose, and caps the LR at a fraction of the one its warning came at.
     pub lr: Option<f64>,
     /// Set on a step a GradScaler skipped (inf/NaN fp16 gradients, no update): how many
     /// steps in a row it has skipped, this one included. Only the `scaler_overflow` rule
@@ -590,10 +590,16 @@ impl Guard {
         a.filter(|_| self.enabled())
     }
 
-    /// LR multiplier in force (1 when the guard only watches).
+    /// LR multiplier in force for the step last observed (1 when the guard only watches).
     pub fn lr_factor(&self) -> f64 {
+        self.lr_factor_at(self.policy.state.last_lr)
+    }
+
+    /// LR multiplier for a step whose scheduled LR is `lr` (the early rule's cap depends on
+    /// it; 1 when the guard only watches).
+    pub fn lr_factor_at(&self, lr: Option<f64>) -> f64 {
         if self.enabled() {
-            self.policy.lr_factor()
+            self.policy.lr_factor_at(lr)
         } else {
             1.0
         }
@@ -659,6 +665,7 @@ impl Action {
             ),
             Action::GiveUp { diagnosis } => ("give_up", json!({"diagnosis": diagnosis})),
             Action::EarlyRuleOff { reason } => ("early_rule_off", json!({"reason": reason})),
+            Action::LrCap { lr } => ("lr_cap", json!({"lr": lr})),
             Action::BadBatch { steps, reason } => {
                 ("bad_batch", json!({"steps": steps, "reason": reason}))
             }

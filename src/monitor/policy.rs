@@ -50,6 +50,10 @@ pub enum Action {
     EarlyRuleOff {
         reason: String,
     },
+    /// The early rule capped the LR for good at `lr` (absolute; the schedule goes on below).
+    LrCap {
+        lr: f64,
+    },
     /// Non-finite losses that the same weights followed with a clean step: the batches were
     /// bad, not the LR. Their skips count toward nothing else.
     BadBatch {
@@ -100,6 +104,13 @@ pub struct PolicyState {
     pub lr_rise: Option<u64>,
     #[serde(default)]
     pub last_lr: Option<f64>,
+    /// The highest LR the early rule allows (an LR found too high while it rose): the update
+    /// LR is min(scheduled × factor, cap).
+    #[serde(default)]
+    pub lr_cap: Option<f64>,
+    /// The highest scheduled LR noted (the cap scales the schedule past its peak).
+    #[serde(default)]
+    pub lr_max: Option<f64>,
     /// Skipped non-finite losses not yet judged: a clean step next makes them bad batches.
     #[serde(default)]
     pub pending_nonfinite: Vec<u64>,
@@ -140,14 +151,29 @@ impl Policy {
         p
     }
 
-    /// LR multiplier in force for `step` (call `begin_step` first).
+    /// LR multiplier in force for the step last noted (call `begin_step` first).
     pub fn lr_factor(&self) -> f64 {
-        self.state.lr_factor
+        self.lr_factor_at(self.state.last_lr)
     }
 
-    /// The LR `step`'s update uses (None: unknown). A rise (warm-up, a restart, a restored
-    /// back-off, a resumed run given a higher LR) keeps the early rule on for `early_window`
-    /// steps past it.
+    /// The LR multiplier for a step whose scheduled LR is `lr`: the factor in force and, under
+    /// the early rule's cap, no more than cap / (the highest scheduled LR so far): the warm-up
+    /// climbs no higher than the cap, and past the peak the schedule keeps its shape (its
+    /// decay scaled, not cut off by a flat cap).
+    pub fn lr_factor_at(&self, lr: Option<f64>) -> f64 {
+        let f = self.state.lr_factor;
+        let top = lr
+            .filter(|v| v.is_finite() && *v > 0.0)
+            .map(|v| v.max(self.state.lr_max.unwrap_or(0.0)));
+        match (self.state.lr_cap, top) {
+            (Some(cap), Some(top)) => f.min(cap / top),
+            _ => f,
+        }
+    }
+
+    /// The scheduled LR of `step` (the schedule's, before the guard's factor; None: unknown).
+    /// A rise (warm-up, a restart, a resumed run given a higher LR) keeps the early rule on for
+    /// `early_window` steps past it, and the early rule caps the LR it found too high.
     pub fn note_lr(&mut self, step: u64, lr: Option<f64>) {
         let Some(lr) = lr.filter(|v| v.is_finite()) else {
             return;
@@ -157,6 +183,7 @@ impl Policy {
             s.lr_rise = Some(step);
         }
         s.last_lr = Some(lr);
+        s.lr_max = Some(s.lr_max.map_or(lr, |m| m.max(lr)));
     }
 
     /// Whether the early attention rule acts at `step`: within `early_window` steps of the
@@ -213,6 +240,8 @@ impl Policy {
     ) {
         let c = &self.cfg;
         let base = self.base();
+        // the multiplier in force at this step (under the cap, the cap's)
+        let now = self.lr_factor();
         // how long the weights restored last ran clean, against the run before the last cut
         let since = self.state.restart.unwrap_or(0);
         let survival = self.state.first_flag.unwrap_or(step).saturating_sub(since);
@@ -222,7 +251,7 @@ impl Policy {
             .is_some_and(|prev| survival <= prev);
         let stalls = if stalled { self.state.stalls + 1 } else { 0 };
         let floor = c.lr_floor.min(1.0);
-        let at_floor = base <= floor * (1.0 + 1e-9);
+        let at_floor = base.min(now) <= floor * (1.0 + 1e-9);
         let stop = if at_floor {
             Some(format!(
                 "the LR is at its floor (× {}, guard.lr_floor)",
@@ -273,6 +302,17 @@ impl Policy {
         let start = s.incident_start.unwrap_or(step);
         d.actions.push(Action::Rollback { before_step: start });
         s.recent_skips.clear();
+        s.backoff_until = None;
+        if let (Cause::Early, Some(lr)) = (cause, s.last_lr.filter(|v| *v > 0.0)) {
+            // an online LR range test: the warning came at the LR this step used, so the
+            // LR is capped at `factor` times that for good, and the schedule goes on below it
+            // (a factor would let a warm-up climb past the edge again, and cut the decay too)
+            let cap = (lr * now * factor).max(lr * floor);
+            s.lr_cap = Some(s.lr_cap.map_or(cap, |c| c.min(cap)));
+            s.lr_factor = base;
+            d.actions.push(Action::LrCap { lr: cap });
+            return;
+        }
         // A divergence that needed a rollback says the LR is too high for this run: the
         // reduction stays (OPT-175B's restarts lowered the LR the same way); a temporary
         // back-off in force is dropped.
@@ -755,6 +795,39 @@ mod tests {
             .actions
             .iter()
             .any(|a| matches!(a, Action::BadBatch { .. })));
+    }
+
+    #[test]
+    fn an_early_warning_caps_the_lr_where_it_came_and_the_schedule_goes_on_below() {
+        let cfg = GuardConfig::default();
+        let mut p = Policy::new(cfg.clone());
+        // a 100-step warm-up to 1e-2: the warning comes at step 40, at LR 4e-3
+        let warm = |s: u64| 1e-2 * (s.min(100) as f64) / 100.0;
+        for s in 1..=40 {
+            p.note_lr(s, Some(warm(s)));
+        }
+        let d = p.decide(40, &[attn(40)]);
+        let cap = 4e-3 * cfg.early_lr_factor;
+        assert!(
+            matches!(d.actions.last(), Some(Action::LrCap { lr }) if (lr - cap).abs() < 1e-12),
+            "{d:?}"
+        );
+        assert!(d.actions.contains(&Action::Rollback { before_step: 40 }));
+        // the warm-up goes on, the LR does not climb past the cap
+        for s in [60, 100] {
+            p.note_lr(s, Some(warm(s)));
+            assert!((warm(s) * p.lr_factor() - cap).abs() < 1e-12);
+        }
+        // past the peak the schedule keeps its shape: its decay is scaled by cap / peak
+        let f = p.lr_factor();
+        assert!((p.lr_factor_at(Some(2e-3)) - f).abs() < 1e-12 && f < 1.0);
+        // a second warning caps lower, at the LR it came at (the cap)
+        p.note_lr(101, Some(1e-2));
+        let d = p.decide(101, &[attn(101)]);
+        assert!(
+            matches!(d.actions.last(), Some(Action::LrCap { lr }) if (lr - cap * cfg.early_lr_factor).abs() < 1e-12),
+            "{d:?}"
+        );
     }
 
     #[test]

@@ -600,12 +600,12 @@ impl Trainer {
             let (kind, detail) = a.event();
             self.event_at(s, kind, detail)?;
         }
-        let factor = self.guard.lr_factor();
-        let lr = self
+        let scheduled_lr = self
             .cfg
             .schedule
-            .lr_at(self.state.step, total, self.cfg.optim.lr)
-            * factor;
+            .lr_at(self.state.step, total, self.cfg.optim.lr);
+        let factor = self.guard.lr_factor_at(Some(scheduled_lr));
+        let lr = scheduled_lr * factor;
         self.model.zero_grad();
         let mut loss = 0f64;
         let bad_batch = self.injected(s, InjectKind::BadBatch);
@@ -645,7 +645,7 @@ impl Trainer {
             grad_norm: Some(gnorm),
             max_attn_logit: Some(max_attn as f64),
             logit_z: Some(logit_z as f64),
-            lr: Some(lr),
+            lr: Some(scheduled_lr),
             scaler_skips: None,
         };
         // A first loss far above ln(vocab) is a broken init, not a bad step: rescale the
@@ -820,6 +820,7 @@ impl Trainer {
                 Action::LrBackoff { .. }
                 | Action::LrRestore
                 | Action::EarlyRuleOff { .. }
+                | Action::LrCap { .. }
                 | Action::BadBatch { .. } => {
                     let (kind, detail) = a.event();
                     self.event(kind, detail)?;
@@ -1175,6 +1176,7 @@ pub fn describe(a: &Action) -> String {
         Action::GiveUp { diagnosis } => format!("gave up: {diagnosis}"),
         Action::EarlyRuleOff { reason } => format!("early attention rule off: {reason}"),
         Action::BadBatch { reason, .. } => format!("bad batch: {reason}"),
+        Action::LrCap { lr } => format!("LR capped at {lr:.3e} from now on"),
     }
 }
 

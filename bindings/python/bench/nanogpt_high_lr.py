@@ -109,7 +109,7 @@ def run(a, data, mult, guard):
     optimizer = model.configure_optimizers(0.1, lr_peak, (0.9, 0.99))
     acts = []
     if guard:
-        optimizer = kt.GuardedOptimizer(optimizer, model=model)
+        optimizer = kt.GuardedOptimizer(optimizer, model=model, **a.guard_set)
         optimizer.add_event_hook(lambda step, sc, text: acts.extend(
             f"{k.rsplit('/', 1)[1]}@{step}" for k in sc
             if k.startswith("keel/event/") and k.rsplit("/", 1)[1] in ("rollback", "bad_batch", "early_rule_off", "give_up")))
@@ -157,6 +157,15 @@ def run(a, data, mult, guard):
     return tot / a.eval_iters, step_s, weights, acts
 
 
+def _value(v: str):
+    for t in (int, float):
+        try:
+            return t(v)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(v.lower(), v)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     here = os.path.dirname(os.path.abspath(__file__))
@@ -174,16 +183,21 @@ def main():
     p.add_argument("--eval-iters", type=int, default=20)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--quiet", action="store_true", help="hide keel's console lines")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="a GuardedOptimizer/[guard] setting for the guarded runs (repeatable), e.g. early_patience=2")
+    p.add_argument("--guarded-only", action="store_true", help="skip the unguarded runs (tuning)")
     a = p.parse_args()
+    a.guard_set = {k: _value(v) for k, v in (kv.split("=", 1) for kv in a.sets)}
     logging.basicConfig(level=logging.ERROR if a.quiet else logging.WARNING, format="  %(message)s")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     data = load(a.data)
     rows = []
     for mult in [float(m) for m in a.mults.split(",")]:
         print(f"peak LR {a.lr * mult:.3g} ({mult:g}x) ...", flush=True)
-        u, us, uw, _ = run(a, data, mult, False)
+        u, us, uw, _ = run(a, data, mult, False) if not a.guarded_only else (float("nan"), 1.0, None, [])
         g, gs, gw, acts = run(a, data, mult, True)
-        same = all(torch.equal(uw[k], gw[k]) for k in uw)
+        uw = uw or {}
+        same = bool(uw) and all(torch.equal(uw[k], gw[k]) for k in uw)
         rows.append((mult, u, g, us, gs, same, acts))
         print(f"  unguarded {u:.3f}, keel {g:.3f} ({', '.join(acts) or 'no action'})", flush=True)
     base = rows[0][1]

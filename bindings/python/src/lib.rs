@@ -130,6 +130,7 @@ impl Guard {
                 | Action::LrRestore
                 | Action::EarlyRuleOff { .. }
                 | Action::BadBatch { .. } => code,
+                Action::LrCap { .. } => LR_BACKOFF,
                 Action::LrBackoff { .. } => LR_BACKOFF,
                 Action::Rollback { before_step } => {
                     before = Some(*before_step);

@@ -147,8 +147,10 @@ def test_hf_logs_carry_keels_signals(tmp_path):
     tr.train()
     logs = {h["step"]: h for h in tr.state.log_history if "loss" in h}
     keys = {"keel/max_attn_logit", "keel/logit_z", "keel/update_ratio_max"}
+    # every step while the LR warms up (to its peak at step 5) and early_window (3) past it,
+    # then every probe_every (5)
     for s in range(1, 11):
-        assert (keys <= logs[s].keys()) == (s in (1, 2, 3, 5, 10)), (s, logs[s])
+        assert (keys <= logs[s].keys()) == (s <= 5 + 3 or s == 10), (s, logs[s])
         assert logs[s]["keel/skipped_steps"] == 0
     sig = cb.gopt.signals
     assert logs[10]["keel/logit_z"] == sig["logit_z"] and logs[10]["keel/max_attn_logit"] == max(sig["max_attn_logit"])

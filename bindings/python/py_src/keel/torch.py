@@ -222,6 +222,8 @@ def event_sentence(kind: str, detail: Any) -> str:
         return f"LR × {f('factor') or '?'} " + (f"until step {until}" if until is not None else "from now on")
     if kind == "lr_restore":
         return "LR restored"
+    if kind == "lr_cap":
+        return f"LR capped at {f('lr') or '?'} from now on"
     for k in ("reason", "diagnosis"):
         if isinstance(d.get(k), str):
             return d[k]
@@ -796,17 +798,17 @@ class GuardedOptimizer:
         self._stepped = True
         self.last_action = act
         self._step_events = list(act.events)
-        self._say(act)
-        if act.kind == "give_up":
-            raise GaveUp(act.diagnosis or "the guard gave up", s)
         if act.kind == "rollback":
             self.rollbacks += 1
             self._scaler_skips = 0
             self._rollback(act.rollback_before, s)
             self._sched_epoch = None
             self._probe_until = s + self._early
+        self._say(act)
         if self._event_hooks and self._step_events:
             self._call_hooks(act)
+        if act.kind == "give_up":
+            raise GaveUp(act.diagnosis or "the guard gave up", s)
 
     def _ensure_base(self, s: int) -> None:
         self._snapshot_ready()  # the snapshot copied since the last step is complete before anything writes
@@ -818,16 +820,16 @@ class GuardedOptimizer:
 
     def _say(self, act: Action) -> None:
         """One console line per action, rank 0: what was seen, what was done, the LR now."""
-        if act.kind == "proceed" and not any(e["kind"] in ("bad_batch", "early_rule_off") for e in act.events):
+        if act.kind == "proceed" and not any(e["kind"] in ("bad_batch", "early_rule_off") for e in self._step_events):
             return
         if not self._rank0:
             return
-        seen = [event_sentence(e["kind"], e.get("detail")) for e in act.events
+        events = self._step_events
+        seen = [event_sentence(e["kind"], e.get("detail")) for e in events
                 if e["kind"] in ("spike", "divergence", "warning")]
-        done = [event_sentence(e["kind"], e.get("detail")) for e in act.events
-                if e["kind"] not in ("spike", "divergence", "warning")]
-        if act.kind == "rollback":
-            done.append(f"rolled back to the newest state before step {act.rollback_before}")
+        # the rollback's own event only names the incident; what was restored says where to
+        done = [event_sentence(e["kind"], e.get("detail")) for e in events
+                if e["kind"] not in ("spike", "divergence", "warning", "rollback")]
         lr = self._lr(act.lr_factor)
         now = f"; LR now {lr:.3g} (× {act.lr_factor:.3g})" if lr is not None else f"; LR × {act.lr_factor:.3g}"
         log.warning("keel: step %d: %s -> %s%s", act.step, "; ".join(seen) or act.kind,
@@ -870,11 +872,13 @@ class GuardedOptimizer:
                 f"own scheduler.step(), or pass step_scheduler=False to keep it."
             )
 
+    def _probing_early(self, step: int) -> bool:
+        """Inside the early rule's window: from the start, after a rollback, and while the LR
+        rises (the guard's rule follows the same rises)."""
+        return step <= max(self._early, self._probe_until, self._lr_rise + self._early if self._lr_rise else 0)
+
     def _probing(self, step: int) -> bool:
-        # every step of the early rule's window: from the start, after a rollback, and while
-        # the LR rises (the guard's rule follows the same rises)
-        until = max(self._early, self._probe_until, self._lr_rise + self._early if self._lr_rise else 0)
-        return step <= until or step % self.probe_every == 0
+        return self._probing_early(step) or step % self.probe_every == 0
 
     def _step_number(self, step: Optional[int]) -> int:
         if step is None:
@@ -917,9 +921,9 @@ class GuardedOptimizer:
             vals = vals[:-1]
         else:
             vals = self._read(loss, grad_norm, extra)
-        # the LR this update would use (the scheduler's times the guard's factor): its rises
-        # keep the early rule on (a warm-up of any length)
-        lr_now = self._lr(self.guard._core.lr_factor)
+        # the scheduled LR (the scheduler's, or the loop's own setting): its rises keep the
+        # early rule on (a warm-up of any length), and the rule caps the LR it found too high
+        lr_now = self._lr(1.0)
         if lr_now is not None and self._last_lr is not None and lr_now > self._last_lr * (1 + 1e-6):
             self._lr_rise = s
         self._last_lr = lr_now
@@ -941,7 +945,6 @@ class GuardedOptimizer:
         self._measure_update = probed and self._updates is not None
         self.last_action = act
         self._step_events = list(act.events)
-        self._say(act)
         # the LR this step's update uses (or would have): the scheduler's times the guard's factor
         lr = self._lr(act.lr_factor) if self.logger is not None and self.logger.enabled else None
         if act.kind == "give_up":
@@ -979,6 +982,7 @@ class GuardedOptimizer:
         """The step's line in metrics.jsonl (telemetry.jsonl on telemetry steps), its events
         where the guard does not write them, and the event hooks."""
         s = act.step
+        self._say(act)
         log = self.logger
         if log is not None and log.enabled:
             got = dict(zip(extra, vals[2:]))
@@ -1161,6 +1165,11 @@ class GuardedOptimizer:
         # loop's own step numbers skip the steps a GradScaler dropped)
         prev = self.__dict__.get("_snap_prev")
         e = self.snapshot_every
+        if self._early and self._probing_early(s):
+            # inside the early rule's window (the start, a warm-up, after a rollback) its
+            # rollbacks are frequent and cheap only with a near target: every early_window/3
+            # steps there (snapshot_every/10 at the least, for models where a copy is costly)
+            e = min(e, max(1, self._early // 3, self.snapshot_every // 10))
         if (s % e == 0) if prev is None else (s // e > prev // e):
             self._pending_snapshot = True
         self._snap_prev = s
