@@ -23,6 +23,11 @@ impl JsonlWriter {
         })
     }
 
+    /// The file appended to.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// One object per line, written with a single write so a crash cannot interleave lines.
     pub fn write(&mut self, v: &serde_json::Value) -> Result<()> {
         let mut s = serde_json::to_string(v)?;

@@ -6,7 +6,7 @@ mod log;
 pub mod replay;
 
 pub use figures::{figures_of, Figures};
-pub use log::{event_line, num_field, read_jsonl, JsonlWriter};
+pub use log::{event_line, num_field, read_jsonl, truncate_after_step, JsonlWriter};
 
 use crate::checkpoint::{self, TrainerState};
 use crate::config::RunConfig;

@@ -161,6 +161,18 @@ impl Guard {
         ))
     }
 
+    /// A resume at `step`: drop the events file's lines of later steps (the resumed run logs
+    /// them again), atomically, and append after what is kept.
+    fn truncate_events_after(&mut self, step: u64) -> PyResult<()> {
+        if let Some(w) = self.events.take() {
+            let path = w.path().to_path_buf();
+            drop(w);
+            keel::train::truncate_after_step(&path, step).map_err(runtime_err)?;
+            self.events = Some(JsonlWriter::open(&path).map_err(value_err)?);
+        }
+        Ok(())
+    }
+
     /// Append one event line of the caller's (e.g. what a rollback restored).
     fn log_event(&mut self, step: u64, kind: &str, detail_json: &str) -> PyResult<()> {
         let detail = parse_json("event detail", detail_json)?;

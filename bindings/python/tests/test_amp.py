@@ -335,3 +335,39 @@ def test_lightning_16_mixed_overflows_are_the_scalers_and_spikes_are_keels(tmp_p
     ev = [json.loads(l) for l in (tmp_path / "keel-events.jsonl").read_text().splitlines()]
     assert {e["step"] for e in ev} == {14}
     assert [e["kind"] for e in ev if e["kind"] != "warning"] == ["spike", "skip"]
+
+
+@pytest.mark.parametrize("style", ["zero_grad_at_end", "record_with_step_numbers_only"])
+def test_a_long_run_of_scaler_skips_after_training_began_is_an_incident(tmp_path, style):
+    """How fp16 runs diverge: the gradients overflow at every scale the scaler tries, it skips
+    step after step, and no loss ever reaches the guard. keel counts the steps whose loss was
+    recorded but whose update never came: a warning at 5 in a row, an incident at 10 (a
+    rollback, the LR cut), and the scaler's own skips before the first update are no signal."""
+    model, opt = tiny()
+    ev = tmp_path / "events.jsonl"
+    gopt = kt.GuardedOptimizer(opt, model=model, events=ev, snapshot_every=5, snapshot_async=False)
+    sc = scaler()  # overflows at step 1, before any update: the scaler finding its scale
+    broken = range(21, 33)  # every step from 21 on overflows: the weights blew up
+    for it in range(1, 41):
+        x, y = batch(it)
+        with torch.autocast("cpu", torch.float16):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        if it in broken:
+            sc.update(new_scale=HUGE)  # any scale overflows now
+        sc.scale(loss).backward()
+        gopt.record(loss, step=it)
+        sc.unscale_(gopt)
+        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        sc.step(gopt, grad_norm=gn)
+        sc.update()
+        if style == "zero_grad_at_end":
+            gopt.zero_grad()
+        else:
+            model.zero_grad()
+    got = [(e["step"], e["kind"], e.get("detail", {}).get("detector")) for e in events(ev)]
+    warn = [s for s, k, d in got if k == "warning" and d == "scaler_overflow"]
+    div = [s for s, k, d in got if k == "divergence" and d == "scaler_overflow"]
+    assert warn == [25] and div == [30], got
+    assert any(k == "rollback" for _, k, _ in got) and gopt.rollbacks == 1
+    assert gopt.guard.lr_factor == 0.5
+    assert all(s != 1 for s, _, _ in got)  # the overflow before the first update said nothing

@@ -164,6 +164,20 @@ def test_checkpoints_resume_through_the_raw_optimizer_and_back():
     assert back.step_count == 39
 
 
+def test_a_resumed_run_logs_the_replayed_steps_events_once(tmp_path):
+    """nanoGPT resumes from its last checkpoint after a crash and runs the steps after it
+    again: the events file holds their events once, as the uninterrupted run's does."""
+    import json
+
+    whole = tmp_path / "whole.jsonl"
+    train(40, burst=(35,), events=whole)
+    ev = tmp_path / "events.jsonl"
+    _, _, _, ckpt = train(40, burst=(35,), events=ev)  # ran to 40, then "crashed"
+    train(40, burst=(35,), start=ckpt, events=ev)  # resumed at the iteration-30 checkpoint
+    kinds = lambda p: [(e["step"], e["kind"]) for e in map(json.loads, p.read_text().splitlines())]  # noqa: E731
+    assert kinds(ev) == kinds(whole) and (35, "spike") in kinds(ev), kinds(ev)
+
+
 def _raw_only(sd):
     return {k: v for k, v in sd.items() if k != "keel"}
 

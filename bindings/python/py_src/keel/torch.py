@@ -1392,6 +1392,9 @@ class GuardedOptimizer:
             self.step_count = int(k["step"])
             self._pending_snapshot = bool(k.get("pending_snapshot", False))
             self.rollbacks = int(k.get("rollbacks", 0))
+            # the events file keeps what happened up to the resumed step: the steps after it
+            # run again and log their events again (once, not twice)
+            self.guard._core.truncate_events_after(self.step_count)
             pol = json.loads(self.guard._core.state_json())["policy"]  # where the LR last rose
             self._lr_rise, self._last_lr = pol.get("lr_rise") or 0, pol.get("last_lr")
         self._loss = None
