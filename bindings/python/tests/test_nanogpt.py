@@ -8,6 +8,7 @@ where the optimizer is made and `optimizer.record(loss, step=iter_num)` beside b
 
 import io
 import math
+import os
 
 import pytest
 import torch
@@ -176,6 +177,49 @@ def test_a_resumed_run_logs_the_replayed_steps_events_once(tmp_path):
     train(40, burst=(35,), start=ckpt, events=ev)  # resumed at the iteration-30 checkpoint
     kinds = lambda p: [(e["step"], e["kind"]) for e in map(json.loads, p.read_text().splitlines())]  # noqa: E731
     assert kinds(ev) == kinds(whole) and (35, "spike") in kinds(ev), kinds(ev)
+
+
+def test_checkpoint_mode_keeps_the_clean_checkpoint_the_trainer_overwrites_in_an_incident(tmp_path):
+    """nanoGPT saves one ckpt.pt, in place, every eval_interval: one written inside an incident
+    would leave no clean target (the rollback fell back to step 0, 150 iterations lost).
+    keel copies the registered checkpoint beside itself when the incident opens."""
+    import json
+
+    torch.manual_seed(1337)
+    model = GPT()
+    opt = kt.GuardedOptimizer(torch.optim.AdamW(model.parameters(), lr=3e-3), model=model,
+                              rollback_from="checkpoints", events=tmp_path / "events.jsonl")
+    ckpt = tmp_path / "ckpt.pt"
+    for it in range(1, 31):
+        X, Y = get_batch()
+        _, loss = model(X, Y)
+        if it in (22, 23, 24):
+            loss = loss * 1e4  # a burst: skip, skip, rollback
+        loss.backward()
+        opt.record(loss, step=it)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if it in (10, 20, 23):  # 23: inside the incident, over the only checkpoint file
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "iter_num": it}, ckpt)
+            opt.register_checkpoint(ckpt)
+    ev = [json.loads(l) for l in (tmp_path / "events.jsonl").read_text().splitlines()]
+    restored = [e["detail"] for e in ev if e["kind"] == "restored"]
+    assert [r["to_step"] for r in restored] == [20], restored
+    assert restored[0]["from"].endswith("ckpt.pt.keel-clean")
+    assert os.path.exists(str(ckpt) + ".keel-clean")
+    # once the incident is over, the next clean registration makes the copy needless: removed
+    for it in range(31, 61):
+        X, Y = get_batch()
+        _, loss = model(X, Y)
+        loss.backward()
+        opt.record(loss, step=it)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if it % 10 == 0:
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "iter_num": it}, ckpt)
+            opt.register_checkpoint(ckpt)
+    assert opt.checkpoints.steps == [60], opt.checkpoints.steps
+    assert not os.path.exists(str(ckpt) + ".keel-clean")
 
 
 def _raw_only(sd):

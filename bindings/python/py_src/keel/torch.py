@@ -465,7 +465,11 @@ class GuardedOptimizer:
     default) or at once (False). rollback_from: "snapshots" (keel's own, every
     `snapshot_every` steps) or "checkpoints" (the checkpoints registered with
     `register_checkpoint`, the `keep` newest; no snapshot is kept beyond the base taken at
-    the first step, the target while no checkpoint precedes the incident). Memory: see
+    the first step, the target while no checkpoint precedes the incident; when an incident
+    opens, a registered single file whose name does not carry its step (nanoGPT's ckpt.pt,
+    last.ckpt) is copied beside itself as `<path>.keel-clean`, so the trainer overwriting it
+    inside the incident leaves the rollback target intact; the next clean registration
+    removes the copy). Memory: see
     keel.snapshots (12 bytes per fp32 parameter per snapshot with AdamW, `keep` + 1 held).
     Early signals (keel.probe), measured on telemetry steps (every step of the guard's early
     window, again after a rollback, then every `probe_every`-th step) without changing the
@@ -624,6 +628,8 @@ class GuardedOptimizer:
         self.rollbacks = 0  # rollbacks taken by this wrapper (keel/rollbacks)
         self._tokens: Optional[int] = None  # this step's tokens, given to step()
         self._scaler_skips = 0  # steps in a row the GradScaler skipped (no step() call)
+        self._clean_kept = False  # this incident's checkpoint copy was made
+        self._copied: dict = {}  # keel's copy -> the registered path it was copied from
         self._lr_rise = 0  # the last step whose LR rose (the probes follow the early rule)
         self._last_lr = None
         self._sched_epoch = None  # the scheduler's last_epoch after keel stepped it
@@ -929,6 +935,10 @@ class GuardedOptimizer:
         self._last_lr = lr_now
         act = self.guard.observe(s, vals[0], vals[1], lr=lr_now, **dict(zip(extra, vals[2:])))
         self.step_count = s
+        if self.guard.in_incident:
+            self._keep_clean_checkpoint()
+        else:
+            self._clean_kept = False
         self._stepped = True
         if probed:
             sig = {"step": s, **{k: v for k, v in zip(extra, vals[2:])}}
@@ -964,6 +974,43 @@ class GuardedOptimizer:
             self._sched_epoch = getattr(self.scheduler, "last_epoch", None)
         self._maybe_snapshot(s)
         return act
+
+    # -- the rollback target of checkpoint mode survives the trainer overwriting it ---------
+    _CLEAN = ".keel-clean"
+
+    def _keep_clean_checkpoint(self) -> None:
+        """An incident just opened: the trainer may overwrite its only checkpoint file in place
+        before the rollback (nanoGPT's ckpt.pt every eval_interval), and that checkpoint is the
+        rollback target. Copy each registered single-file checkpoint beside itself once
+        (`<path>.keel-clean`, written to a temporary name and renamed) and point the entry at
+        the copy; the next clean registration removes it."""
+        if self.rollback_from != "checkpoints" or not self.guard.in_incident or self._clean_kept:
+            return
+        self._clean_kept = True
+        for step in self.checkpoints.steps:
+            c = self.checkpoints.get(step)
+            if c.path.endswith(self._CLEAN) or not os.path.isfile(c.path) or str(step) in os.path.basename(c.path):
+                # already a copy; a directory (dcp) or a name with its step in it
+                # (ckpt-2000.pt, epoch=0-step=30.ckpt) is written anew, not over this one
+                continue
+            dst = c.path + self._CLEAN
+            tmp = dst + ".tmp"
+            import shutil
+
+            shutil.copyfile(c.path, tmp)
+            os.replace(tmp, dst)
+            self._copied[dst] = c.path
+            c.path = dst
+
+    def _drop_stale_copies(self, path) -> None:
+        """A clean checkpoint was just registered at this step: no later incident rolls back
+        past it, so the copies made for earlier incidents are no longer targets."""
+        for s in self.checkpoints.steps:
+            c = self.checkpoints.get(s)
+            if s < self.step_count and c.path.endswith(self._CLEAN):
+                self.checkpoints.forget(c.path)
+                if os.path.isfile(c.path):
+                    os.remove(c.path)
 
     # -- logging: keel's run directory and the job's own loggers ---------------------------
     def _lr(self, factor: float) -> Optional[float]:
@@ -1270,6 +1317,7 @@ class GuardedOptimizer:
             Checkpoint(self.step_count, os.fspath(path), format if load is None else "custom", load,
                        self.guard._core.state_json(), sched)
         )
+        self._drop_stale_copies(path)
         return True
 
     def _target(self, before_step: int):
@@ -1288,7 +1336,7 @@ class GuardedOptimizer:
             else:
                 saved = load_torch_checkpoint(c.path, self.model, self.optimizer)
         except Exception as e:  # the loader's own error stays chained below keel's message
-            raise _ckpt_read_failed(c.path, e) from e
+            raise _ckpt_read_failed(self._copied.get(c.path, c.path), e) from e
         if c.scheduler is not None and self.scheduler is not None:
             self.scheduler.load_state_dict(_clone(c.scheduler))
         if isinstance(saved, dict):
