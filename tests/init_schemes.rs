@@ -271,6 +271,12 @@ fn audit_catches_planted_bugs() {
         "{:?}",
         h.reasons
     );
+    // values beyond the bound are not values piled at it: no "clamped" reason for them
+    assert!(
+        !h.reasons.iter().any(|r| r.contains("clamped")),
+        "{:?}",
+        h.reasons
+    );
     // clamped instead of resampled
     let a = planted(&cfg, "normal", |m| {
         let h = m

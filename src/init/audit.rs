@@ -150,8 +150,13 @@ pub fn audit_tensor(plan: &TensorPlan, w: &[f32]) -> TensorAudit {
     let target = plan.target_std;
     let bound = plan.dist.bound();
     let edge = bound.unwrap_or(maxabs) * 0.999;
+    // values piled on the bound (clamped), not beyond it (bounds in the wrong units say that)
+    let top = bound.map_or(maxabs, |b| b * (1.0 + 1e-4) + 1e-12);
     let at_bound = if edge > 0.0 {
-        w.iter().filter(|&&x| (x as f64).abs() >= edge).count() as f64 / nf
+        w.iter()
+            .filter(|&&x| (edge..=top).contains(&(x as f64).abs()))
+            .count() as f64
+            / nf
     } else {
         0.0
     };

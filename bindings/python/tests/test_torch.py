@@ -450,3 +450,19 @@ def test_step_without_arguments_passes_through_scalers_and_closures():
     # no loss at all: a clear error, not a TypeError
     with pytest.raises(ValueError, match="record"):
         gopt.step()
+
+
+def test_a_scheduler_stepped_by_keel_and_by_the_loop_is_named():
+    model, opt, sched = make()
+    gopt = kt.GuardedOptimizer(opt, model=model, scheduler=sched)  # keel steps it
+    train_step(model, gopt, 1)
+    sched.step()  # and the loop too: the schedule would run twice as fast
+    with pytest.raises(ValueError, match=r"LambdaLR.*stepped outside keel.*step_scheduler=False"):
+        train_step(model, gopt, 2)
+    # the loop that keeps its own scheduler.step() says so, and nothing is raised
+    model, opt, sched = make()
+    gopt = kt.GuardedOptimizer(opt, model=model, scheduler=sched, step_scheduler=False)
+    for i in range(1, 4):
+        train_step(model, gopt, i)
+        sched.step()
+    assert sched.last_epoch == 3
