@@ -88,7 +88,31 @@ def _titan_qk(rows: int):
     return qk
 
 
-class AttentionProbe:
+class _PerLayer:
+    """What both attention probes share: a max per layer (`_max`, 0-d tensors), read and reset
+    by `take()`, and their hooks (`_handles`)."""
+
+    def take(self) -> Optional[torch.Tensor]:
+        """The largest logit over the layers since the last take (a 0-d tensor on the model's
+        device, no host sync), or None when nothing was measured."""
+        self.taken = self._max
+        vals = [v for v in self._max if v is not None]
+        self._max = [None] * self.layers
+        if not vals:
+            return None
+        return torch.stack([v.to(vals[0].device) for v in vals]).amax()
+
+    def per_layer(self) -> list:
+        """The last measured max per layer (floats; a host sync), None where unmeasured."""
+        return [None if v is None else float(v) for v in self._max]
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+class AttentionProbe(_PerLayer):
     """Exact max attention logit of each attention module of `model`, measured while the
     probe is on (`on`), read and reset with `take()`. `rows`: how many sequences of the batch
     are recomputed (the max over a subsample; 1 costs two small projections and one T×T
@@ -142,24 +166,6 @@ class AttentionProbe:
 
         self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
 
-    def take(self) -> Optional[torch.Tensor]:
-        """The largest logit over the layers since the last take (a 0-d tensor on the model's
-        device, no host sync), or None when nothing was measured."""
-        self.taken = self._max
-        vals = [v for v in self._max if v is not None]
-        self._max = [None] * self.layers
-        if not vals:
-            return None
-        return torch.stack([v.to(vals[0].device) for v in vals]).amax()
-
-    def per_layer(self) -> list:
-        """The last measured max per layer (floats; a host sync), None where unmeasured."""
-        return [None if v is None else float(v) for v in self._max]
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
 
 
 def _compiling() -> bool:
@@ -184,7 +190,7 @@ def _arg(args, kwargs, i: int, name: str, default=None):
     return kwargs.get(name, default)
 
 
-class AttentionObserver(torch.overrides.TorchFunctionMode):
+class AttentionObserver(torch.overrides.TorchFunctionMode, _PerLayer):
     """The exact max attention logit of every attention call in `model`'s forward, with no
     names: while the observer is on (`on`), a forward pre-hook on `model` enters this
     TorchFunctionMode (a forward hook leaves it, also when the forward raises), which sees
@@ -308,22 +314,11 @@ class AttentionObserver(torch.overrides.TorchFunctionMode):
     def take(self) -> Optional[torch.Tensor]:
         """The largest logit over the calls since the last take (a 0-d tensor, no host sync),
         or None when nothing was measured."""
-        self.taken = self._max
-        vals = [v for v in self._max if v is not None]
-        self._max = [None] * self.layers
         self.calls = 0
-        if not vals:
-            return None
-        return torch.stack([v.to(vals[0].device) for v in vals]).amax()
-
-    def per_layer(self) -> list:
-        """The last measured max per call position (floats; a host sync), None where unmeasured."""
-        return [None if v is None else float(v) for v in self._max]
+        return super().take()
 
     def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        super().remove()
         if self._active:
             self._active = 0
             self.__exit__(None, None, None)
