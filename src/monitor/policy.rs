@@ -189,9 +189,14 @@ impl Policy {
     /// Whether the early attention rule acts at `step`: within `early_window` steps of the
     /// start, of the last rollback, or of the last step the scheduled LR rose.
     pub fn early(&self, step: u64) -> bool {
+        self.cfg.early_window > 0 && !self.state.early_off && step <= self.early_until()
+    }
+
+    /// The last step of the early window: `early_window` steps past the start, the last
+    /// rollback or the LR's last rise (the Python package measures every step up to it).
+    pub fn early_until(&self) -> u64 {
         let s = &self.state;
-        let from = s.restart.unwrap_or(0).max(s.lr_rise.unwrap_or(0));
-        self.cfg.early_window > 0 && !s.early_off && step <= from + self.cfg.early_window
+        s.restart.unwrap_or(0).max(s.lr_rise.unwrap_or(0)) + self.cfg.early_window
     }
 
     /// Start of a step: restores the LR when a back-off has run its course.

@@ -130,8 +130,7 @@ impl Guard {
                 | Action::LrRestore
                 | Action::EarlyRuleOff { .. }
                 | Action::BadBatch { .. } => code,
-                Action::LrCap { .. } => LR_BACKOFF,
-                Action::LrBackoff { .. } => LR_BACKOFF,
+                Action::LrBackoff { .. } | Action::LrCap { .. } => LR_BACKOFF,
                 Action::Rollback { before_step } => {
                     before = Some(*before_step);
                     ROLLBACK
@@ -195,6 +194,13 @@ impl Guard {
     #[getter]
     fn lr_factor(&self) -> f64 {
         self.core.lr_factor()
+    }
+
+    /// The last step of the early rule's window (from the start, the last rollback or the
+    /// LR's last rise): the probes measure every step up to it.
+    #[getter]
+    fn early_until(&self) -> u64 {
+        self.core.policy.early_until()
     }
 
     /// Whether an incident is open (snapshots wait for a quiet step).

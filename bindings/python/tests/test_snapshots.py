@@ -325,3 +325,37 @@ def test_lightning_rolls_back_to_the_model_checkpoint(tmp_path):
     saved = torch.load(tmp_path / "ck" / "epoch=0-step=30.ckpt", weights_only=False)["state_dict"]
     assert same(saved, seen.w)
     assert cb.gopt.snapshots.steps == [0] and 50 not in cb.gopt.checkpoints.steps
+
+
+def test_a_pickle_planted_in_a_dcp_snapshot_is_refused_not_run(tmp_path):
+    """The small per-rank file of a dcp snapshot (RNG, guard, scheduler) is read with
+    weights_only: a pickle planted in its place raises instead of running code."""
+    import pickle
+
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4)
+    gopt = kt.GuardedOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3), model=model, snapshot_every=5,
+                               snapshot_format="dcp", snapshot_dir=tmp_path / "snaps")
+
+    def step(i, poison=False):
+        loss = model(torch.randn(2, 4, generator=torch.Generator().manual_seed(i))).pow(2).mean()
+        loss.backward()
+        a = gopt.step(loss * float("nan") if poison else loss)
+        gopt.zero_grad()
+        return a
+
+    for i in range(1, 11):
+        step(i)
+    rest = tmp_path / "snaps" / "step-00000010" / "rest-rank0.pt"
+    assert rest.exists()
+    rest.write_bytes(pickle.dumps({"step": Evil()}))
+    with pytest.raises(Exception, match="rest-rank0|step-00000010|weights"):
+        for i in range(11, 16):  # three NaNs in a row: a rollback to step 10
+            step(i, poison=i >= 12)
+    assert not marker.exists()

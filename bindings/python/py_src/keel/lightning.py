@@ -285,7 +285,8 @@ class GuardCallback(Callback):
     def _load_checkpoint(self, trainer, path: str):
         """A rollback to a .ckpt with the strategy's own loading code (LightningModule,
         optimizers) and the schedulers' states; returns the guard's state saved in it."""
-        ck = trainer.strategy.load_checkpoint(path, weights_only=False)  # this run's own file
+        # weights only: a .ckpt swapped in at this path cannot run code when keel reads it
+        ck = trainer.strategy.load_checkpoint(path, weights_only=True)
         trainer.strategy.load_model_state_dict(ck)
         trainer.strategy.load_optimizer_state_dict(ck)
         for cfg, st in zip(trainer.lr_scheduler_configs, ck.get("lr_schedulers", [])):

@@ -273,7 +273,9 @@ class DcpSnapshots(Snapshots):
         sd = {"model": msd, "optimizer": osd}
         try:
             dcp.load(sd, checkpoint_id=path)
-            rest = torch.load(os.path.join(path, f"rest-rank{_rank()}.pt"), map_location="cpu", weights_only=False)
+            # tensors, numbers, strings and containers only (RNG, guard, scheduler state): a
+            # file planted in the snapshot directory cannot run code when it is read
+            rest = torch.load(os.path.join(path, f"rest-rank{_rank()}.pt"), map_location="cpu", weights_only=True)
         except Exception as e:
             raise _read_failed(path, e) from e
         return {**rest, "model": sd["model"], "optimizer": sd["optimizer"], "dcp": True}

@@ -85,6 +85,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 import warnings
 from typing import Any, Callable, Optional
@@ -589,7 +590,6 @@ class GuardedOptimizer:
 
         self.probe_every = max(1, int(probe_every))
         self._early = int(self.guard.config.get("early_window", 0))
-        self._probe_until = 0
         self._probe_on = True  # for the next step's forward
         self._probe = self._logits = self._updates = None
         for name, want in (("probe_attention", probe_attention), ("probe_logits", probe_logits)):
@@ -630,8 +630,6 @@ class GuardedOptimizer:
         self._scaler_skips = 0  # steps in a row the GradScaler skipped (no step() call)
         self._clean_kept = False  # this incident's checkpoint copy was made
         self._copied: dict = {}  # keel's copy -> the registered path it was copied from
-        self._lr_rise = 0  # the last step whose LR rose (the probes follow the early rule)
-        self._last_lr = None
         self._sched_epoch = None  # the scheduler's last_epoch after keel stepped it
         self._rank0 = not self._dist() or torch.distributed.get_rank() == 0
 
@@ -809,7 +807,6 @@ class GuardedOptimizer:
             self._scaler_skips = 0
             self._rollback(act.rollback_before, s)
             self._sched_epoch = None
-            self._probe_until = s + self._early
         self._say(act)
         if self._event_hooks and self._step_events:
             self._call_hooks(act)
@@ -881,7 +878,7 @@ class GuardedOptimizer:
     def _probing_early(self, step: int) -> bool:
         """Inside the early rule's window: from the start, after a rollback, and while the LR
         rises (the guard's rule follows the same rises)."""
-        return step <= max(self._early, self._probe_until, self._lr_rise + self._early if self._lr_rise else 0)
+        return step <= self.guard._core.early_until
 
     def _probing(self, step: int) -> bool:
         return self._probing_early(step) or step % self.probe_every == 0
@@ -929,11 +926,7 @@ class GuardedOptimizer:
             vals = self._read(loss, grad_norm, extra)
         # the scheduled LR (the scheduler's, or the loop's own setting): its rises keep the
         # early rule on (a warm-up of any length), and the rule caps the LR it found too high
-        lr_now = self._lr(1.0)
-        if lr_now is not None and self._last_lr is not None and lr_now > self._last_lr * (1 + 1e-6):
-            self._lr_rise = s
-        self._last_lr = lr_now
-        act = self.guard.observe(s, vals[0], vals[1], lr=lr_now, **dict(zip(extra, vals[2:])))
+        act = self.guard.observe(s, vals[0], vals[1], lr=self._lr(1.0), **dict(zip(extra, vals[2:])))
         self.step_count = s
         if self.guard.in_incident:
             self._keep_clean_checkpoint()
@@ -945,9 +938,7 @@ class GuardedOptimizer:
             if self._probe is not None and any(v is not None for v in self._probe.taken):
                 sig["attn_layers"] = self._probe.taken
             self._signals = sig
-        # the early rule's window restarts at a rollback: so does measuring every step
-        if act.kind == "rollback":
-            self._probe_until = s + self._early
+        # every step of the early rule's window (it restarts at a rollback and follows LR rises)
         self._probe_on = self._probing(s + 1)  # for the next step's forward
         for probe in (self._probe, self._logits):
             if probe is not None:
@@ -984,7 +975,7 @@ class GuardedOptimizer:
         rollback target. Copy each registered single-file checkpoint beside itself once
         (`<path>.keel-clean`, written to a temporary name and renamed) and point the entry at
         the copy; the next clean registration removes it."""
-        if self.rollback_from != "checkpoints" or not self.guard.in_incident or self._clean_kept:
+        if self.rollback_from != "checkpoints" or self._clean_kept:
             return
         self._clean_kept = True
         for step in self.checkpoints.steps:
@@ -995,14 +986,12 @@ class GuardedOptimizer:
                 continue
             dst = c.path + self._CLEAN
             tmp = dst + ".tmp"
-            import shutil
-
             shutil.copyfile(c.path, tmp)
             os.replace(tmp, dst)
             self._copied[dst] = c.path
             c.path = dst
 
-    def _drop_stale_copies(self, path) -> None:
+    def _drop_stale_copies(self) -> None:
         """A clean checkpoint was just registered at this step: no later incident rolls back
         past it, so the copies made for earlier incidents are no longer targets."""
         for s in self.checkpoints.steps:
@@ -1317,7 +1306,7 @@ class GuardedOptimizer:
             Checkpoint(self.step_count, os.fspath(path), format if load is None else "custom", load,
                        self.guard._core.state_json(), sched)
         )
-        self._drop_stale_copies(path)
+        self._drop_stale_copies()
         return True
 
     def _target(self, before_step: int):
@@ -1443,8 +1432,6 @@ class GuardedOptimizer:
             # the events file keeps what happened up to the resumed step: the steps after it
             # run again and log their events again (once, not twice)
             self.guard._core.truncate_events_after(self.step_count)
-            pol = json.loads(self.guard._core.state_json())["policy"]  # where the LR last rose
-            self._lr_rise, self._last_lr = pol.get("lr_rise") or 0, pol.get("last_lr")
         self._loss = None
         base = k.get("rollback_base")
         adopt = base is not None and "dcp_path" in base and self._dcp
